@@ -1,0 +1,4 @@
+from cyb_lightning.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""TensorBoard histograms of the stopping-time distribution, written once from rank 0 after reduction.
+
+Two views, for training (every ``every_n_steps``) and for each validation run:
+- ``<stage>/pauses/expected_per_token``: expected extra pauses per real token, Σ_i (i − 1) s_i;
+- ``<stage>/pauses/stop_step``: P(answer after k extra pauses), k = 0…K, as a histogram whose bucket
+  k holds the summed probability mass (so its shape is the latency distribution).
+The module computes per-token statistics on logging steps (``trainer.log_every_n_steps``) and for every
+validation batch; this callback only accumulates and writes them.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+
+from cyb_lightning.metrics.stopping import TokenStats
+
+
+class _Window:
+    """Stopping statistics accumulated on one rank since the last write."""
+
+    def __init__(self, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+        self.clear()
+
+    def clear(self) -> None:
+        self.pauses: list[Tensor] = []
+        self.kept = 0
+        self.stop_sum: Tensor | None = None
+
+    def add(self, stats: TokenStats) -> None:
+        stop = stats.stop.detach().double().sum(0).cpu()
+        self.stop_sum = stop if self.stop_sum is None else self.stop_sum + stop
+        room = self.max_tokens - self.kept
+        if room > 0:
+            # A per-rank cap bounds memory; a prefix of each batch is an unbiased sample of its tokens.
+            values = stats.extra_pauses.detach().float().flatten()[:room].cpu()
+            self.pauses.append(values)
+            self.kept += values.numel()
+
+
+class StoppingTimeHistograms(L.Callback):
+    """Args: every_n_steps: training write interval; max_tokens: per-rank cap on histogram samples."""
+
+    def __init__(self, every_n_steps: int = 100, max_tokens: int = 65536) -> None:
+        if every_n_steps < 1 or max_tokens < 1:
+            raise ValueError("every_n_steps and max_tokens must be positive")
+        self.every_n_steps = every_n_steps
+        self.max_tokens = max_tokens
+        self._windows = {"train": _Window(max_tokens), "val": _Window(max_tokens)}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if isinstance(outputs, dict) and isinstance(outputs.get("stats"), TokenStats):
+            self._windows["train"].add(outputs["stats"])
+        if trainer.global_step % self.every_n_steps == 0:
+            self._write(trainer, pl_module, "train")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if isinstance(outputs, dict) and isinstance(outputs.get("stats"), TokenStats):
+            self._windows["val"].add(outputs["stats"])
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            self._windows["val"].clear()
+            return
+        self._write(trainer, pl_module, "val")
+
+    def _write(self, trainer, pl_module, stage: str) -> None:
+        window = self._windows[stage]
+        steps = pl_module.hparams.steps_per_token
+        # Every rank takes part in the collectives, even one with nothing accumulated.
+        stop_sum = window.stop_sum if window.stop_sum is not None else torch.zeros(steps, dtype=torch.float64)
+        padded = torch.full((self.max_tokens,), float("nan"))
+        if window.pauses:
+            values = torch.cat(window.pauses)
+            padded[: values.numel()] = values
+        window.clear()
+        device = pl_module.device
+        stop_sum = trainer.strategy.reduce(stop_sum.to(device), reduce_op="sum").cpu()
+        gathered = pl_module.all_gather(padded.to(device)).flatten().cpu()
+        pauses = gathered[~gathered.isnan()]
+        if not trainer.is_global_zero or pauses.numel() == 0:
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                write_histograms(logger.experiment, stage, pauses, stop_sum, trainer.global_step)
+
+
+def write_histograms(writer, stage: str, pauses: Tensor, stop_sum: Tensor, step: int) -> None:
+    """Write both histograms with a ``SummaryWriter``; bucket k of ``stop_step`` is P(k extra pauses)."""
+    steps = stop_sum.numel()
+    edges = np.linspace(-0.5, steps - 0.5, 8 * steps + 1)  # 8 bins per pause count: fine but readable
+    writer.add_histogram(f"{stage}/pauses/expected_per_token", pauses.numpy(), step, bins=edges)
+    probs = (stop_sum / stop_sum.sum().clamp_min(1e-12)).numpy()
+    k = np.arange(steps, dtype=np.float64)
+    writer.add_histogram_raw(
+        f"{stage}/pauses/stop_step",
+        min=0.0,
+        max=float(steps - 1),
+        num=float(probs.sum()),
+        sum=float((probs * k).sum()),
+        sum_squares=float((probs * k * k).sum()),
+        bucket_limits=(k + 0.5).tolist(),
+        bucket_counts=probs.tolist(),
+        global_step=step,
+    )

@@ -1,0 +1,34 @@
+"""Data: vocabulary, offline quickstart corpus, text sources, sequence layouts and the packed stream."""
+
+from .layout import LAYOUTS, Layout, layout_cyb, layout_none, layout_tbys_random, make_layout, random_pause_slots
+from .quickstart import QUICKSTART_DIR, CorpusBuild, QuickstartBuild, build_corpus, build_quickstart, build_tokenizer
+from .sources import HubC4, LocalShards, QuickstartCorpus, TextSource, source_tokenizer
+from .stream import PackedStream
+from .tokenizer import MAX_PAUSES, CYBTokenizer, Vocab, reserved_tokens, standard_vocab
+
+__all__ = [
+    "LAYOUTS",
+    "MAX_PAUSES",
+    "QUICKSTART_DIR",
+    "CYBTokenizer",
+    "CorpusBuild",
+    "HubC4",
+    "Layout",
+    "LocalShards",
+    "PackedStream",
+    "QuickstartBuild",
+    "QuickstartCorpus",
+    "TextSource",
+    "Vocab",
+    "build_corpus",
+    "build_quickstart",
+    "build_tokenizer",
+    "layout_cyb",
+    "layout_none",
+    "layout_tbys_random",
+    "make_layout",
+    "random_pause_slots",
+    "reserved_tokens",
+    "source_tokenizer",
+    "standard_vocab",
+]

@@ -1,0 +1,179 @@
+"""Sequence layouts: pure functions from a chunk of real tokens to one training example.
+
+The batch contract (the LightningModule relies on it exactly; spec ``shared/method.md`` §2, §4):
+
+    input_ids    long [L]   (batched [B, L])   L = T · W
+    position_ids long [L]
+    targets      long [T]
+    target_mask  bool [T]
+
+W is the number of steps per target: input positions t·W … t·W+W−1 form group t, and the model's
+outputs there are the W steps whose target is ``targets[t]``. Masked targets hold ``pad_id`` or a pause
+id (always a valid index) and must not count in any loss or metric.
+
+- ``none``: x_0 … x_{T−1} → x_1 … x_T, W = 1.
+- ``cyb``: ``x_0 P1..PK x_1 P1..PK …`` (distinct pause ids), every pause at its real token's position,
+  W = K + 1; K = 0 is exactly ``none``.
+- ``tbys_random`` (TBYS pause pretraining): M = round(fraction · T) single ``<pause1>`` tokens at
+  uniformly random slots of the T + 1 laid-out tokens, consecutive positions, W = 1; a target that is a
+  pause is masked. The slots are a function of (seed, example index) alone (counter-based RNG), so
+  resuming needs no RNG state. TBYS inserts then trims back to length; here the stream hands this
+  layout exactly T + 1 − M real tokens so the trim drops nothing (given more, it trims the tail).
+
+A chunk shorter than the layout needs (the end of the finite validation set) is padded: ``pad_id``
+inputs, ``target_mask`` False. A new layout (e.g. variable pauses per token) is one more function plus
+one more branch in :class:`Layout`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .tokenizer import Vocab
+
+LAYOUTS = ("none", "cyb", "tbys_random")
+
+Example = dict[str, np.ndarray]
+
+
+def _as_chunk(tokens, capacity: int) -> np.ndarray:
+    chunk = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    if chunk.size < 1:
+        raise ValueError("a chunk needs at least one real token")
+    return chunk[:capacity]
+
+
+def layout_cyb(tokens, seq_len: int, pause_ids: Sequence[int], pad_id: int) -> Example:
+    """K = len(pause_ids) pauses after every real token; ``tokens`` holds up to T + 1 real tokens."""
+    t_len, w = seq_len, 1 + len(pause_ids)
+    chunk = _as_chunk(tokens, t_len + 1)
+    n = chunk.size
+    real = np.full(t_len + 1, pad_id, dtype=np.int64)
+    real[:n] = chunk
+    groups = np.empty((t_len, w), dtype=np.int64)
+    groups[:, 0] = real[:t_len]
+    groups[:, 1:] = np.asarray(pause_ids, dtype=np.int64)
+    groups[n:, 1:] = pad_id  # a group with no real token is all padding
+    return {
+        "input_ids": groups.reshape(-1),
+        "position_ids": np.repeat(np.arange(t_len, dtype=np.int64), w),
+        "targets": real[1:].copy(),
+        "target_mask": np.arange(t_len) < n - 1,
+    }
+
+
+def layout_none(tokens, seq_len: int, pad_id: int) -> Example:
+    """The plain next-token baseline (``cyb`` with no pauses)."""
+    return layout_cyb(tokens, seq_len, (), pad_id)
+
+
+def random_pause_slots(seq_len: int, num_pauses: int, seed: int, index: int) -> np.ndarray:
+    """Bool ``[T + 1]``: where the pauses go in example ``index``; the same for the same (seed, index)."""
+    rng = np.random.default_rng([seed, index])
+    slots = np.zeros(seq_len + 1, dtype=bool)
+    slots[rng.choice(seq_len + 1, size=num_pauses, replace=False)] = True
+    return slots
+
+
+def layout_tbys_random(
+    tokens, seq_len: int, pause_id: int, pad_id: int, num_pauses: int, seed: int, index: int
+) -> Example:
+    """TBYS pause pretraining: ``num_pauses`` pauses at random slots, real tokens fill the rest in order."""
+    t_len = seq_len
+    is_pause = random_pause_slots(t_len, num_pauses, seed, index)
+    real_slots = np.flatnonzero(~is_pause)
+    chunk = _as_chunk(tokens, real_slots.size)  # more real tokens than slots: trim the tail
+    n = chunk.size
+    seq = np.full(t_len + 1, pause_id, dtype=np.int64)
+    seq[real_slots[:n]] = chunk
+    valid = np.ones(t_len + 1, dtype=bool)
+    if n < real_slots.size:  # a short final chunk: everything after its last real token is padding
+        valid[real_slots[n - 1] + 1 :] = False
+        seq[~valid] = pad_id
+    return {
+        "input_ids": seq[:t_len].copy(),
+        "position_ids": np.arange(t_len, dtype=np.int64),
+        "targets": seq[1:].copy(),
+        "target_mask": ~is_pause[1:] & valid[1:],
+    }
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A layout with its parameters bound (picklable, so DataLoader workers get a copy).
+
+    ``real_tokens`` is how many real tokens one full example consumes (C); consecutive chunks overlap
+    by one token, so the stream advances by C − 1.
+    """
+
+    name: str
+    seq_len: int
+    pad_id: int
+    pause_ids: tuple[int, ...] = ()
+    num_random_pauses: int = 0
+    seed: int = 0
+
+    @property
+    def steps_per_token(self) -> int:
+        return 1 + len(self.pause_ids) if self.name == "cyb" else 1
+
+    @property
+    def length(self) -> int:
+        """L = T · W, the input length."""
+        return self.seq_len * self.steps_per_token
+
+    @property
+    def real_tokens(self) -> int:
+        return self.seq_len + 1 - (self.num_random_pauses if self.name == "tbys_random" else 0)
+
+    def __call__(self, tokens, index: int) -> Example:
+        """Example number ``index`` (the global example index: it seeds ``tbys_random``)."""
+        if self.name == "cyb":
+            return layout_cyb(tokens, self.seq_len, self.pause_ids, self.pad_id)
+        if self.name == "none":
+            return layout_none(tokens, self.seq_len, self.pad_id)
+        return layout_tbys_random(
+            tokens, self.seq_len, self.pause_ids[0], self.pad_id, self.num_random_pauses, self.seed, index
+        )
+
+    def empty_example(self) -> Example:
+        """All padding, nothing to score: fills a rank's last batches so every rank runs as many."""
+        return {
+            "input_ids": np.full(self.length, self.pad_id, dtype=np.int64),
+            "position_ids": np.repeat(np.arange(self.seq_len, dtype=np.int64), self.steps_per_token),
+            "targets": np.full(self.seq_len, self.pad_id, dtype=np.int64),
+            "target_mask": np.zeros(self.seq_len, dtype=bool),
+        }
+
+
+def make_layout(
+    name: str, seq_len: int, vocab: Vocab, *, num_pauses: int = 3, pause_fraction: float = 0.1, seed: int = 0
+) -> Layout:
+    """Check a layout config and bind it; errors say what is wrong and how to fix it."""
+    if name not in LAYOUTS:
+        raise ValueError(f"unknown layout {name!r}; choose one of {', '.join(LAYOUTS)}")
+    if seq_len < 1:
+        raise ValueError(f"seq_len (T, real tokens per example) must be >= 1, got {seq_len}")
+    if name == "none":
+        return Layout(name, seq_len, vocab.pad_id)
+    if name == "cyb":
+        if not 0 <= num_pauses <= vocab.max_pauses:
+            raise ValueError(
+                f"num_pauses={num_pauses} but the tokenizer reserves {vocab.max_pauses} pause ids; "
+                f"choose 0 <= num_pauses <= {vocab.max_pauses} (0 is the no-pause baseline)"
+            )
+        return Layout(name, seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:num_pauses])
+    if not vocab.pause_ids:
+        raise ValueError("tbys_random needs a pause id, but the tokenizer reserves none (max_pauses=0)")
+    if not 0.0 <= pause_fraction < 1.0:
+        raise ValueError(f"pause_fraction must lie in [0, 1), got {pause_fraction} (TBYS uses 0.1)")
+    m = round(pause_fraction * seq_len)
+    if seq_len + 1 - m < 2:
+        raise ValueError(
+            f"pause_fraction={pause_fraction} leaves fewer than 2 real tokens in {seq_len + 1} slots; "
+            "lower pause_fraction or raise seq_len"
+        )
+    return Layout(name, seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:1], num_random_pauses=m, seed=seed)

@@ -1,0 +1,367 @@
+"""Where documents come from: a tiny interface and three implementations.
+
+A :class:`TextSource` is an ordered list of *shards* per split, each an ordered sequence of documents.
+Everything downstream depends only on that order, which is what makes the stream deterministic and
+sliceable: document i of (split, epoch) is the same on every rank, worker and restart. Training shuffles
+at the shard level by (seed, epoch) (C4 shards are ~350k documents, too large to shuffle in memory; its
+documents are already in random order within a shard).
+
+- :class:`QuickstartCorpus`: the offline corpus of ``quickstart.py`` (the default);
+- :class:`LocalShards`: C4-format ``.json`` / ``.json.gz`` shards on disk (e.g. a clone of allenai/c4);
+- :class:`HubC4`: C4 streamed from the Hugging Face Hub with ``datasets``; fails fast offline.
+
+Subclasses take plain init arguments only, so LightningCLI can pick one with ``class_path``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import gzip
+import hashlib
+import json
+import logging
+import os
+import socket
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+import numpy as np
+
+from . import quickstart
+from .tokenizer import CYBTokenizer
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation")
+_MAX_WARNINGS = 5
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+class TextSource(ABC):
+    """Ordered shards of documents per split ("train", "validation")."""
+
+    def prepare(self) -> None:
+        """Build or check whatever the source needs (a cache, the network). Idempotent, cheap when done."""
+
+    @abstractmethod
+    def shards(self, split: str) -> list[str]:
+        """Shard ids of ``split`` in their canonical order (opaque strings, e.g. file paths)."""
+
+    @abstractmethod
+    def iter_shard(self, split: str, shard: str) -> Iterator[str]:
+        """The documents of one shard, in order."""
+
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """A string that changes when the training data changes (keys the tokenizer cache)."""
+
+    def default_tokenizer_dir(self, vocab_size: int) -> str | None:
+        """Where to keep a tokenizer trained on this source when none is configured (None: must be set)."""
+        return None
+
+    def describe(self) -> str:
+        """One line for the log."""
+        return type(self).__name__
+
+    def shard_order(self, split: str, *, epoch: int = 0, shuffle_seed: int | None = None) -> list[str]:
+        """Shards in reading order: canonical, or permuted by (shuffle_seed, epoch)."""
+        _check_split(split)
+        order = list(self.shards(split))
+        if shuffle_seed is not None:
+            perm = np.random.default_rng([shuffle_seed, epoch]).permutation(len(order))
+            order = [order[i] for i in perm]
+        return order
+
+    def iter_documents(
+        self, split: str, *, epoch: int = 0, shuffle_seed: int | None = None, start: int = 0
+    ) -> Iterator[tuple[int, str]]:
+        """``(doc_index, text)`` in reading order, from document ``start`` on (earlier ones are read
+        but not returned: a resume skips tokenization, the expensive part)."""
+        index = 0
+        for shard in self.shard_order(split, epoch=epoch, shuffle_seed=shuffle_seed):
+            for text in self.iter_shard(split, shard):
+                if index >= start:
+                    yield index, text
+                index += 1
+
+    def num_documents(self, split: str) -> int | None:
+        """How many documents ``split`` has, when known without reading it all (None otherwise)."""
+        return None
+
+    def tokenizer_texts(self, max_documents: int | None) -> Callable[[], Iterator[str]]:
+        """A restartable iterator factory over the first ``max_documents`` training documents."""
+
+        def texts() -> Iterator[str]:
+            for i, text in self.iter_documents("train"):
+                if max_documents is not None and i >= max_documents:
+                    return
+                yield text
+
+        return texts
+
+
+class LocalShards(TextSource):
+    """C4-format shards on disk: one JSON object per line, only its ``"text"`` field is read.
+
+    ``path`` is a folder (files matched by the split's pattern inside it) or a glob (files matched by the
+    glob, then by the split's pattern on the file name). Files end in ``.json``/``.jsonl`` or, gzipped,
+    ``.json.gz``/``.jsonl.gz``. Malformed lines (bad JSON or UTF-8, no string ``"text"``) are skipped and
+    counted in ``stats["malformed_lines"]``; a truncated gzip ends its shard (``stats["broken_shards"]``).
+    Counts are per process: DataLoader workers count their own.
+    """
+
+    _BROKEN = (EOFError, gzip.BadGzipFile, zlib.error)
+
+    def __init__(
+        self,
+        path: str,
+        train_pattern: str = "*train*.json*",
+        validation_pattern: str = "*validation*.json*",
+    ):
+        self.path = path
+        self.patterns = {"train": train_pattern, "validation": validation_pattern}
+        self.stats = {"malformed_lines": 0, "broken_shards": 0}
+
+    def shards(self, split: str) -> list[str]:
+        _check_split(split)
+        pattern = self.patterns[split]
+        if os.path.isdir(self.path):
+            files = glob.glob(os.path.join(glob.escape(self.path), pattern))
+        else:
+            files = [f for f in glob.glob(self.path) if fnmatch.fnmatch(os.path.basename(f), pattern)]
+        files = sorted(f for f in files if os.path.isfile(f))
+        if not files:
+            raise FileNotFoundError(
+                f"LocalShards found no {split} shards: path={self.path!r}, {split}_pattern={pattern!r}; "
+                "point path at a folder of C4 files (e.g. c4/en with c4-train.*.json.gz) or fix the pattern"
+            )
+        return files
+
+    def iter_shard(self, split: str, shard: str) -> Iterator[str]:
+        opener = gzip.open if shard.endswith(".gz") else open
+        lineno = 0
+        broken = self._BROKEN  # bound here: a generator closed at interpreter exit sees no module globals
+        with opener(shard, "rb") as f:
+            try:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    text = self._text(line)
+                    if text is None:
+                        self._warn(f"{shard}:{lineno}: malformed line skipped", "malformed_lines")
+                    elif text:
+                        yield text
+            except broken as e:
+                self._warn(f"{shard}: unreadable after line {lineno}, rest of shard skipped ({e})", "broken_shards")
+
+    @staticmethod
+    def _text(line: bytes) -> str | None:
+        try:
+            record = json.loads(line)
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+            return None
+        text = record.get("text") if isinstance(record, dict) else None
+        return text if isinstance(text, str) else None
+
+    def _warn(self, message: str, counter: str) -> None:
+        self.stats[counter] += 1
+        if self.stats[counter] <= _MAX_WARNINGS:
+            log.warning(message + ("" if self.stats[counter] < _MAX_WARNINGS else " (further ones not shown)"))
+
+    def fingerprint(self) -> str:
+        # Names and sizes: cheap, and C4 shards are never edited in place.
+        entries = [(os.path.basename(f), os.path.getsize(f)) for f in self.shards("train")]
+        return "local:" + hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+    def describe(self) -> str:
+        return f"LocalShards {self.path} ({len(self.shards('train'))} train shards)"
+
+
+class QuickstartCorpus(LocalShards):
+    """The offline corpus (``quickstart.py``), built on first use and cached under ``root/corpus``.
+
+    Args (all forwarded to :func:`~cyb_lightning.data.quickstart.build_corpus`; changing any rebuilds):
+        root: cache folder (the tokenizer defaults to ``root/tokenizer-<vocab_size>``).
+        extra_dirs: folders of ``*.txt``/``*.md``/``*.rst`` files to add.
+        extra_split: one document per ``file``, or per blank-line separated ``paragraph``.
+        include_topics / include_stdlib: the pydoc help topics / the stdlib docstrings.
+        max_stdlib_files: cap on stdlib modules read (deterministic: the first ones in sorted order).
+        val_fraction: hash share of documents in validation.
+        num_train_shards: training shard files (more shards, finer shuffling between epochs).
+        min_chars: shorter documents are dropped.
+    """
+
+    def __init__(
+        self,
+        root: str = quickstart.QUICKSTART_DIR,
+        extra_dirs: list[str] | None = None,
+        extra_split: Literal["file", "paragraph"] = "file",
+        include_topics: bool = True,
+        include_stdlib: bool = True,
+        max_stdlib_files: int | None = None,
+        val_fraction: float = 0.05,
+        num_train_shards: int = 8,
+        min_chars: int = 64,
+    ):
+        super().__init__(str(Path(root) / "corpus"))
+        self.root = root
+        self.build_kwargs: dict[str, Any] = dict(
+            extra_dirs=list(extra_dirs or ()),
+            extra_split=extra_split,
+            include_topics=include_topics,
+            include_stdlib=include_stdlib,
+            max_stdlib_files=max_stdlib_files,
+            val_fraction=val_fraction,
+            num_train_shards=num_train_shards,
+            min_chars=min_chars,
+        )
+        self.build: quickstart.CorpusBuild | None = None
+
+    def prepare(self) -> None:
+        if self.build is None:
+            self.build = quickstart.build_corpus(self.root, **self.build_kwargs)
+
+    def shards(self, split: str) -> list[str]:
+        _check_split(split)
+        self.prepare()
+        return [str(p) for p in self.build.shards(split)]
+
+    def fingerprint(self) -> str:
+        self.prepare()
+        return "quickstart:" + self.build.fingerprint
+
+    def default_tokenizer_dir(self, vocab_size: int) -> str:
+        return str(Path(self.root) / f"tokenizer-{vocab_size}")
+
+    def describe(self) -> str:
+        self.prepare()
+        s = self.build.manifest["stats"]
+        return (
+            f"QuickstartCorpus {self.build.directory} ({'built now' if self.build.built else 'cached'}; "
+            f"train {s['train_documents']} docs / {s['train_chars']:,} chars, "
+            f"validation {s['validation_documents']} docs / {s['validation_chars']:,} chars)"
+        )
+
+    def num_documents(self, split: str) -> int:
+        _check_split(split)
+        self.prepare()
+        return self.build.manifest["stats"][f"{split}_documents"]
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def source_tokenizer(
+    source: TextSource,
+    vocab_size: int,
+    tokenizer_dir: str | None = None,
+    max_documents: int | None = None,
+) -> tuple[CYBTokenizer, str, dict]:
+    """The tokenizer for ``source``: loaded from ``tokenizer_dir`` (default: the source's choice), or
+    trained there on the first ``max_documents`` training documents (None: all) and cached.
+
+    Returns (tokenizer, folder, manifest). The cache key is the source's fingerprint plus the document
+    limit, normalised so that "first N" of a source with at most N documents equals "all".
+    """
+    source.prepare()
+    directory = tokenizer_dir or source.default_tokenizer_dir(vocab_size)
+    if directory is None:
+        raise ValueError(
+            f"tokenizer_dir is required with {type(source).__name__}: set it to a folder holding a tokenizer, "
+            "or to an empty one where it is built from the training split (e.g. data/tokenizer-c4-8192)"
+        )
+    total = source.num_documents("train")
+    if max_documents is not None and total is not None and max_documents >= total:
+        max_documents = None
+    fingerprint = f"{source.fingerprint()}|first={max_documents}"
+    tokenizer, manifest = quickstart.build_tokenizer(
+        directory, source.tokenizer_texts(max_documents), vocab_size, fingerprint
+    )
+    return tokenizer, str(directory), manifest
+
+
+class HubC4(TextSource):
+    """C4 streamed from the Hugging Face Hub (``datasets.load_dataset(..., streaming=True)``).
+
+    Shards are the Hub dataset's own file shards (1024 for C4 en train), read in order one at a time,
+    so the document order is fixed and a rank/worker can be handed whole shards later. Offline
+    (``HF_HUB_OFFLINE=1``) or with the Hub unreachable, :meth:`prepare` fails within ``probe_timeout_s``
+    instead of letting ``datasets`` retry for minutes.
+    """
+
+    def __init__(
+        self,
+        name: str = "allenai/c4",
+        config: str | None = "en",
+        revision: str | None = None,
+        probe_timeout_s: float = 5.0,
+    ):
+        self.name, self.config, self.revision = name, config, revision
+        self.probe_timeout_s = probe_timeout_s
+        self._datasets: dict[str, Any] = {}
+        self._checked = False
+
+    def __getstate__(self) -> dict:
+        # Workers reopen the streams themselves; open ones hold file handles and HTTP sessions.
+        return {**self.__dict__, "_datasets": {}}
+
+    def _hint(self) -> str:
+        return (
+            f"HubC4({self.name!r}, {self.config!r}) needs the Hugging Face Hub. Without network, download "
+            "the C4 files and use LocalShards(path='/data/c4/en') "
+            "(class_path: cyb_lightning.data.LocalShards), or the offline QuickstartCorpus"
+        )
+
+    def prepare(self) -> None:
+        if self._checked:
+            return
+        if _env_true("HF_HUB_OFFLINE") or _env_true("HF_DATASETS_OFFLINE"):
+            raise RuntimeError(f"HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set. {self._hint()}")
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            raise RuntimeError(f"huggingface_hub is in offline mode. {self._hint()}")
+        url = urlparse(constants.ENDPOINT)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            socket.create_connection((url.hostname, port), timeout=self.probe_timeout_s).close()
+        except OSError as e:
+            raise RuntimeError(f"cannot reach {constants.ENDPOINT} ({e}). {self._hint()}") from e
+        self._checked = True
+
+    def _dataset(self, split: str):
+        _check_split(split)
+        if split not in self._datasets:
+            self.prepare()
+            import datasets
+
+            self._datasets[split] = datasets.load_dataset(
+                self.name, self.config, split=split, streaming=True, revision=self.revision
+            )
+        return self._datasets[split]
+
+    def shards(self, split: str) -> list[str]:
+        return [str(i) for i in range(self._dataset(split).num_shards)]
+
+    def iter_shard(self, split: str, shard: str) -> Iterator[str]:
+        ds = self._dataset(split)
+        for record in ds.shard(num_shards=ds.num_shards, index=int(shard), contiguous=True):
+            text = record.get("text")
+            if isinstance(text, str) and text:
+                yield text
+
+    def fingerprint(self) -> str:
+        return f"hub:{self.name}:{self.config}:{self.revision}"
+
+    def describe(self) -> str:
+        return f"HubC4 {self.name} ({self.config}, revision {self.revision or 'main'}, streaming)"

@@ -1,0 +1,201 @@
+"""The LightningDataModule: a text source, a tokenizer, a layout and the packed stream, wired together.
+
+Everything the model needs to size itself (vocabulary ids, steps per token) is an attribute right after
+``__init__``, because LightningCLI links them into the model with ``apply_on="instantiate"``; so the
+corpus and tokenizer are built (or, normally, loaded from their cache) in ``__init__``. Both caches are
+file-locked, so every DDP process may call it.
+
+Batches follow the contract in ``cyb_lightning/data/layout.py``: ``input_ids``/``position_ids`` long
+``[B, T·W]``, ``targets`` long ``[B, T]``, ``target_mask`` bool ``[B, T]``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections import deque
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import lightning as L
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from .data.layout import make_layout
+from .data.sources import QuickstartCorpus, TextSource, source_tokenizer
+from .data.stream import PackedStream
+from .data.tokenizer import standard_vocab
+
+
+class LaggedStateLoader(StatefulDataLoader):
+    """A StatefulDataLoader whose ``state_dict()`` lags ``lookahead`` batches behind what it yielded.
+
+    Lightning's training loop fetches one batch ahead (to know whether the next one is the last), so when
+    it checkpoints after training on batch k the loader has already handed out batch k + 1, and resuming
+    from that state would silently skip a batch. With ``lookahead=1`` the saved state is the one right
+    after batch k: what the model actually consumed. ``lookahead=0`` is a plain StatefulDataLoader.
+    """
+
+    def __init__(self, *args: Any, lookahead: int = 0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if lookahead < 0:
+            raise ValueError(f"lookahead must be >= 0, got {lookahead}")
+        self.lookahead = lookahead
+        self._history: deque[dict] = deque(maxlen=lookahead + 1)
+
+    def __iter__(self) -> Iterator:
+        iterator = super().__iter__()
+        return self._tracked(iterator) if self.lookahead else iterator
+
+    def _tracked(self, iterator: Iterator) -> Iterator:
+        self._history.clear()
+        self._history.append(copy.deepcopy(super().state_dict()))
+        for batch in iterator:
+            self._history.append(copy.deepcopy(super().state_dict()))
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.lookahead and self._history:
+            return copy.deepcopy(self._history[0])
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._history.clear()
+        super().load_state_dict(state_dict)
+
+
+class CYBDataModule(L.LightningDataModule):
+    """C4-style text (quickstart corpus by default) packed into layout examples.
+
+    Args:
+        source: where documents come from (``class_path`` of a :class:`TextSource`); None → the offline
+            :class:`QuickstartCorpus` with its defaults.
+        tokenizer_dir: where the tokenizer is found, or built from the source's training split when
+            absent; None → the source's default (``data/quickstart/tokenizer-<bpe_vocab_size>`` for the
+            quickstart corpus; other sources need it set).
+        bpe_vocab_size: BPE size to train (text ids). The attribute ``vocab_size`` is the total number
+            of ids, reserved ones included (what the embedding needs).
+        layout: ``none`` (baseline), ``cyb`` (K pauses after every token), ``tbys_random`` (TBYS pause
+            pretraining).
+        num_pauses: K for ``cyb`` (0 … 8; CYB uses 3). Ignored by the other layouts.
+        pause_fraction: share of ``tbys_random``'s sequence that is pauses (TBYS: 0.1).
+        seq_len: T, real tokens per example (inputs are T·W long).
+        batch_size / val_batch_size: per-device batch sizes (val defaults to batch_size).
+        num_workers: DataLoader workers per device.
+        seed: shard order per epoch and ``tbys_random`` pause slots.
+        val_documents: size of the fixed validation set (first documents of the validation split);
+            None → all of it.
+        tokenizer_train_documents: how many training documents train the BPE (None → all).
+        tokenize_batch: documents per tokenizer call in the stream.
+    """
+
+    def __init__(
+        self,
+        source: TextSource | None = None,
+        tokenizer_dir: str | None = None,
+        bpe_vocab_size: int = 8192,
+        layout: Literal["none", "cyb", "tbys_random"] = "cyb",
+        num_pauses: int = 3,
+        pause_fraction: float = 0.1,
+        seq_len: int = 256,
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 1234,
+        val_documents: int | None = 1000,
+        tokenizer_train_documents: int | None = 200_000,
+        tokenize_batch: int = 64,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["source"])
+        # Check the layout config against the standard reserved ids before any (slow) build.
+        make_layout(layout, seq_len, standard_vocab(), num_pauses=num_pauses, pause_fraction=pause_fraction)
+        for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("tokenize_batch", tokenize_batch)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if val_batch_size is not None and val_batch_size < 1:
+            raise ValueError(f"val_batch_size must be >= 1 or None, got {val_batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if val_documents is not None and val_documents < 1:
+            raise ValueError(f"val_documents must be >= 1 or None (all), got {val_documents}")
+        if tokenizer_train_documents is not None and tokenizer_train_documents < 1:
+            raise ValueError(f"tokenizer_train_documents must be >= 1 or None (all), got {tokenizer_train_documents}")
+        if bpe_vocab_size < 256:
+            raise ValueError(f"bpe_vocab_size must be >= 256, one id per byte; got {bpe_vocab_size}")
+
+        self.source = source if source is not None else QuickstartCorpus()
+        self.tokenizer, self.tokenizer_dir, manifest = source_tokenizer(
+            self.source, bpe_vocab_size, tokenizer_dir, tokenizer_train_documents
+        )
+        self.layout_spec = make_layout(
+            layout, seq_len, self.tokenizer.vocab, num_pauses=num_pauses, pause_fraction=pause_fraction, seed=seed
+        )
+
+        # The attributes the CLI links into the model.
+        self.vocab = self.tokenizer.vocab
+        self.vocab_size = self.vocab.size
+        self.bpe_vocab_size = bpe_vocab_size
+        self.pad_id, self.eot_id, self.dk_id = self.vocab.pad_id, self.vocab.eot_id, self.vocab.dk_id
+        self.pause_ids = self.layout_spec.pause_ids  # the pause ids this layout inserts (vocab has them all)
+        self.steps_per_token = self.layout_spec.steps_per_token
+
+        self.layout, self.num_pauses, self.pause_fraction = layout, num_pauses, pause_fraction
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers, self.seed = num_workers, seed
+        self.val_documents, self.tokenize_batch = val_documents, tokenize_batch
+        stats = manifest.get("stats", {})
+        rank_zero_info(
+            f"CYBDataModule: {self.source.describe()}; tokenizer {self.tokenizer_dir} "
+            f"({self.vocab_size} ids, {self.tokenizer.num_reserved} reserved"
+            + (f", trained on {stats['train_tokens']:,} tokens" if "train_tokens" in stats else "")
+            + f"), layout {layout} (W={self.steps_per_token}), T={seq_len}"
+        )
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def stream(self, split: Literal["train", "validation"]) -> PackedStream:
+        """A fresh stream for ``split`` on this process's rank (also useful outside a Trainer)."""
+        rank, world = self._rank_world()
+        train = split == "train"
+        return PackedStream(
+            self.source,
+            self.tokenizer,
+            self.layout_spec,
+            split=split,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+            batch_size=self.batch_size if train else self.val_batch_size,
+            max_documents=None if train else self.val_documents,
+            tokenize_batch=self.tokenize_batch,
+        )
+
+    def _loader(self, stream: PackedStream, train: bool) -> LaggedStateLoader:
+        if self.num_workers > 0:
+            # Forked workers cannot use the tokenizer's thread pool once the parent has; saying so up front
+            # silences the tokenizers warning and the (rare) deadlock it guards against.
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        return LaggedStateLoader(
+            stream,
+            batch_size=stream.batch_size,
+            num_workers=self.num_workers,
+            # Train: workers keep their position between Lightning "epochs" of the infinite stream.
+            persistent_workers=train and self.num_workers > 0,
+            # Under a Trainer the saved state must lag Lightning's one-batch prefetch (see the class).
+            lookahead=1 if train and self.trainer is not None else 0,
+        )
+
+    def train_dataloader(self) -> LaggedStateLoader:
+        return self._loader(self.stream("train"), train=True)
+
+    def val_dataloader(self) -> LaggedStateLoader:
+        return self._loader(self.stream("validation"), train=False)

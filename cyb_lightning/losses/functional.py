@@ -1,0 +1,220 @@
+"""The math of every loss, as pure functions of tensors (spec: ``shared/method.md`` §3–4).
+
+Shapes: ``logits`` is ``[N, W, V]`` (N real tokens, W = 1 + K steps each, V output ids), ``targets`` is
+``[N]``. Every function returns the per-token loss ``[N]``; reduction (sum / global token count) is the
+caller's job. Everything runs in log space in fp32 (or float64 when given float64), so bf16 logits in
+±1e4 stay finite, and no ``log`` is ever taken of a probability that can underflow.
+
+Per step i: d_i = p_i(DK) (with d_W := 0), t_i = p_i(y) / (1 − d_i). Both come straight from
+log-sum-exps of the logits, which is exact even when d_i rounds to 1 in probability space:
+    log t_i       = z_y − LSE_{v≠DK} z
+    log (1 − d_i) = LSE_{v≠DK} z − LSE_v z
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+Weights = Sequence[float] | Tensor
+
+
+def dk_prior_bias(vocab_size: int, psi_dk: float = 0.9) -> float:
+    """The constant added to the DK logit: log(ψ'/ψ) with ψ uniform and ψ' giving ``psi_dk`` to DK.
+
+    ψ'_DK / ψ_DK = psi_dk·V and ψ'_v / ψ_v = (1 − psi_dk)·V / (V − 1) for the rest; only the difference
+    of the two matters to a softmax, so the bias is log(psi_dk·(V − 1) / (1 − psi_dk)) (= log 9(V−1) at 0.9).
+    """
+    if vocab_size < 2:
+        raise ValueError(f"vocab_size must be at least 2 (DK plus one real id), got {vocab_size}")
+    if not 0.0 < psi_dk < 1.0:
+        raise ValueError(f"psi_dk must lie strictly between 0 and 1, got {psi_dk}")
+    return math.log(psi_dk * (vocab_size - 1) / (1.0 - psi_dk))
+
+
+def check_weights(w: Weights, name: str, steps: int | None = None, normalise: bool = False) -> Tensor:
+    """ω, γ, ρ as a 1-D float64 CPU tensor after checking length, sign and finiteness.
+
+    Checks run on the CPU, so hyperparameters held on the host never cost a device synchronisation;
+    every error names the argument and the fix.
+    """
+    t = torch.as_tensor(w, dtype=torch.float64).detach().cpu().flatten()
+    if steps is not None and t.numel() != steps:
+        raise ValueError(
+            f"{name} has {t.numel()} entries but there are W={steps} steps per token (1 + num_pauses); "
+            f"give {name} exactly {steps} values"
+        )
+    if t.numel() == 0 or not torch.isfinite(t).all() or (t < 0).any():
+        raise ValueError(f"{name} must be a non-empty list of finite, non-negative numbers, got {t.tolist()}")
+    if normalise:
+        if t.sum() <= 0:
+            raise ValueError(f"{name} must have positive total mass, got {t.tolist()}")
+        t = t / t.sum()
+    return t
+
+
+def check_discount(gamma: Weights, steps: int | None = None) -> Tensor:
+    """γ: per-step discounts in [0, 1], not all zero (that would make every loss infinite)."""
+    t = check_weights(gamma, "gamma", steps)
+    if (t > 1).any():
+        raise ValueError(f"gamma is a discount and must lie in [0, 1], got {t.tolist()}")
+    if not (t > 0).any():
+        raise ValueError(f"gamma must be positive at some step (all zero: infinite loss), got {t.tolist()}")
+    return t
+
+
+def _on(t: Tensor, like: Tensor) -> Tensor:
+    return t.to(dtype=like.dtype, device=like.device, non_blocking=True)
+
+
+def _fp32(x: Tensor) -> Tensor:
+    """Losses run in fp32, or in float64 when given float64 (for exact reference checks)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _safe_log(x: Tensor) -> Tensor:
+    """log of a constant non-negative tensor: -inf where it is 0 (no gradient flows into constants)."""
+    return torch.where(x > 0, x.clamp_min(torch.finfo(x.dtype).tiny).log(), -math.inf)
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 − exp(x)) for x ≤ 0, accurate on both sides of −log 2 (Mächler 2012)."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def step_log_probs(
+    logits: Tensor, targets: Tensor, dk_id: int, dk_bias: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(log d, log(1 − d), log t), each ``[N, W]`` in fp32/fp64, with the DK prior applied.
+
+    ``log d`` holds the model's raw DK probability at every step (the last included); the d_W := 0 rule
+    is applied by the stopping distribution, never here, so metrics can still read the last step's DK.
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [N, W, V], got shape {tuple(logits.shape)}")
+    if targets.shape != logits.shape[:1]:
+        raise ValueError(f"targets must be [N]={logits.shape[0]}, got shape {tuple(targets.shape)}")
+    z = _fp32(logits)
+    # LSE over every id but DK from the two slices around it: exact (no cancellation when DK dominates)
+    # and without copying the vocabulary.
+    lse_rest = torch.logaddexp(torch.logsumexp(z[..., :dk_id], -1), torch.logsumexp(z[..., dk_id + 1 :], -1))
+    z_dk = z[..., dk_id] + dk_bias
+    lse_all = torch.logaddexp(lse_rest, z_dk)
+    z_y = z.gather(-1, targets.view(-1, 1, 1).expand(-1, z.shape[1], 1)).squeeze(-1)
+    return z_dk - lse_all, lse_rest - lse_all, z_y - lse_rest
+
+
+def _stopping(log_d: Tensor, log_1md: Tensor, omega: Tensor) -> Tensor:
+    """log s_i = log[ω_i + (1 − d_i) Σ_{j>i} ω_j] + Σ_{j<i} log d_j  (CYB Eq. 2), with d_W := 0.
+
+    ``omega`` is normalised. Where ω_i or the tail Σ_{j>i} ω_j is 0 the sum has one term; taking the
+    other branch of a logaddexp(−inf, −inf) would put NaN into the gradient, so only finite values ever
+    reach logaddexp.
+    """
+    tail = omega.flip(-1).cumsum(-1).flip(-1) - omega  # Σ_{j>i} ω_j, exactly 0 at i = W
+    tail = torch.where(torch.arange(omega.numel(), device=omega.device) == omega.numel() - 1, 0.0, tail)
+    log_w, log_tail = _safe_log(omega), _safe_log(tail)
+    w_pos, tail_pos = omega > 0, tail > 0
+    stop_by_model = log_1md + torch.where(tail_pos, log_tail, 0.0)
+    both = torch.logaddexp(torch.where(w_pos, log_w, 0.0).expand_as(stop_by_model), stop_by_model)
+    head = torch.where(tail_pos, torch.where(w_pos, both, stop_by_model), log_w.expand_as(stop_by_model))
+    # Π_{j<i} d_j: an exclusive cumulative sum of log d (the last step's d never enters it).
+    survive = torch.nn.functional.pad(torch.cumsum(log_d[..., :-1], dim=-1), (1, 0))
+    return head + survive
+
+
+def stopping_log_probs(log_d: Tensor, omega: Weights) -> Tensor:
+    """log s for ``log_d`` of shape ``[..., W]`` (the last step treated as d_W = 0) and weights ω ``[W]``.
+
+    ω is normalised here. With ω = (0, …, 0, 1) this is the plain halting distribution
+    s_i = (1 − d_i) Π_{j<i} d_j, s_W = Π_{j<W} d_j.
+    """
+    omega_t = _on(check_weights(omega, "omega", log_d.shape[-1], normalise=True), log_d)
+    # The last step's d never enters s; keep it away from log1mexp, whose gradient is infinite at d = 1.
+    last = torch.arange(log_d.shape[-1], device=log_d.device) == log_d.shape[-1] - 1
+    log_1md = _log1mexp(torch.where(last, -1.0, log_d.clamp_max(0.0)))
+    return _stopping(log_d, log_1md, omega_t)
+
+
+def halting_log_probs(log_d: Tensor, log_1md: Tensor) -> Tensor:
+    """The model's own halting distribution (ω = last step) from exact log d and log(1 − d) ``[..., W]``.
+
+    Metrics use this with the outputs of :func:`step_log_probs`; it avoids re-deriving log(1 − d) from d.
+    """
+    return _stopping(log_d, log_1md, _last_only(log_d.shape[-1], log_d))
+
+
+def _last_only(steps: int, like: Tensor) -> Tensor:
+    return torch.nn.functional.one_hot(torch.tensor(steps - 1), steps).to(like)
+
+
+def cyb_loss(
+    logits: Tensor,
+    targets: Tensor,
+    dk_id: int,
+    omega: Weights,
+    gamma: Weights,
+    dk_bias: float = 0.0,
+) -> Tensor:
+    """ℓ_CYB = −log Σ_i s_i γ_i t_i per token (CYB Eq. 3); CYB-AP is this with its ω and γ."""
+    log_d, log_1md, log_t = step_log_probs(logits, targets, dk_id, dk_bias)
+    steps = log_d.shape[-1]
+    omega_t = _on(check_weights(omega, "omega", steps, normalise=True), log_d)
+    log_gamma = _on(_safe_log(check_discount(gamma, steps)), log_d)
+    log_s = _stopping(log_d, log_1md, omega_t)
+    return -torch.logsumexp(log_s + log_gamma + log_t, dim=-1)
+
+
+def _finite(log_s: Tensor) -> Tensor:
+    """log s with −inf (s exactly 0, from −inf logits) raised to the lowest float, so 0·log 0 terms are 0."""
+    return log_s.clamp_min(torch.finfo(log_s.dtype).min)
+
+
+def cyb_va_loss(logits: Tensor, targets: Tensor, dk_id: int, rho: Weights, dk_bias: float = 0.0) -> Tensor:
+    """ℓ_VA = −Σ_i s_i log t_i + KL(s ‖ ρ) with ω = (0, …, 0, 1), γ = 1 (an ELBO; optimum s ∝ ρ t).
+
+    KL(s ‖ ρ) is infinite where ρ_i = 0 and s_i > 0, so ρ must be strictly positive here.
+    """
+    log_d, log_1md, log_t = step_log_probs(logits, targets, dk_id, dk_bias)
+    steps = log_d.shape[-1]
+    rho_t = check_weights(rho, "rho", steps, normalise=True)
+    if (rho_t <= 0).any():
+        raise ValueError(
+            f"CYB-VA needs a strictly positive prior rho (KL(s||rho) is infinite where rho is 0), got "
+            f"{rho_t.tolist()}; give every step some mass, or use CYB-DP, whose KL(rho||s) allows zeros"
+        )
+    log_s = _finite(_stopping(log_d, log_1md, _last_only(steps, log_d)))
+    return (log_s.exp() * (log_s - _on(rho_t.log(), log_d) - log_t)).sum(-1)
+
+
+def cyb_dp_loss(
+    logits: Tensor, targets: Tensor, dk_id: int, rho: Weights, alpha: float, dk_bias: float = 0.0
+) -> Tensor:
+    """ℓ_DP = ℓ_CYB(ω = (0, …, 0, 1), γ = 1) + α · KL(ρ ‖ s); the reverse KL lets ρ contain zeros."""
+    if alpha < 0 or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite non-negative weight, got {alpha}")
+    log_d, log_1md, log_t = step_log_probs(logits, targets, dk_id, dk_bias)
+    steps = log_d.shape[-1]
+    rho_t = check_weights(rho, "rho", steps, normalise=True)
+    log_s = _stopping(log_d, log_1md, _last_only(steps, log_d))
+    base = -torch.logsumexp(log_s + log_t, dim=-1)
+    # Σ_i ρ_i (log ρ_i − log s_i) over the support of ρ only (ρ is a constant, so masking is safe).
+    rho_log_rho = torch.special.xlogy(rho_t, rho_t)
+    kl = (_on(rho_log_rho, log_d) - _on(rho_t, log_d) * _finite(log_s)).sum(-1)
+    return base + alpha * kl
+
+
+def tbys_loss(logits: Tensor, targets: Tensor, dk_id: int | None = None) -> Tensor:
+    """Cross-entropy at the last step, −log p_W(y); with ``dk_id`` the DK id is excluded (renormalised).
+
+    With W = 1 and no ``dk_id`` this is the ordinary next-token cross-entropy of the no-pause baseline
+    and of TBYS random-pause pretraining.
+    """
+    if dk_id is not None:
+        return -step_log_probs(logits[:, -1:], targets, dk_id)[2][:, 0]
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [N, W, V], got shape {tuple(logits.shape)}")
+    return torch.nn.functional.cross_entropy(_fp32(logits[:, -1]), targets, reduction="none")

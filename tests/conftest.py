@@ -1,0 +1,41 @@
+"""Shared fixtures: one tiny offline quickstart corpus + tokenizer per test session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network; HubC4 must fail fast
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+# Small enough to build in about a second: the pydoc topics plus a handful of stdlib modules.
+TINY_QUICKSTART = dict(max_stdlib_files=12, num_train_shards=4)
+TINY_VOCAB = 512
+
+
+@pytest.fixture(scope="session")
+def tiny_quickstart(tmp_path_factory):
+    """A QuickstartBuild (corpus + 512-id BPE) in a session temp dir; read-only for tests."""
+    from cyb_lightning.data import build_quickstart
+
+    return build_quickstart(tmp_path_factory.mktemp("quickstart"), TINY_VOCAB, **TINY_QUICKSTART)
+
+
+@pytest.fixture
+def tiny_source(tiny_quickstart):
+    """A fresh QuickstartCorpus over the session corpus (a cache hit, no rebuild)."""
+    from cyb_lightning.data import QuickstartCorpus
+
+    return QuickstartCorpus(str(tiny_quickstart.corpus.directory.parent), **TINY_QUICKSTART)
+
+
+@pytest.fixture
+def tiny_vocab_size():
+    """The BPE size the session tokenizer was trained with (pass it to build against the same cache)."""
+    return TINY_VOCAB
+
+
+@pytest.fixture
+def tiny_tokenizer(tiny_quickstart):
+    return tiny_quickstart.tokenizer

@@ -1,0 +1,138 @@
+"""Layouts, checked against hand-written examples of the batch contract."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cyb_lightning.data import Vocab, layout_cyb, layout_none, layout_tbys_random, make_layout, random_pause_slots
+
+PAD, P1, P2 = 0, 3, 4
+VOCAB = Vocab(pad_id=0, eot_id=1, dk_id=2, pause_ids=tuple(range(3, 11)), size=100)
+
+
+def _eq(example, **expected):
+    assert set(example) == {"input_ids", "position_ids", "targets", "target_mask"}
+    for key, value in expected.items():
+        want = np.asarray(value, dtype=bool if key == "target_mask" else np.int64)
+        assert example[key].dtype == want.dtype, key
+        np.testing.assert_array_equal(example[key], want, err_msg=key)
+
+
+def test_none_by_hand():
+    _eq(layout_none([10, 11, 12, 13], 3, PAD),
+        input_ids=[10, 11, 12], position_ids=[0, 1, 2], targets=[11, 12, 13], target_mask=[1, 1, 1])  # fmt: skip
+
+
+def test_cyb_by_hand():
+    _eq(layout_cyb([10, 11, 12, 13], 3, (P1, P2), PAD),
+        input_ids=[10, P1, P2, 11, P1, P2, 12, P1, P2],
+        position_ids=[0, 0, 0, 1, 1, 1, 2, 2, 2],
+        targets=[11, 12, 13],
+        target_mask=[1, 1, 1])  # fmt: skip
+
+
+def test_cyb_padded_by_hand():
+    # The end of a finite stream: 2 real tokens for T = 3 → one scored target.
+    _eq(layout_cyb([10, 11], 3, (P1, P2), PAD),
+        input_ids=[10, P1, P2, 11, P1, P2, PAD, PAD, PAD],
+        position_ids=[0, 0, 0, 1, 1, 1, 2, 2, 2],
+        targets=[11, PAD, PAD],
+        target_mask=[1, 0, 0])  # fmt: skip
+
+
+@pytest.mark.parametrize("n", [2, 5, 9])
+def test_cyb_with_no_pauses_is_none(n):
+    tokens = np.arange(20, 20 + n)
+    a, b = layout_cyb(tokens, 8, (), PAD), layout_none(tokens, 8, PAD)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_tbys_by_hand():
+    # T = 4, one pause: the pause fills the slot random_pause_slots picks, real tokens fill the others.
+    for index in range(6):
+        slot = int(np.flatnonzero(random_pause_slots(4, 1, seed=7, index=index))[0])
+        seq = [10, 11, 12, 13]
+        seq.insert(slot, P1)
+        ex = layout_tbys_random([10, 11, 12, 13], 4, P1, PAD, num_pauses=1, seed=7, index=index)
+        _eq(ex, input_ids=seq[:4], position_ids=[0, 1, 2, 3], targets=seq[1:],
+            target_mask=[t != P1 for t in seq[1:]])  # fmt: skip
+
+
+def test_tbys_trims_extra_tokens_and_pads_short_chunks():
+    slots = random_pause_slots(6, 2, seed=1, index=3)
+    full = layout_tbys_random(np.arange(10, 17), 6, P1, PAD, 2, seed=1, index=3)  # 7 real: 2 trimmed
+    laid = np.append(full["input_ids"], full["targets"][-1])
+    np.testing.assert_array_equal(laid[~slots], [10, 11, 12, 13, 14])
+    assert (laid[slots] == P1).all()
+
+    short = layout_tbys_random([10, 11, 12], 6, P1, PAD, 2, seed=1, index=3)
+    laid = np.append(short["input_ids"], short["targets"][-1])
+    last = np.flatnonzero(~slots)[2]  # the slot of the last real token
+    np.testing.assert_array_equal(laid[: last + 1][~slots[: last + 1]], [10, 11, 12])
+    assert (laid[last + 1 :] == PAD).all()
+    np.testing.assert_array_equal(short["target_mask"], ~slots[1:] & (np.arange(1, 7) <= last))
+
+
+def test_tbys_deterministic_fraction_and_mask():
+    lay = make_layout("tbys_random", 100, VOCAB, pause_fraction=0.1, seed=5)
+    assert lay.num_random_pauses == 10 and lay.real_tokens == 91
+    tokens = np.arange(1000, 1091)
+    a, b = lay(tokens, 42), lay(tokens, 42)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])  # same (seed, index) → same example
+    laid = np.append(a["input_ids"], a["targets"][-1])
+    assert (laid == P1).sum() == 10  # exactly the fraction, and no real token lost
+    np.testing.assert_array_equal(laid[laid != P1], tokens)
+    np.testing.assert_array_equal(a["target_mask"], a["targets"] != P1)
+    np.testing.assert_array_equal(a["position_ids"], np.arange(100))
+    assert not np.array_equal(lay(tokens, 43)["input_ids"], a["input_ids"])
+    other_seed = make_layout("tbys_random", 100, VOCAB, pause_fraction=0.1, seed=6)
+    assert not np.array_equal(other_seed(tokens, 42)["input_ids"], a["input_ids"])
+
+
+def test_tbys_slots_are_uniform():
+    counts = sum(random_pause_slots(20, 2, seed=0, index=i).astype(int) for i in range(4000))
+    expected = 4000 * 2 / 21
+    assert counts.sum() == 8000
+    assert np.all(np.abs(counts - expected) < 0.25 * expected), counts
+
+
+@pytest.mark.parametrize(
+    "name, k, w, length, real",
+    [("none", 3, 1, 8, 9), ("cyb", 0, 1, 8, 9), ("cyb", 3, 4, 32, 9), ("tbys_random", 3, 1, 8, 8)],
+)
+def test_layout_properties(name, k, w, length, real):
+    lay = make_layout(name, 8, VOCAB, num_pauses=k, pause_fraction=0.1)
+    assert (lay.steps_per_token, lay.length, lay.real_tokens) == (w, length, real)
+    ex = lay(np.arange(20, 20 + real), 0)
+    assert ex["input_ids"].shape == ex["position_ids"].shape == (length,)
+    assert ex["targets"].shape == ex["target_mask"].shape == (8,)
+    empty = lay.empty_example()
+    assert {k: v.shape for k, v in empty.items()} == {k: v.shape for k, v in ex.items()}
+    assert not empty["target_mask"].any() and (empty["input_ids"] == VOCAB.pad_id).all()
+
+
+def test_layout_pause_ids():
+    assert make_layout("cyb", 4, VOCAB, num_pauses=3).pause_ids == (3, 4, 5)
+    assert make_layout("tbys_random", 4, VOCAB).pause_ids == (3,)
+    assert make_layout("none", 4, VOCAB).pause_ids == ()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(name="pauses"), "unknown layout"),
+        (dict(name="cyb", num_pauses=9), "num_pauses=9"),
+        (dict(name="cyb", num_pauses=-1), "num_pauses=-1"),
+        (dict(name="cyb", seq_len=0), "seq_len"),
+        (dict(name="tbys_random", pause_fraction=1.0), "pause_fraction"),
+        (dict(name="tbys_random", seq_len=2, pause_fraction=0.9), "fewer than 2 real tokens"),
+    ],
+)
+def test_bad_configs(kwargs, match):
+    kwargs = {"seq_len": 8, **kwargs}
+    name, seq_len = kwargs.pop("name"), kwargs.pop("seq_len")
+    with pytest.raises(ValueError, match=match):
+        make_layout(name, seq_len, VOCAB, **kwargs)
