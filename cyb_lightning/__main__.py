@@ -1,4 +1,30 @@
-from cyb_lightning.cli import main
+"""``python -m cyb_lightning <command>``: Lightning's fit/validate/test/predict, plus our own tools.
+
+Each extra command is a ``main(argv)`` in its own module, imported only when called, so a training run
+never pays for (or breaks on) the imports of a tool it does not use.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command → "module:function"; the function takes the remaining argv.
+COMMANDS: dict[str, str] = {}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in COMMANDS:
+        module, func = COMMANDS[args[0]].split(":")
+        getattr(importlib.import_module(module), func)(args[1:])
+        return
+    if args and args[0] in ("-h", "--help"):
+        print("extra commands: " + (", ".join(sorted(COMMANDS)) or "none") + "; Lightning's follow.\n")
+    from cyb_lightning.cli import main as lightning_main
+
+    lightning_main(argv)  # None: LightningCLI reads sys.argv itself
+
 
 if __name__ == "__main__":
     main()

@@ -6,8 +6,6 @@ CLI links those into the model, so a config never states them twice.
 
 from __future__ import annotations
 
-import sys
-
 from lightning.pytorch.cli import LightningCLI
 
 from cyb_lightning.datamodule import CYBDataModule
@@ -42,7 +40,7 @@ def main(args: list[str] | None = None) -> CYBLightningCLI:
     return CYBLightningCLI(
         CYBModule,
         CYBDataModule,
-        args=args if args is not None else sys.argv[1:],
+        args=args,
         seed_everything_default=1234,
         parser_kwargs={"parser_mode": "omegaconf"},
         # A requeued or restarted job writes its config again: overwriting it must not fail the run.
