@@ -1,0 +1,102 @@
+"""The command line end to end: a tiny CPU fit through LightningCLI, and the errors a user can make."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cyb_lightning.cli import main
+from tests.conftest import TINY_QUICKSTART, TINY_VOCAB
+
+
+def tiny_args(root, source_root, *extra: str) -> list[str]:
+    source = {"class_path": "cyb_lightning.data.sources.QuickstartCorpus",
+              "init_args": {"root": str(source_root), **TINY_QUICKSTART}}
+    return [
+        "fit", "--config", "conf/quickstart.yaml",
+        "--data.source", json.dumps(source), "--data.bpe_vocab_size", str(TINY_VOCAB),
+        "--data.seq_len", "32", "--data.batch_size", "8", "--data.val_documents", "4",
+        "--model.decoder.init_args.d_model", "32", "--model.decoder.init_args.n_head", "2",
+        "--trainer.default_root_dir", str(root),
+        "--trainer.logger.init_args.save_dir", str(root),
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        *extra,
+    ]
+
+
+@pytest.fixture
+def source_root(tiny_quickstart):
+    return tiny_quickstart.corpus.directory.parent
+
+
+def scalars(acc: EventAccumulator, tag: str) -> list[float]:
+    return [e.value for e in acc.Scalars(tag)]
+
+
+def test_fit_learns_checkpoints_and_writes_stopping_histograms(tmp_path, source_root):
+    cli = main(tiny_args(tmp_path, source_root, "--trainer.max_steps", "40", "--trainer.val_check_interval", "20",
+                         "--trainer.log_every_n_steps", "5", "--trainer.limit_val_batches", "2",
+                         "--trainer.callbacks+=cyb_lightning.callbacks.StoppingTimeHistograms",
+                         "--trainer.callbacks.every_n_steps", "10"))
+    log_dir = cli.trainer.log_dir
+    acc = EventAccumulator(log_dir, size_guidance={"histograms": 0, "scalars": 0}).Reload()
+    loss = scalars(acc, "train/loss")
+    assert len(loss) >= 8 and loss[-1] < loss[0] - 0.5, loss
+    assert {"train/pauses/stop_step", "train/pauses/expected_per_token", "val/pauses/stop_step"} <= set(
+        acc.Tags()["histograms"]
+    )
+    # The stop_step histogram is the latency distribution: its buckets hold probabilities summing to 1.
+    hist = acc.Histograms("val/pauses/stop_step")[-1].histogram_value
+    assert len(hist.bucket) == 4 and math.isclose(sum(hist.bucket), 1.0, rel_tol=1e-6)
+    ppl = scalars(acc, "val/ppl")
+    assert ppl[-1] < TINY_VOCAB  # better than uniform over the text ids
+    ckpts = sorted(p.name for p in (tmp_path / "quickstart" / "version_0" / "checkpoints").iterdir())
+    assert "last.ckpt" in ckpts
+    saved = yaml.safe_load((tmp_path / "quickstart" / "version_0" / "config.yaml").read_text())
+    assert saved["model"]["loss"]["class_path"] == "cyb_lightning.losses.CYBAP"
+
+
+def run_cli_error(args, capsys) -> str:
+    with pytest.raises((SystemExit, ValueError)) as info:
+        main(args)
+    err = capsys.readouterr().err
+    return f"{err}\n{info.value}"
+
+
+def test_missing_config_file_is_named(capsys):
+    msg = run_cli_error(["fit", "--config", "conf/no_such_config.yaml"], capsys)
+    assert "no_such_config.yaml" in msg and ("does not exist" in msg or "not found" in msg.lower())
+
+
+def test_unknown_loss_class_is_named(tmp_path, source_root, capsys):
+    msg = run_cli_error(tiny_args(tmp_path, source_root, "--model.loss", "cyb_lightning.losses.CYBXYZ"), capsys)
+    assert "CYBXYZ" in msg
+
+
+@pytest.mark.parametrize(
+    "loss, needle",
+    [
+        ('{"class_path": "cyb_lightning.losses.CYBAP", "init_args": {"omega": [0, 0, 1]}}', "num_pauses"),
+        ('{"class_path": "cyb_lightning.losses.CYBAP", "init_args": {"omega": [0, -1, 0, 1]}}', "non-negative"),
+        ('{"class_path": "cyb_lightning.losses.CYBAP", "init_args": {"gamma": [1, 1, 1]}}', "gamma"),
+        ('{"class_path": "cyb_lightning.losses.CYBVA", "init_args": {"rho": [1, 1]}}', "num_pauses"),
+        ('{"class_path": "cyb_lightning.losses.CYBDP", "init_args": {"rho": [1, 1, -1, 1]}}', "rho"),
+    ],
+)
+def test_bad_loss_hyperparameters_are_named(tmp_path, source_root, capsys, loss, needle):
+    msg = run_cli_error(tiny_args(tmp_path, source_root, "--model.loss", loss), capsys)
+    assert needle in msg
+
+
+def test_empty_corpus_folder_is_named(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    source = json.dumps({"class_path": "cyb_lightning.data.sources.LocalShards", "init_args": {"path": str(empty)}})
+    args = ["fit", "--config", "conf/quickstart.yaml", "--data.source", source,
+            "--trainer.default_root_dir", str(tmp_path)]
+    msg = run_cli_error(args, capsys)
+    assert str(empty) in msg
