@@ -10,7 +10,12 @@ import importlib
 import sys
 
 # command → "module:function"; the function takes the remaining argv.
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "report": "cyb_lightning.evaluation.report:main",
+    "generate": "cyb_lightning.generation:main",
+    "consolidate": "cyb_lightning.checkpoint:main",
+    "download-c4": "cyb_lightning.data.download:main",
+}
 
 
 def main(argv: list[str] | None = None) -> None:

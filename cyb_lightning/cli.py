@@ -19,8 +19,9 @@ class CYBLightningCLI(LightningCLI):
         parser.link_arguments("data.seq_len", "model.seq_len")
 
     def after_fit(self) -> None:
+        text = summary(self.trainer)  # trainer.log_dir is a broadcast: every rank must take part
         if self.trainer.is_global_zero:
-            print(summary(self.trainer))
+            print(text)
 
 
 def summary(trainer) -> str:

@@ -19,9 +19,10 @@ from typing import Any, Literal
 
 import lightning as L
 import torch.distributed as dist
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from .data.hf_tokenizer import HFTokenizer
 from .data.layout import make_layout
 from .data.sources import QuickstartCorpus, TextSource, source_tokenizer
 from .data.stream import PackedStream
@@ -61,8 +62,26 @@ class LaggedStateLoader(StatefulDataLoader):
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if getattr(self, "resumed_by_datamodule", False):
+            # The DataModule already put this rank's own stream state in (Lightning would load rank 0's).
+            return
+        # Not StatefulDataLoader's own restore: that puts each worker back at its own position and the
+        # round robin at the saved worker, which ties the state to the worker count. The stream's merged
+        # state resumes with any number of workers, and a fresh loader starts at worker 0 as it expects.
         self._history.clear()
-        super().load_state_dict(state_dict)
+        self.dataset.load_state_dict(self.merged_stream_state(state_dict))
+
+    @staticmethod
+    def merged_stream_state(state: dict[str, Any]) -> dict:
+        """The stream state inside a StatefulDataLoader state, merged over its workers."""
+        if "dataset_state" in state:  # no workers
+            return copy.deepcopy(state["dataset_state"])
+        workers = state["_snapshot"]["_worker_snapshots"]
+        return PackedStream.merge_states([workers[k]["dataset_state"] for k in sorted(workers)])
+
+    def stream_state(self) -> dict:
+        """The stream's state as of :meth:`state_dict`, merged over workers: any worker count resumes it."""
+        return self.merged_stream_state(self.state_dict())
 
 
 class CYBDataModule(L.LightningDataModule):
@@ -77,8 +96,10 @@ class CYBDataModule(L.LightningDataModule):
         bpe_vocab_size: BPE size to train (text ids). The attribute ``vocab_size`` is the total number
             of ids, reserved ones included (what the embedding needs).
         layout: ``none`` (baseline), ``cyb`` (K pauses after every token), ``tbys_random`` (TBYS pause
-            pretraining).
-        num_pauses: K for ``cyb`` (0 … 8; CYB uses 3). Ignored by the other layouts.
+            pretraining), ``variable`` (CYB "recipe 2": each token is granted 0 … K pauses drawn from
+            ``omega``; validation and test then grant all K, so the model's own DK decides, as at inference).
+        num_pauses: K for ``cyb`` and ``variable`` (0 … 8; CYB uses 3). Ignored by the other layouts.
+        omega: ``variable`` only: the world's distribution over granted steps 1 … K+1 (None: uniform).
         pause_fraction: share of ``tbys_random``'s sequence that is pauses (TBYS: 0.1).
         seq_len: T, real tokens per example (inputs are T·W long).
         batch_size / val_batch_size: per-device batch sizes (val defaults to batch_size).
@@ -88,6 +109,13 @@ class CYBDataModule(L.LightningDataModule):
             None → all of it.
         tokenizer_train_documents: how many training documents train the BPE (None → all).
         tokenize_batch: documents per tokenizer call in the stream.
+        lanes: independent packing streams per rank (see ``data/stream.py``): DataLoader workers share
+            them out, so use a ``num_workers`` that divides ``lanes``; changing it changes the data order
+            (a resumed run must keep it). Capped at the rank's shard count.
+        max_document_chars: longer documents are tokenized in pieces of this many characters.
+        tokenizer: a pretrained model's tokenizer (``class_path: cyb_lightning.data.hf_tokenizer.HFTokenizer``)
+            to fine-tune that model (docs/finetune.md); None → our own BPE (``tokenizer_dir``,
+            ``bpe_vocab_size`` and ``tokenizer_train_documents`` apply only then).
     """
 
     def __init__(
@@ -95,9 +123,10 @@ class CYBDataModule(L.LightningDataModule):
         source: TextSource | None = None,
         tokenizer_dir: str | None = None,
         bpe_vocab_size: int = 8192,
-        layout: Literal["none", "cyb", "tbys_random"] = "cyb",
+        layout: Literal["none", "cyb", "tbys_random", "variable"] = "cyb",
         num_pauses: int = 3,
         pause_fraction: float = 0.1,
+        omega: list[float] | None = None,
         seq_len: int = 256,
         batch_size: int = 8,
         val_batch_size: int | None = None,
@@ -106,16 +135,24 @@ class CYBDataModule(L.LightningDataModule):
         val_documents: int | None = 1000,
         tokenizer_train_documents: int | None = 200_000,
         tokenize_batch: int = 64,
+        lanes: int = 8,
+        max_document_chars: int = 100_000,
+        tokenizer: HFTokenizer | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["source"])
+        self.save_hyperparameters(ignore=["source", "tokenizer"])  # objects; the CLI saves their config
         # Check the layout config against the standard reserved ids before any (slow) build.
-        make_layout(layout, seq_len, standard_vocab(), num_pauses=num_pauses, pause_fraction=pause_fraction)
+        check_vocab = standard_vocab() if tokenizer is None else tokenizer.vocab
+        make_layout(layout, seq_len, check_vocab, num_pauses=num_pauses, pause_fraction=pause_fraction, omega=omega)
         for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("tokenize_batch", tokenize_batch)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if val_batch_size is not None and val_batch_size < 1:
             raise ValueError(f"val_batch_size must be >= 1 or None, got {val_batch_size}")
+        if lanes < 1:
+            raise ValueError(f"lanes must be >= 1, got {lanes}")
+        if max_document_chars < 16:
+            raise ValueError(f"max_document_chars must be >= 16, got {max_document_chars}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if val_documents is not None and val_documents < 1:
@@ -126,11 +163,20 @@ class CYBDataModule(L.LightningDataModule):
             raise ValueError(f"bpe_vocab_size must be >= 256, one id per byte; got {bpe_vocab_size}")
 
         self.source = source if source is not None else QuickstartCorpus()
-        self.tokenizer, self.tokenizer_dir, manifest = source_tokenizer(
-            self.source, bpe_vocab_size, tokenizer_dir, tokenizer_train_documents
-        )
+        if tokenizer is not None:
+            self.tokenizer, self.tokenizer_dir, manifest = tokenizer, tokenizer.name_or_path, {}
+        else:
+            self.tokenizer, self.tokenizer_dir, manifest = source_tokenizer(
+                self.source, bpe_vocab_size, tokenizer_dir, tokenizer_train_documents
+            )
         self.layout_spec = make_layout(
-            layout, seq_len, self.tokenizer.vocab, num_pauses=num_pauses, pause_fraction=pause_fraction, seed=seed
+            layout, seq_len, self.tokenizer.vocab, num_pauses=num_pauses, pause_fraction=pause_fraction, seed=seed,
+            omega=omega,
+        )
+        # Evaluation of a variable-pause model grants every token all K pauses: its own DK decides.
+        self.eval_layout_spec = (
+            make_layout("cyb", seq_len, self.tokenizer.vocab, num_pauses=num_pauses)
+            if layout == "variable" else self.layout_spec
         )
 
         # The attributes the CLI links into the model.
@@ -146,6 +192,9 @@ class CYBDataModule(L.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers, self.seed = num_workers, seed
         self.val_documents, self.tokenize_batch = val_documents, tokenize_batch
+        self.lanes, self.max_document_chars = lanes, max_document_chars
+        self._train_loader: LaggedStateLoader | None = None
+        self._resume_stream: dict | None = None  # this rank's train stream state from a checkpoint
         stats = manifest.get("stats", {})
         rank_zero_info(
             f"CYBDataModule: {self.source.describe()}; tokenizer {self.tokenizer_dir} "
@@ -169,14 +218,16 @@ class CYBDataModule(L.LightningDataModule):
         return PackedStream(
             self.source,
             self.tokenizer,
-            self.layout_spec,
+            self.layout_spec if train else self.eval_layout_spec,
             split=split,
             seed=self.seed,
             rank=rank,
             world_size=world,
             batch_size=self.batch_size if train else self.val_batch_size,
+            lanes=self.lanes,
             max_documents=None if train else self.val_documents,
             tokenize_batch=self.tokenize_batch,
+            max_document_chars=self.max_document_chars,
         )
 
     def _loader(self, stream: PackedStream, train: bool) -> LaggedStateLoader:
@@ -195,7 +246,54 @@ class CYBDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> LaggedStateLoader:
-        return self._loader(self.stream("train"), train=True)
+        stream = self.stream("train")
+        for message in stream.plan_warnings(self.num_workers):
+            rank_zero_warn(message)
+        resumed = self._resume_stream is not None
+        if resumed:
+            stream.load_state_dict(self._resume_stream)  # raises on any other data config
+            self._resume_stream = None
+        loader = self._loader(stream, train=True)
+        loader.resumed_by_datamodule = resumed
+        self._train_loader = loader
+        return loader
+
+    # -- checkpointing: every rank's stream state ---------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every rank's training-stream state (Lightning itself saves the loader state of rank 0 only).
+
+        Called on every rank while a checkpoint is assembled, so the gather is a collective all ranks
+        reach. The states are worker independent (merged), so a run may resume with other ``num_workers``.
+        """
+        if self._train_loader is None:
+            return {}
+        own = self._train_loader.stream_state()
+        rank, world = self._rank_world()
+        states: list[Any] = [own]
+        if world > 1 and dist.is_available() and dist.is_initialized():
+            states = [None] * world
+            dist.all_gather_object(states, own)
+        return {"version": 1, "world_size": world, "train_streams": states}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        rank, world = self._rank_world()
+        if state_dict.get("version") != 1:
+            raise ValueError(f"data module state has version {state_dict.get('version')!r}; this code reads 1")
+        saved = state_dict["world_size"]
+        if saved != world:
+            raise RuntimeError(
+                f"this checkpoint's data streams were saved by {saved} processes but the run now has {world}: "
+                "exact resume needs the same world size (devices x nodes). Resume with the old world size, or "
+                "start the data afresh (load only the weights, e.g. a new run with model weights from the ckpt)"
+            )
+        self._resume_stream = state_dict["train_streams"][rank]
 
     def val_dataloader(self) -> LaggedStateLoader:
+        return self._loader(self.stream("validation"), train=False)
+
+    def test_dataloader(self) -> LaggedStateLoader:
+        """The fixed validation set again: C4 has no test split, and CYB reports on C4 validation."""
         return self._loader(self.stream("validation"), train=False)

@@ -15,11 +15,13 @@ import warnings
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import MeanMetric
 
 from cyb_lightning.losses import PauseLoss
-from cyb_lightning.metrics import StoppingStats, step_statistics
+from cyb_lightning.losses import functional as LF
+from cyb_lightning.metrics import CalibrationSpearman, ReadoutAccuracy, StoppingStats, step_statistics
 from cyb_lightning.metrics.stopping import TokenStats
 from cyb_lightning.model import DecoderSpec
 
@@ -42,6 +44,11 @@ class CYBModule(L.LightningModule):
         warmup_steps, min_lr_ratio: linear warm-up, then cosine decay to ``min_lr_ratio``·lr (CYB: 1 %).
         decay_steps: where the cosine ends; defaults to ``trainer.max_steps``, which must then be set.
         vocab_size, dk_id, steps_per_token, seq_len: filled in from the data module by the CLI.
+        activation_checkpointing: recompute each transformer block in the backward pass (any strategy).
+        init_from: a checkpoint of one of our own runs (a Lightning ``.ckpt`` file or a distributed
+            checkpoint folder) whose decoder weights initialise this run's decoder before fitting, e.g. a
+            ``baseline.yaml`` run fine-tuned with a CYB or TBYS config. Loaded at ``on_fit_start``, after the
+            strategy has built (and sharded) the model; never when resuming (``ckpt_path``), whose weights win.
     """
 
     def __init__(
@@ -58,6 +65,8 @@ class CYBModule(L.LightningModule):
         dk_id: int = -1,
         steps_per_token: int = 1,
         seq_len: int = 0,
+        activation_checkpointing: bool = False,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
@@ -79,14 +88,53 @@ class CYBModule(L.LightningModule):
         self.decoder_spec = decoder
         self.loss_fn = loss
         self.decoder: torch.nn.Module | None = None
+        self._init_from_done = False
         self.val_stats = StoppingStats(steps_per_token)
         self.val_loss = MeanMetric()
+        self.val_accuracy = ReadoutAccuracy(steps_per_token)
+        self.test_stats = StoppingStats(steps_per_token)
+        self.test_loss = MeanMetric()
+        self.test_accuracy = ReadoutAccuracy(steps_per_token)
+        calibrated = loss.uses_dk and steps_per_token > 1
+        self.val_calibration = CalibrationSpearman(steps_per_token) if calibrated else None
+        self.test_calibration = CalibrationSpearman(steps_per_token) if calibrated else None
 
     # -- model ---------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        # Called by the trainer under the strategy's init context (meta device under FSDP2); idempotent.
+        # Called by the trainer under the strategy's init context; idempotent. Under FSDP2 (a device mesh
+        # from ModelParallelStrategy) every rank builds the full decoder (same seed → same weights as one
+        # process), then ``parallelize`` shards it per block + root with bf16 params / fp32 reduction.
         if self.decoder is None:
             self.decoder = self.decoder_spec.build(self.hparams.vocab_size)
+            self._parallelize()
+
+    def _parallelize(self) -> None:
+        from cyb_lightning.parallel import parallelize
+
+        trainer = self._trainer
+        parallelize(
+            self.decoder,
+            self.decoder_spec.block_types(),
+            device_mesh=self._device_mesh,
+            precision=str(trainer.precision) if trainer is not None else None,
+            activation_checkpointing=self.hparams.get("activation_checkpointing", False),
+        )
+
+    def on_fit_start(self) -> None:
+        if self.hparams.get("init_from") and not self._init_from_done and not self.trainer.ckpt_path:
+            self.load_decoder_weights(self.hparams.init_from)
+        self._init_from_done = True
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Resuming (or load_from_checkpoint): the checkpoint's own weights win over ``init_from``.
+        self._init_from_done = True
+
+    def load_decoder_weights(self, path: str) -> None:
+        """Copy the decoder weights of one of our checkpoints into ``self.decoder`` (sharded or not)."""
+        from cyb_lightning.model.init_from import decoder_state_dict, set_decoder_state_dict
+
+        set_decoder_state_dict(self.decoder, decoder_state_dict(path))
+        rank_zero_info(f"init_from: decoder weights loaded from {path}")
 
     def forward(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
         return self.decoder(input_ids, position_ids)
@@ -95,9 +143,32 @@ class CYBModule(L.LightningModule):
         """Logits of the real tokens that count, ``[N, W, V]``, and their targets ``[N]``."""
         logits = self(batch["input_ids"], batch["position_ids"])
         B, T = batch["targets"].shape
+        if "step_index" in batch:  # variable pauses: packed groups, gathered onto the [T, W] grid
+            index = batch["step_index"].reshape(B, -1, 1).expand(-1, -1, logits.shape[-1])
+            logits = logits.gather(1, index)
         logits = logits.view(B, T, -1, logits.shape[-1])
         mask = batch["target_mask"]
         return logits[mask], batch["targets"][mask]
+
+    def token_loss(self, logits: Tensor, targets: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """Per-token loss; with variable pauses (``step_mask``) over the granted steps only, d = 0 at the last."""
+        if "step_mask" not in batch:
+            return self.loss_fn(logits, targets, self.hparams.dk_id)
+        if not self.loss_fn.uses_dk:
+            raise ValueError("the variable-pause layout trains a DK loss (CYBAP); the baselines need no step_mask")
+        step_mask = batch["step_mask"][batch["target_mask"]]
+        bias = self.loss_fn.dk_bias(logits.shape[-1])
+        return LF.granted_steps_loss(logits, targets, self.hparams.dk_id, step_mask, bias)
+
+    @staticmethod
+    def group_inputs(batch: dict[str, Tensor]) -> Tensor:
+        """The real input token x_t of every counted group ``[N]`` (what the model pauses after)."""
+        B, T = batch["targets"].shape
+        if "step_index" in batch:
+            first = batch["input_ids"].gather(1, batch["step_index"][:, :, 0])
+        else:
+            first = batch["input_ids"].view(B, T, -1)[:, :, 0]
+        return first[batch["target_mask"]]
 
     # -- steps ---------------------------------------------------------------------------------
     def reduce_tokens(self, per_token: Tensor) -> Tensor:
@@ -110,7 +181,7 @@ class CYBModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor | TokenStats]:
         logits, targets = self.grouped_logits(batch)
-        loss = self.reduce_tokens(self.loss_fn(logits, targets, self.hparams.dk_id))
+        loss = self.reduce_tokens(self.token_loss(logits, targets, batch))
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         out: dict[str, Tensor | TokenStats] = {"loss": loss}
         if self._logging_step():
@@ -128,25 +199,69 @@ class CYBModule(L.LightningModule):
         return every > 0 and self.global_step % every == 0
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, TokenStats]:
-        logits, targets = self.grouped_logits(batch)
-        per_token = self.loss_fn(logits, targets, self.hparams.dk_id)
-        stats = step_statistics(logits, targets, self.hparams.dk_id, self.loss_fn)
-        self.val_stats.update(stats)
-        self.val_loss.update(per_token)  # a torchmetrics mean: exact token weighting across batches and ranks
-        self.log("val/loss", self.val_loss)
-        return {"stats": stats}
+        return self._evaluation_step("val", batch)
 
     def on_validation_epoch_end(self) -> None:
-        result = self.val_stats.compute()
-        self.val_stats.reset()
-        self.log("val/ppl", result["ppl"].float(), prog_bar=True, sync_dist=False)
-        self.log("val/extra_pauses", result["extra_pauses"].float(), sync_dist=False)
+        self._evaluation_epoch_end("val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, TokenStats]:
+        return self._evaluation_step("test", batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._evaluation_epoch_end("test")
+
+    def _evaluation_step(self, stage: str, batch: dict[str, Tensor]) -> dict[str, TokenStats]:
+        logits, targets = self.grouped_logits(batch)
+        per_token = self.token_loss(logits, targets, batch)
+        stats = step_statistics(logits, targets, self.hparams.dk_id, self.loss_fn)
+        stats.inputs = self.group_inputs(batch)
+        getattr(self, f"{stage}_stats").update(stats)
+        getattr(self, f"{stage}_accuracy").update(stats)
+        calibration = getattr(self, f"{stage}_calibration")
+        if calibration is not None:
+            calibration.update(stats)
+        loss_metric = getattr(self, f"{stage}_loss")
+        loss_metric.update(per_token)  # a torchmetrics mean: exact token weighting across batches and ranks
+        self.log(f"{stage}/loss", loss_metric)
+        return {"stats": stats}
+
+    def _evaluation_epoch_end(self, stage: str) -> None:
+        """Log the reduced metrics (torchmetrics syncs across ranks in ``compute``; no second sync here)."""
+        stats, accuracy = getattr(self, f"{stage}_stats"), getattr(self, f"{stage}_accuracy")
+        result, acc = stats.compute(), accuracy.compute()
+        stats.reset()
+        accuracy.reset()
+        self.log(f"{stage}/ppl", result["ppl"].float(), prog_bar=True, sync_dist=False)
+        self.log(f"{stage}/extra_pauses", result["extra_pauses"].float(), sync_dist=False)
+        self.log(f"{stage}/accuracy", acc["accuracy"].float(), sync_dist=False)
+        self.log(f"{stage}/readout_steps", acc["readout_steps"].float(), sync_dist=False)
         for i in range(self.hparams.steps_per_token):
-            self.log(f"val/p_stop/step{i + 1}", result["p_stop"][i].float(), sync_dist=False)
+            self.log(f"{stage}/p_stop/step{i + 1}", result["p_stop"][i].float(), sync_dist=False)
             if self.loss_fn.uses_dk:
-                self.log(f"val/dk_rate/step{i + 1}", result["dk_rate"][i].float(), sync_dist=False)
+                self.log(f"{stage}/dk_rate/step{i + 1}", result["dk_rate"][i].float(), sync_dist=False)
+        calibration = getattr(self, f"{stage}_calibration")
+        if calibration is not None:
+            rho = calibration.compute()
+            calibration.reset()
+            for i, r in enumerate(rho):
+                self.log(f"{stage}/calibration/step{i + 1}", r.float(), sync_dist=False)
 
     # -- optimisation ------------------------------------------------------------------------
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip by the global norm through one DTensor-aware path under every strategy; logs ``train/grad_norm``.
+
+        ``cyb_lightning.parallel.clip_grad_norm_`` reduces the norm of FSDP2's sharded gradients to a full
+        tensor explicitly, instead of depending on how a given torch version's ``clip_grad_norm_`` treats
+        DTensors (Lightning's default path calls that through its precision plugin).
+        """
+        if not gradient_clip_val or gradient_clip_algorithm not in (None, "norm"):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        from cyb_lightning.parallel import clip_grad_norm_
+
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        norm = clip_grad_norm_(params, float(gradient_clip_val))
+        self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
     def configure_optimizers(self):
         hp = self.hparams
         decay_steps = hp.decay_steps or self.trainer.max_steps

@@ -100,3 +100,19 @@ def test_empty_corpus_folder_is_named(tmp_path, capsys):
             "--trainer.default_root_dir", str(tmp_path)]
     msg = run_cli_error(args, capsys)
     assert str(empty) in msg
+
+
+def test_variable_pause_layout_trains_from_the_cli_and_validates_with_all_pauses(tmp_path, source_root):
+    cli = main(tiny_args(tmp_path, source_root, "--data.layout", "variable", "--data.omega", "[1, 1, 1, 1]",
+                         "--trainer.max_steps", "6", "--trainer.val_check_interval", "6",
+                         "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1"))
+    dm = cli.datamodule
+    train = next(iter(dm.train_dataloader()))
+    assert "step_mask" in train  # granted steps differ per token …
+    granted = train["step_mask"][train["target_mask"]].sum(-1)
+    assert set(granted.unique().tolist()) > {1} and granted.max() <= 4
+    val = next(iter(dm.val_dataloader()))
+    assert "step_mask" not in val and val["input_ids"].shape[1] == 4 * 32  # … evaluation grants all K
+    metrics = cli.trainer.callback_metrics
+    assert math.isfinite(float(metrics["train/loss"])) and math.isfinite(float(metrics["val/ppl"]))
+    assert abs(sum(float(metrics[f"val/p_stop/step{i}"]) for i in range(1, 5)) - 1) < 1e-4

@@ -159,24 +159,103 @@ class _TinyLM(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-@pytest.mark.parametrize("num_workers", [0, pytest.param(2, marks=pytest.mark.slow)])
-def test_trainer_resumes_the_stream_from_a_checkpoint(tiny_source, tmp_path, num_workers):
-    """Lightning saves the loader state in the checkpoint and restores it on ckpt_path, without losing the
-    batch its loop had prefetched."""
+class _RecordingLM(_TinyLM):
+    """Saves the batches each rank trained on (ddp_spawn runs the fit in child processes)."""
 
-    def fit(run, ckpt_path=None):
-        dm = _dm(tiny_source, layout="cyb", num_pauses=1, num_workers=num_workers)
-        model = _TinyLM(dm.vocab_size, dm.steps_per_token)
-        save = L.pytorch.callbacks.ModelCheckpoint(tmp_path / run, "{step}", every_n_train_steps=3, save_top_k=-1)
-        trainer = L.Trainer(
-            max_steps=6, limit_val_batches=0, logger=False, callbacks=[save], enable_progress_bar=False,
-            enable_model_summary=False, default_root_dir=tmp_path,
-        )  # fmt: skip
-        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
-        return model.seen
+    def __init__(self, vocab_size: int, steps_per_token: int, out: str):
+        super().__init__(vocab_size, steps_per_token)
+        self.out_path = out
 
-    straight = fit("straight")
-    resumed = fit("resumed", tmp_path / "straight" / "step=3.ckpt")
-    assert len(straight) == 6 and len(resumed) == 3
-    assert all(torch.equal(a, b) for a, b in zip(straight[3:], resumed))
-    assert not torch.equal(straight[0], resumed[0])
+    def on_train_end(self):
+        torch.save(self.seen, f"{self.out_path}.rank{self.global_rank}.pt")
+
+
+def _fit(tiny_source, root, run, max_steps, ckpt_path=None, num_workers=0, devices=1, **dm_kw):
+    """Fit the tiny model, checkpointing every 3 steps under root/run; returns per-rank trained batches."""
+    dm = _dm(tiny_source, layout="tbys_random", num_workers=num_workers, **dm_kw)
+    model = _RecordingLM(dm.vocab_size, dm.steps_per_token, str(root / run))
+    save = L.pytorch.callbacks.ModelCheckpoint(root / run, "{step}", every_n_train_steps=3, save_top_k=-1)
+    trainer = L.Trainer(
+        max_steps=max_steps, limit_val_batches=0, logger=False, callbacks=[save], enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=root, accelerator="cpu", devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+    )  # fmt: skip
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    trainer.strategy.barrier()
+    return [torch.load(f"{root / run}.rank{r}.pt") for r in range(devices)]
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _check_resume_twice(tiny_source, root, devices, workers_first, workers_then):
+    """9 steps straight vs 3 → resume to 6 → resume to 9: each rank trains on exactly the same batches."""
+    straight = _fit(tiny_source, root, "straight", 9, num_workers=workers_first, devices=devices)
+    once = _fit(tiny_source, root, "once", 6, root / "straight" / "step=3.ckpt", workers_then, devices)
+    twice = _fit(tiny_source, root, "twice", 9, root / "once" / "step=6.ckpt", workers_first, devices)
+    for r in range(devices):
+        assert len(straight[r]) == 9 and len(once[r]) == 3 and len(twice[r]) == 3
+        assert _same(straight[r][3:6], once[r]), f"rank {r}: first resume"
+        assert _same(straight[r][6:9], twice[r]), f"rank {r}: second resume"
+    if devices > 1:  # the ranks trained on different data
+        assert not any(torch.equal(x, y) for x, y in zip(straight[0], straight[1]))
+    return straight
+
+
+@pytest.mark.parametrize("workers", [(0, 0), pytest.param((2, 2), marks=pytest.mark.slow), (2, 0)])
+def test_trainer_resumes_exactly_twice_in_a_row(tiny_source, tmp_path, workers):
+    """One process: the loader state survives Lightning's one-batch prefetch, a second resume, and a change
+    of the number of DataLoader workers (the saved state is worker independent)."""
+    _check_resume_twice(tiny_source, tmp_path, 1, *workers)
+
+
+def _ddp_process(rank, world, port, tiny_source, root):
+    """One DDP rank started by the test itself (LOCAL_RANK set: Lightning launches nothing) that runs all
+    three fits in turn: one process start instead of three keeps the test within a minute."""
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")  # fmt: skip
+    torch.set_num_threads(1)
+    _check_resume_twice(tiny_source, root, world, 2, 0)
+
+
+@pytest.mark.slow
+def test_ddp_resumes_every_rank_exactly(tiny_source, tmp_path):
+    """2-process DDP (gloo): every rank's stream state is in the checkpoint (Lightning alone would save
+    rank 0's) and each rank resumes its own, twice in a row, with 2 then 0 then 2 DataLoader workers."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_ddp_process, args=(2, port, tiny_source, tmp_path), nprocs=2, start_method="spawn")
+
+
+def test_resume_with_another_world_size_is_refused(tiny_source):
+    dm = _dm(tiny_source)
+    state = {"version": 1, "world_size": 2, "train_streams": [{}, {}]}
+    with pytest.raises(RuntimeError, match="saved by 2 processes but the run now has 1"):
+        dm.load_state_dict(state)
+    dm.load_state_dict({})  # no state (e.g. an old checkpoint): nothing to do
+
+
+def test_datamodule_state_is_worker_independent(tiny_source):
+    """The DataModule's state holds the merged stream state; a fresh stream resumes it with any workers."""
+    dm = _dm(tiny_source, num_workers=2)
+    loader = dm.train_dataloader()
+    it = iter(loader)
+    batches = [next(it) for _ in range(7)]
+    state = dm.state_dict()
+    assert state["world_size"] == 1 and state["train_streams"][0]["index"] == 7 * B
+    more = [next(it) for _ in range(3)]
+    del it
+    for workers in (0, 1, 2):
+        fresh = _dm(tiny_source, num_workers=workers)
+        fresh.load_state_dict(state)
+        got = [b for _, b in zip(range(3), fresh.train_dataloader())]
+        assert _same([b["input_ids"] for b in got], [b["input_ids"] for b in more]), workers
+    assert batches

@@ -1,5 +1,8 @@
 """Callbacks: logging and reporting that stays out of the LightningModule."""
 
+from cyb_lightning.callbacks.requeue import SLURMRequeueAtStepEnd
 from cyb_lightning.callbacks.stopping_time import StoppingTimeHistograms
+from cyb_lightning.callbacks.throughput import TokenThroughput
+from cyb_lightning.callbacks.token_report import TokenPauseReport
 
-__all__ = ["StoppingTimeHistograms"]
+__all__ = ["SLURMRequeueAtStepEnd", "StoppingTimeHistograms", "TokenPauseReport", "TokenThroughput"]

@@ -2,7 +2,7 @@
 
 from .layout import LAYOUTS, Layout, layout_cyb, layout_none, layout_tbys_random, make_layout, random_pause_slots
 from .quickstart import QUICKSTART_DIR, CorpusBuild, QuickstartBuild, build_corpus, build_quickstart, build_tokenizer
-from .sources import HubC4, LocalShards, QuickstartCorpus, TextSource, source_tokenizer
+from .sources import HubC4, LocalShards, QuickstartCorpus, TextSource, hub_problem, source_tokenizer
 from .stream import PackedStream
 from .tokenizer import MAX_PAUSES, CYBTokenizer, Vocab, reserved_tokens, standard_vocab
 
@@ -29,6 +29,7 @@ __all__ = [
     "make_layout",
     "random_pause_slots",
     "reserved_tokens",
+    "hub_problem",
     "source_tokenizer",
     "standard_vocab",
 ]

@@ -16,9 +16,14 @@ id (always a valid index) and must not count in any loss or metric.
   W = K + 1; K = 0 is exactly ``none``.
 - ``tbys_random`` (TBYS pause pretraining): M = round(fraction · T) single ``<pause1>`` tokens at
   uniformly random slots of the T + 1 laid-out tokens, consecutive positions, W = 1; a target that is a
-  pause is masked. The slots are a function of (seed, example index) alone (counter-based RNG), so
-  resuming needs no RNG state. TBYS inserts then trims back to length; here the stream hands this
+  pause is masked. The slots are a function of (seed, index) alone (counter-based RNG), and the stream
+  passes as ``index`` the example's key: a 63-bit hash of (epoch, shard, document, token offset) of its
+  first token (``stream.example_key``); so resuming needs no RNG state, and the slots do not depend on
+  ranks, lanes or workers. TBYS inserts then trims back to length; here the stream hands this
   layout exactly T + 1 − M real tokens so the trim drops nothing (given more, it trims the tail).
+- ``variable`` (CYB "recipe 2"): token x_t gets k_t pauses, k_t + 1 ~ ω, groups packed back to back;
+  two extra keys ``step_index``/``step_mask`` ``[T, W]`` map the packed inputs onto the group grid
+  (see :func:`layout_variable`, at the end of this file).
 
 A chunk shorter than the layout needs (the end of the finite validation set) is padded: ``pad_id``
 inputs, ``target_mask`` False. A new layout (e.g. variable pauses per token) is one more function plus
@@ -32,9 +37,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..losses.functional import check_weights
 from .tokenizer import Vocab
 
-LAYOUTS = ("none", "cyb", "tbys_random")
+LAYOUTS = ("none", "cyb", "tbys_random", "variable")
 
 Example = dict[str, np.ndarray]
 
@@ -115,10 +121,11 @@ class Layout:
     pause_ids: tuple[int, ...] = ()
     num_random_pauses: int = 0
     seed: int = 0
+    omega: tuple[float, ...] = ()  # ``variable``: the world distribution over granted steps 1 … W
 
     @property
     def steps_per_token(self) -> int:
-        return 1 + len(self.pause_ids) if self.name == "cyb" else 1
+        return 1 + len(self.pause_ids) if self.name in ("cyb", "variable") else 1
 
     @property
     def length(self) -> int:
@@ -135,22 +142,37 @@ class Layout:
             return layout_cyb(tokens, self.seq_len, self.pause_ids, self.pad_id)
         if self.name == "none":
             return layout_none(tokens, self.seq_len, self.pad_id)
+        if self.name == "variable":
+            return layout_variable(tokens, self.seq_len, self.pause_ids, self.pad_id, self.omega, self.seed, index)
         return layout_tbys_random(
             tokens, self.seq_len, self.pause_ids[0], self.pad_id, self.num_random_pauses, self.seed, index
         )
 
     def empty_example(self) -> Example:
         """All padding, nothing to score: fills a rank's last batches so every rank runs as many."""
+        extra = {}
+        if self.name == "variable":
+            w = self.steps_per_token
+            extra = {"step_mask": np.zeros((self.seq_len, w), dtype=bool),
+                     "step_index": np.repeat(np.arange(self.seq_len, dtype=np.int64) * w, w).reshape(-1, w)}  # fmt: skip
         return {
             "input_ids": np.full(self.length, self.pad_id, dtype=np.int64),
             "position_ids": np.repeat(np.arange(self.seq_len, dtype=np.int64), self.steps_per_token),
             "targets": np.full(self.seq_len, self.pad_id, dtype=np.int64),
             "target_mask": np.zeros(self.seq_len, dtype=bool),
+            **extra,
         }
 
 
 def make_layout(
-    name: str, seq_len: int, vocab: Vocab, *, num_pauses: int = 3, pause_fraction: float = 0.1, seed: int = 0
+    name: str,
+    seq_len: int,
+    vocab: Vocab,
+    *,
+    num_pauses: int = 3,
+    pause_fraction: float = 0.1,
+    seed: int = 0,
+    omega: Sequence[float] | None = None,
 ) -> Layout:
     """Check a layout config and bind it; errors say what is wrong and how to fix it."""
     if name not in LAYOUTS:
@@ -166,6 +188,8 @@ def make_layout(
                 f"choose 0 <= num_pauses <= {vocab.max_pauses} (0 is the no-pause baseline)"
             )
         return Layout(name, seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:num_pauses])
+    if name == "variable":
+        return _make_variable(seq_len, vocab, num_pauses, seed, omega)
     if not vocab.pause_ids:
         raise ValueError("tbys_random needs a pause id, but the tokenizer reserves none (max_pauses=0)")
     if not 0.0 <= pause_fraction < 1.0:
@@ -177,3 +201,64 @@ def make_layout(
             "lower pause_fraction or raise seq_len"
         )
     return Layout(name, seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:1], num_random_pauses=m, seed=seed)
+
+
+# -- variable pauses ("recipe 2" of CYB: proposed there, never run) -------------------------------------
+
+
+def variable_pause_counts(seq_len: int, omega: Sequence[float], seed: int, index: int) -> np.ndarray:
+    """Long ``[T]``: extra pauses granted to each real token of example ``index``, k_t + 1 ~ ω.
+
+    ω_i = Pr(the world grants exactly i steps), i = 1 … W; a function of (seed, index) alone.
+    """
+    p = np.asarray(omega, dtype=np.float64)
+    rng = np.random.default_rng([seed, index, 0x5AD5])  # a stream of its own, apart from tbys_random's
+    return rng.choice(p.size, size=seq_len, p=p / p.sum()).astype(np.int64)
+
+
+def layout_variable(
+    tokens, seq_len: int, pause_ids: Sequence[int], pad_id: int, omega: Sequence[float], seed: int, index: int
+) -> Example:
+    """Real token x_t followed by its first k_t pauses ``P1..Pk_t`` (k_t from :func:`variable_pause_counts`).
+
+    The groups are packed back to back (no gaps, so the model sees exactly what adaptive inference feeds
+    it) and padded at the end to L = T·W. Two extra keys map the packed inputs onto the ``[T, W]`` grid:
+    ``step_index [T, W]`` (input slot of step i of group t; steps past k_t repeat the last granted slot) and
+    ``step_mask [T, W]`` (step i was granted). The loss forces d = 0 at the last granted step.
+    """
+    t_len, w = seq_len, 1 + len(pause_ids)
+    if len(omega) != w:
+        raise ValueError(f"omega has {len(omega)} entries but there are W={w} steps (1 + {len(pause_ids)} pauses)")
+    chunk = _as_chunk(tokens, t_len + 1)
+    n = chunk.size
+    real = np.full(t_len + 1, pad_id, dtype=np.int64)
+    real[:n] = chunk
+    granted = variable_pause_counts(t_len, omega, seed, index)
+    granted[max(n - 1, 0) :] = 0  # groups without a target need no pauses
+    starts = np.concatenate(([0], np.cumsum(1 + granted)[:-1]))
+    input_ids = np.full(t_len * w, pad_id, dtype=np.int64)
+    position_ids = np.repeat(np.arange(t_len, dtype=np.int64), w)  # the tail (padding) keeps the cyb pattern
+    input_ids[starts] = real[:t_len]
+    step = np.arange(w)
+    step_mask = step[None, :] <= granted[:, None]
+    slots = starts[:, None] + np.minimum(step[None, :], granted[:, None])
+    pauses = np.asarray((pad_id, *pause_ids), dtype=np.int64)
+    input_ids[slots[step_mask]] = np.where(step[None, :] == 0, real[:t_len, None], pauses[None, :])[step_mask]
+    position_ids[: starts[-1] + 1 + granted[-1]] = np.repeat(np.arange(t_len, dtype=np.int64), 1 + granted)
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "targets": real[1:].copy(),
+        "target_mask": np.arange(t_len) < n - 1,
+        "step_mask": step_mask,
+        "step_index": slots.astype(np.int64),
+    }
+
+
+def _make_variable(seq_len: int, vocab: Vocab, num_pauses: int, seed: int, omega: Sequence[float] | None) -> Layout:
+    if not 1 <= num_pauses <= vocab.max_pauses:
+        raise ValueError(f"variable needs 1 <= num_pauses <= {vocab.max_pauses}, got {num_pauses}")
+    w = num_pauses + 1
+    # ω: the world distribution over 1 … W granted steps, checked and normalised as the losses do.
+    omega_t = tuple(check_weights([1.0] * w if omega is None else omega, "omega", w, normalise=True).tolist())
+    return Layout("variable", seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:num_pauses], seed=seed, omega=omega_t)

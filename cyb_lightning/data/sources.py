@@ -22,13 +22,12 @@ import hashlib
 import json
 import logging
 import os
-import socket
+import time
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlparse
 
 import numpy as np
 
@@ -46,8 +45,93 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
 
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions worth retrying while streaming: I/O and network errors (requests' are OSErrors)."""
+    errors: list[type[BaseException]] = [OSError]
+    try:
+        import aiohttp  # datasets' streaming client (through fsspec)
+
+        errors.append(aiohttp.ClientError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+# Errors that no retry fixes: the file is not there or not readable.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def valid_text(text: str) -> bool:
+    """True when ``text`` can be tokenized: no lone surrogates (JSON ``"\\ud800"`` escapes decode to
+    them and UTF-8 cannot encode them)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class TextSource(ABC):
-    """Ordered shards of documents per split ("train", "validation")."""
+    """Ordered shards of documents per split ("train", "validation").
+
+    :meth:`read_shard` is what the stream reads through: it drops empty or whitespace-only documents
+    and text that cannot be encoded (both counted in :attr:`stats` and logged), and retries transient
+    read errors with exponential backoff, resuming the shard where it broke off. Counts are per process:
+    DataLoader workers count their own.
+    """
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Skipped-input counters: ``empty_documents``, ``invalid_text``, ``retries`` (+ the source's own)."""
+        if "_stats" not in self.__dict__:
+            self._stats = {"empty_documents": 0, "invalid_text": 0, "retries": 0}
+        return self._stats
+
+    def _warn(self, message: str, counter: str) -> None:
+        self.stats[counter] = self.stats.get(counter, 0) + 1
+        if self.stats[counter] <= _MAX_WARNINGS:
+            log.warning(message + ("" if self.stats[counter] < _MAX_WARNINGS else " (further ones not shown)"))
+
+    def read_shard(
+        self, split: str, shard: str, start: int = 0, *, retries: int = 5, backoff_s: float = 1.0
+    ) -> Iterator[tuple[int, str]]:
+        """``(index in shard, text)`` of the shard's usable documents from index ``start`` on.
+
+        Empty/whitespace-only documents and text with lone surrogates are skipped and counted (they get
+        no index). A transient error (I/O, network) reopens the shard after ``backoff_s``·2^k seconds
+        and skips what was already returned; after ``retries`` failures in a row it raises.
+        """
+        done, failures = start, 0
+        while True:
+            index = 0
+            try:
+                for text in self.iter_shard(split, shard):
+                    if not text or text.isspace():
+                        if index >= done:
+                            self._warn(f"{shard}: empty or whitespace-only document skipped", "empty_documents")
+                        continue
+                    if not valid_text(text):
+                        if index >= done:
+                            self._warn(f"{shard}: a document has text UTF-8 cannot encode; skipped", "invalid_text")
+                        continue
+                    if index >= done:
+                        yield index, text
+                        done, failures = index + 1, 0
+                    index += 1
+                return
+            except _PERMANENT:
+                raise
+            except _transient_errors() as e:
+                failures += 1
+                if failures > retries:
+                    raise RuntimeError(
+                        f"reading {shard} failed {failures} times in a row (last error: {e!r}); giving up"
+                    ) from e
+                delay = backoff_s * 2 ** (failures - 1)
+                self._warn(f"{shard}: read error {e!r}; retry {failures}/{retries} in {delay:.1f}s", "retries")
+                time.sleep(delay)
 
     def prepare(self) -> None:
         """Build or check whatever the source needs (a cache, the network). Idempotent, cheap when done."""
@@ -88,7 +172,7 @@ class TextSource(ABC):
         but not returned: a resume skips tokenization, the expensive part)."""
         index = 0
         for shard in self.shard_order(split, epoch=epoch, shuffle_seed=shuffle_seed):
-            for text in self.iter_shard(split, shard):
+            for _, text in self.read_shard(split, shard):
                 if index >= start:
                     yield index, text
                 index += 1
@@ -116,7 +200,9 @@ class LocalShards(TextSource):
     glob, then by the split's pattern on the file name). Files end in ``.json``/``.jsonl`` or, gzipped,
     ``.json.gz``/``.jsonl.gz``. Malformed lines (bad JSON or UTF-8, no string ``"text"``) are skipped and
     counted in ``stats["malformed_lines"]``; a truncated gzip ends its shard (``stats["broken_shards"]``).
-    Counts are per process: DataLoader workers count their own.
+    Counts are per process: DataLoader workers count their own. ``tokenizer_root``: where a tokenizer
+    trained on these shards is kept by default (``<tokenizer_root>/tokenizer-<bpe_vocab_size>``); None:
+    the DataModule's ``tokenizer_dir`` must be set.
     """
 
     _BROKEN = (EOFError, gzip.BadGzipFile, zlib.error)
@@ -126,10 +212,12 @@ class LocalShards(TextSource):
         path: str,
         train_pattern: str = "*train*.json*",
         validation_pattern: str = "*validation*.json*",
+        tokenizer_root: str | None = None,
     ):
         self.path = path
         self.patterns = {"train": train_pattern, "validation": validation_pattern}
-        self.stats = {"malformed_lines": 0, "broken_shards": 0}
+        self.tokenizer_root = tokenizer_root
+        self.stats.update(malformed_lines=0, broken_shards=0)
 
     def shards(self, split: str) -> list[str]:
         _check_split(split)
@@ -139,6 +227,11 @@ class LocalShards(TextSource):
         else:
             files = [f for f in glob.glob(self.path) if fnmatch.fnmatch(os.path.basename(f), pattern)]
         files = sorted(f for f in files if os.path.isfile(f))
+        if not files and not glob.glob(self.path):
+            raise FileNotFoundError(
+                f"LocalShards: {self.path!r} does not exist. Create the local C4 mirror with "
+                "`python -m cyb_lightning download-c4 --out DIR --shards N` where the Hub is reachable, or fix path"
+            )
         if not files:
             raise FileNotFoundError(
                 f"LocalShards found no {split} shards: path={self.path!r}, {split}_pattern={pattern!r}; "
@@ -158,7 +251,7 @@ class LocalShards(TextSource):
                     text = self._text(line)
                     if text is None:
                         self._warn(f"{shard}:{lineno}: malformed line skipped", "malformed_lines")
-                    elif text:
+                    else:
                         yield text
             except broken as e:
                 self._warn(f"{shard}: unreadable after line {lineno}, rest of shard skipped ({e})", "broken_shards")
@@ -172,15 +265,13 @@ class LocalShards(TextSource):
         text = record.get("text") if isinstance(record, dict) else None
         return text if isinstance(text, str) else None
 
-    def _warn(self, message: str, counter: str) -> None:
-        self.stats[counter] += 1
-        if self.stats[counter] <= _MAX_WARNINGS:
-            log.warning(message + ("" if self.stats[counter] < _MAX_WARNINGS else " (further ones not shown)"))
-
     def fingerprint(self) -> str:
         # Names and sizes: cheap, and C4 shards are never edited in place.
         entries = [(os.path.basename(f), os.path.getsize(f)) for f in self.shards("train")]
         return "local:" + hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+    def default_tokenizer_dir(self, vocab_size: int) -> str | None:
+        return None if self.tokenizer_root is None else str(Path(self.tokenizer_root) / f"tokenizer-{vocab_size}")
 
     def describe(self) -> str:
         return f"LocalShards {self.path} ({len(self.shards('train'))} train shards)"
@@ -290,11 +381,38 @@ def source_tokenizer(
     return tokenizer, str(directory), manifest
 
 
+def hub_problem(timeout_s: float, path: str = "api/datasets/allenai/c4") -> str | None:
+    """Why the Hugging Face Hub cannot be used now (offline mode, no answer within ``timeout_s``), or None.
+
+    One HTTPS request to the endpoint: any HTTP answer (even 401/404) means reachable; DNS, TLS, proxy
+    and timeout errors mean not. (A bare TCP connect is not enough: sandboxes and proxies accept those.)
+    """
+    import urllib.error
+    import urllib.request
+
+    flags = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if _env_true(v)]
+    from huggingface_hub import constants
+
+    if flags or constants.HF_HUB_OFFLINE:
+        return f"{' / '.join(flags) or 'HF_HUB_OFFLINE'} is set (offline mode)"
+    url = f"{constants.ENDPOINT.rstrip('/')}/{path}"
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return None  # the Hub answered
+    except (OSError, ValueError) as e:  # URLError, socket.timeout, ssl errors are OSErrors
+        return f"cannot reach {constants.ENDPOINT} within {timeout_s:g}s ({getattr(e, 'reason', e)})"
+    return None
+
+
 class HubC4(TextSource):
     """C4 streamed from the Hugging Face Hub (``datasets.load_dataset(..., streaming=True)``).
 
-    Shards are the Hub dataset's own file shards (1024 for C4 en train), read in order one at a time,
-    so the document order is fixed and a rank/worker can be handed whole shards later. Offline
+    Shards are the Hub dataset's own file shards (1024 for C4 en train, 8 for validation), each read
+    on its own (``IterableDataset.shard(..., contiguous=True)``), so the document order is fixed and the
+    stream hands whole shards to ranks and lanes (the semantics of ``split_dataset_by_node``: whole
+    shards when their count is a multiple of the world size). ``tokenizer_root``: the default home of a
+    tokenizer trained on it (``<tokenizer_root>/tokenizer-<bpe_vocab_size>``). Offline
     (``HF_HUB_OFFLINE=1``) or with the Hub unreachable, :meth:`prepare` fails within ``probe_timeout_s``
     instead of letting ``datasets`` retry for minutes.
     """
@@ -305,8 +423,10 @@ class HubC4(TextSource):
         config: str | None = "en",
         revision: str | None = None,
         probe_timeout_s: float = 5.0,
+        tokenizer_root: str = "data/tokenizers/c4-hub",
     ):
         self.name, self.config, self.revision = name, config, revision
+        self.tokenizer_root = tokenizer_root
         self.probe_timeout_s = probe_timeout_s
         self._datasets: dict[str, Any] = {}
         self._checked = False
@@ -317,26 +437,18 @@ class HubC4(TextSource):
 
     def _hint(self) -> str:
         return (
-            f"HubC4({self.name!r}, {self.config!r}) needs the Hugging Face Hub. Without network, download "
-            "the C4 files and use LocalShards(path='/data/c4/en') "
-            "(class_path: cyb_lightning.data.LocalShards), or the offline QuickstartCorpus"
+            f"HubC4({self.name!r}, {self.config!r}) needs the Hugging Face Hub. Use the local C4 mirror "
+            "instead: `--data.source conf/data/c4_local.yaml` (LocalShards over json.gz shards, filled where "
+            "the Hub is reachable by `python -m cyb_lightning download-c4 --out data/c4 --shards N`), or the "
+            "offline QuickstartCorpus"
         )
 
     def prepare(self) -> None:
         if self._checked:
             return
-        if _env_true("HF_HUB_OFFLINE") or _env_true("HF_DATASETS_OFFLINE"):
-            raise RuntimeError(f"HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set. {self._hint()}")
-        from huggingface_hub import constants
-
-        if constants.HF_HUB_OFFLINE:
-            raise RuntimeError(f"huggingface_hub is in offline mode. {self._hint()}")
-        url = urlparse(constants.ENDPOINT)
-        port = url.port or (443 if url.scheme == "https" else 80)
-        try:
-            socket.create_connection((url.hostname, port), timeout=self.probe_timeout_s).close()
-        except OSError as e:
-            raise RuntimeError(f"cannot reach {constants.ENDPOINT} ({e}). {self._hint()}") from e
+        problem = hub_problem(self.probe_timeout_s, f"api/datasets/{self.name}")
+        if problem:
+            raise RuntimeError(f"{problem}. {self._hint()}")
         self._checked = True
 
     def _dataset(self, split: str):
@@ -356,9 +468,14 @@ class HubC4(TextSource):
     def iter_shard(self, split: str, shard: str) -> Iterator[str]:
         ds = self._dataset(split)
         for record in ds.shard(num_shards=ds.num_shards, index=int(shard), contiguous=True):
-            text = record.get("text")
-            if isinstance(text, str) and text:
+            text = record.get("text") if isinstance(record, dict) else None
+            if isinstance(text, str):
                 yield text
+            else:
+                self._warn(f"{self.name} shard {shard}: record without a string 'text' skipped", "malformed_lines")
+
+    def default_tokenizer_dir(self, vocab_size: int) -> str:
+        return str(Path(self.tokenizer_root) / f"tokenizer-{vocab_size}")
 
     def fingerprint(self) -> str:
         return f"hub:{self.name}:{self.config}:{self.revision}"

@@ -4,28 +4,50 @@ Packing ("concatenate then split"): each document's tokens are followed by ``<eo
 concatenated into one token stream. Example g takes the C real tokens starting at g·(C − 1) (C = T + 1
 for ``none``/``cyb``): consecutive chunks share one token, so every token but the very first is a
 target exactly once. Training repeats forever, epoch after epoch (shard order shuffled by (seed,
-epoch)), and packs straight across epoch boundaries; validation is the first ``max_documents``
-documents of the validation split, finite and identical on every pass, its last chunk padded.
+epoch), the same on every rank), and packs straight across epoch boundaries; validation is the first
+``max_documents`` documents of the validation split, finite and identical on every pass, its last chunk
+padded.
 
-Sharding (OLMo style): examples are numbered globally (g = 0, 1, …) over the stream every reader sees.
-Rank r of R owns g ≡ r (mod R), its local index being j = g // R; worker w of n owns the rank's local
-*batches* b = j // batch_size with b ≡ w (mod n). DataLoader takes batches round robin from its
-workers, so the rank sees its examples in local order j = 0, 1, 2, … whatever n is, and the resume index
-(j of the next example) does not depend on n. Every reader tokenizes the whole stream and keeps its
-slice: simple and exact, at the price of redundant tokenization with many ranks × workers (a later
-issue can hand out whole shards instead without changing the example order contract).
+Sharding, rank first, then worker (the example order contract; OLMo / ``split_dataset_by_node`` style):
 
-State: ``{"index": j, "cursor": {...}}`` where j is the rank-local index of the next example this reader
-would yield and the cursor (epoch, document, token offset, global example) marks where in the stream an
-example at or before it starts. Resuming reads (but does not tokenize) the documents before the cursor
-and then drops examples below j. With DataLoader workers each worker's copy reports its own state
-(``torchdata``'s StatefulDataLoader saves and restores them one by one); :meth:`PackedStream.merge_states`
+1. **Rank.** When the shard count is a multiple of the world size R, rank r reads only the shards at
+   positions r, r + R, … of the epoch's shard order (mode ``"shards"``: no rank tokenizes another's
+   text). Otherwise every rank reads every shard and keeps the examples g ≡ r (mod R) (mode
+   ``"examples"``, with a warning: R× redundant reading and tokenizing). Finite (validation) streams
+   always use ``"examples"``, so the validation set is "the first N documents" whatever R is.
+2. **Lanes.** The rank's shards are dealt to L = ``lanes`` independent packing streams (lane l reads
+   the rank's shards l, l + L, … of each epoch). The rank's batch b comes from lane b mod L, so its
+   example order depends on L (a config value) and never on the number of DataLoader workers.
+3. **Worker.** DataLoader worker w of n produces the rank's batches b ≡ b0 + w (mod n), b0 being the
+   batch the pass starts at (a fresh DataLoader takes batches round robin from its workers, worker 0
+   first, so the rank sees batches b0, b0 + 1, … in order). Worker w reads only the lanes
+   l ≡ b0 + w (mod gcd(n, L)): when n divides L no lane is read twice; otherwise a lane is read by
+   n / gcd(n, L) workers (a warning says so) and each keeps its own batches.
+
+State (per rank, worker independent): ``{"index": i, "lanes": [cursor per lane]}``: i is the rank-local
+index of the next example, and lane l's cursor (epoch, shard position, document, token offset, example)
+marks the start of an example at or before lane l's first one not yet consumed. The packing buffer is
+represented by that cursor: resuming re-reads (without tokenizing) the shard up to the cursor's
+document, re-tokenizes that one document and drops its first ``offset`` tokens: the same tokens, exactly.
+With DataLoader workers each worker's copy reports its own state; :meth:`PackedStream.merge_states`
 folds them into one state that any number of workers can resume from.
+
+The ``tbys_random`` pause slots of an example are a function of (seed, document key, token offset) of
+its first token (a 63-bit hash handed to the layout as the example ``index``), so no RNG state is saved
+and they do not depend on ranks, lanes or workers.
+
+Long documents are tokenized in pieces of at most ``max_document_chars`` characters cut before a space
+(memory stays bounded for a 100 MB document; the tokens equal the whole document's up to the cut points,
+where the byte-level pre-tokenizer splits anyway).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import logging
+import math
+import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 
@@ -37,24 +59,49 @@ from .layout import Layout
 from .sources import TextSource
 from .tokenizer import CYBTokenizer
 
-_STATE_VERSION = 1
+log = logging.getLogger(__name__)
+
+_STATE_VERSION = 2
 
 
 def _start_cursor(epoch: int) -> dict:
-    return {"epoch": epoch, "doc": 0, "offset": 0, "example": 0}
+    return {"epoch": epoch, "shard": 0, "doc": 0, "n": 0, "offset": 0, "example": 0}
 
 
-def _cursor_key(c: dict) -> tuple[int, int, int]:
-    return (c["epoch"], c["doc"], c["offset"])
+def _cursor_key(c: dict) -> tuple[int, int, int, int]:
+    return (c["epoch"], c["shard"], c["doc"], c["offset"])
+
+
+def example_key(epoch: int, shard_id: int, doc: int, offset: int) -> int:
+    """A 63-bit int naming the example that starts at token ``offset`` of a document (seeds layouts)."""
+    digest = hashlib.blake2b(f"{epoch}/{shard_id}/{doc}/{offset}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def split_pieces(text: str, limit: int) -> list[str]:
+    """``text`` in consecutive pieces of at most ``limit`` characters, cut before a space where possible."""
+    if len(text) <= limit:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > limit:
+        cut = text.rfind(" ", start + limit // 2, start + limit)
+        if cut <= start:
+            cut = start + limit
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
 
 
 class PackedStream(torch.utils.data.IterableDataset):
     """Yields dicts of tensors in the layout's batch contract (see ``layout.py``).
 
     ``rank``/``world_size`` are the data-parallel coordinates (the DataModule passes the trainer's);
-    ``batch_size`` is the block of consecutive local examples one DataLoader worker produces (it must be
-    the loader's batch size for workers to keep the rank's order). ``max_documents`` caps the split (the
-    fixed validation set). ``infinite``/``shuffle`` default to True for "train", False otherwise.
+    ``batch_size`` must be the loader's batch size (workers and lanes hand out whole batches).
+    ``lanes``: independent packing streams per rank (see the module docstring; capped at the rank's shard
+    count; finite streams use 1). ``max_documents`` caps the split (the fixed validation set).
+    ``infinite``/``shuffle`` default to True for "train", False otherwise. ``retries``/``backoff_s``:
+    transient read errors are retried with exponential backoff (see :meth:`TextSource.read_shard`).
     """
 
     def __init__(
@@ -68,16 +115,24 @@ class PackedStream(torch.utils.data.IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         batch_size: int = 1,
+        lanes: int = 1,
         max_documents: int | None = None,
         infinite: bool | None = None,
         shuffle: bool | None = None,
         tokenize_batch: int = 64,
+        max_document_chars: int = 100_000,
+        retries: int = 5,
+        backoff_s: float = 1.0,
     ):
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        if batch_size < 1 or tokenize_batch < 1:
-            raise ValueError(f"batch_size and tokenize_batch must be >= 1, got {batch_size}, {tokenize_batch}")
+        if batch_size < 1 or tokenize_batch < 1 or lanes < 1:
+            raise ValueError(
+                f"batch_size, tokenize_batch, lanes must be >= 1, got {batch_size}, {tokenize_batch}, {lanes}"
+            )
+        if max_document_chars < 16:
+            raise ValueError(f"max_document_chars must be >= 16, got {max_document_chars}")
         if max_documents is not None and max_documents < 1:
             raise ValueError(f"max_documents must be >= 1 or None, got {max_documents}")
         if layout.real_tokens < 2:
@@ -88,31 +143,95 @@ class PackedStream(torch.utils.data.IterableDataset):
         self.max_documents = max_documents
         self.infinite = split == "train" if infinite is None else infinite
         self.shuffle = split == "train" if shuffle is None else shuffle
-        self.tokenize_batch = tokenize_batch
+        self.lanes = lanes if self.infinite else 1
+        self.tokenize_batch, self.max_document_chars = tokenize_batch, max_document_chars
+        self.retries, self.backoff_s = retries, backoff_s
+        self._plan_cache: dict | None = None
         self.set_epoch(0)
+
+    # -- the sharding plan ----------------------------------------------------------------------------
+
+    def plan(self) -> dict:
+        """``{"mode": "shards"|"examples", "lanes": L, "num_shards": N}`` for this rank (cached)."""
+        if self._plan_cache is None:
+            shards = self.source.shards(self.split)
+            n = len(shards)
+            mode = "shards" if self.infinite and n % self.world_size == 0 else "examples"
+            per_rank = n // self.world_size if mode == "shards" else n
+            self._plan_cache = {
+                "mode": mode,
+                "lanes": max(1, min(self.lanes, per_rank)),
+                "num_shards": n,
+                "shard_ids": {s: i for i, s in enumerate(shards)},
+            }
+        return self._plan_cache
+
+    def plan_warnings(self, num_workers: int = 0) -> list[str]:
+        """What is wasteful about this plan (for the log); empty when every shard is read once."""
+        p, out = self.plan(), []
+        if self.infinite and p["mode"] == "examples" and self.world_size > 1:
+            out.append(
+                f"{p['num_shards']} {self.split} shards is not a multiple of the world size {self.world_size}: "
+                "every rank reads and tokenizes every shard and keeps 1/world_size of the examples "
+                f"({self.world_size}x redundant work); use a shard count divisible by the world size"
+            )
+        if p["lanes"] < self.lanes and self.infinite:
+            log.info("%s: %d of %d lanes (the rank has %d shards)", self.split, p["lanes"], self.lanes, p["lanes"])
+        n = max(num_workers, 1)
+        g = math.gcd(n, p["lanes"])
+        if g < n and self.infinite:  # (validation is small: every worker reads it, keeping its batches)
+            out.append(
+                f"{num_workers} DataLoader workers for {p['lanes']} lanes: each lane is read by {n // g} workers "
+                f"(redundant tokenization); use a number of workers that divides the lanes ({p['lanes']})"
+            )
+        return out
+
+    def _lane_shards(self, epoch: int, lane: int) -> list[str]:
+        p = self.plan()
+        order = self.source.shard_order(self.split, epoch=epoch, shuffle_seed=self.seed if self.shuffle else None)
+        if p["mode"] == "shards":
+            order = order[self.rank :: self.world_size]
+        return order[lane :: p["lanes"]]
+
+    def lane_index(self, i: int, lane: int) -> int:
+        """Lane-local index of the first example of ``lane`` at or after the rank's example ``i``."""
+        b, rem = divmod(i, self.batch_size)
+        lanes = self.plan()["lanes"]
+        before = max(0, -(-(b - lane) // lanes))  # batches b' < b with b' % lanes == lane
+        return before * self.batch_size + (rem if b % lanes == lane else 0)
 
     # -- state ----------------------------------------------------------------------------------------
 
     def _signature(self) -> dict:
         """What a saved position means; resuming under a different one would silently change the data."""
-        lay = self.layout
-        return {
+        lay, p = self.layout, self.plan()
+        sig = {
             "split": self.split,
             "seed": self.seed,
             "world_size": self.world_size,
             "rank": self.rank,
             "layout": [lay.name, lay.seq_len, lay.real_tokens, list(lay.pause_ids)],
             "max_documents": self.max_documents,
+            "sharding": [p["mode"], p["lanes"], p["num_shards"]],
         }
+        if p["lanes"] > 1:
+            sig["batch_size"] = self.batch_size
+        return sig
 
     def set_epoch(self, epoch: int) -> None:
         """Restart at the first example of ``epoch`` (example numbering restarts at 0)."""
-        self._start = {"index": 0, "cursor": _start_cursor(epoch)}
+        self._start = {"index": 0, "epoch": epoch, "lanes": None}
         self._state = copy.deepcopy(self._start)
+
+    def _full(self, state: dict) -> dict:
+        if state["lanes"] is None:
+            state = {**state, "lanes": [_start_cursor(state["epoch"]) for _ in range(self.plan()["lanes"])]}
+        return state
 
     def state_dict(self) -> dict:
         """Position after the last example this reader yielded (see the module docstring)."""
-        return {"version": _STATE_VERSION, "signature": self._signature(), **copy.deepcopy(self._state)}
+        state = self._full(copy.deepcopy(self._state))
+        return {"version": _STATE_VERSION, "signature": self._signature(), **state}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != _STATE_VERSION:
@@ -121,112 +240,159 @@ class PackedStream(torch.utils.data.IterableDataset):
             raise ValueError(
                 "cannot resume this stream: its state was saved with a different data config\n"
                 f"  saved: {state['signature']}\n  now:   {self._signature()}\n"
-                "restore the old settings (seed, world size, layout, seq_len, …) or start the data afresh"
+                "restore the old settings (seed, world size, layout, seq_len, lanes, shards…) "
+                "or start the data afresh"
             )
-        self._start = {"index": int(state["index"]), "cursor": dict(state["cursor"])}
+        self._start = {"index": int(state["index"]), "epoch": state["epoch"], "lanes": copy.deepcopy(state["lanes"])}
         self._state = copy.deepcopy(self._start)
 
     @staticmethod
     def merge_states(states: Sequence[dict]) -> dict:
         """One rank-level state from the states of all of a rank's workers (snapshots taken at the same
         consumed batch): examples below the furthest index were all consumed, since the rank consumes
-        in order, and the earliest cursor lies before every one not yet consumed."""
+        in order, and every worker's lane cursor lies at or before that lane's first unconsumed example
+        (so the latest one is taken)."""
         if not states:
             raise ValueError("merge_states needs at least one state")
         if any(s["signature"] != states[0]["signature"] for s in states):
             raise ValueError("cannot merge stream states of different data configs")
         merged = copy.deepcopy(states[0])
         merged["index"] = max(s["index"] for s in states)
-        merged["cursor"] = copy.deepcopy(min((s["cursor"] for s in states), key=_cursor_key))
+        merged["lanes"] = [
+            copy.deepcopy(max((s["lanes"][l] for s in states), key=_cursor_key)) for l in range(len(merged["lanes"]))
+        ]
         return merged
 
-    # -- iteration ------------------------------------------------------------------------------------
+    # -- reading and tokenizing -----------------------------------------------------------------------
 
-    def _documents(self, cursor: dict) -> Iterator[tuple[int, int, str]]:
-        """(epoch, doc_index, text) from the cursor's document on; forever when infinite."""
-        epoch, start = cursor["epoch"], cursor["doc"]
+    def _documents(self, lane: int, cursor: dict) -> Iterator[tuple[tuple, str]]:
+        """((epoch, shard position, doc, n, shard id), text) from the cursor's document on; forever when
+        infinite. n counts the lane's documents of the epoch (``max_documents`` caps it)."""
+        epoch, pos0, doc0, n = cursor["epoch"], cursor["shard"], cursor["doc"], cursor["n"]
+        ids = self.plan()["shard_ids"]
         while True:
-            found = False
-            for i, text in self.source.iter_documents(
-                self.split, epoch=epoch, shuffle_seed=self.seed if self.shuffle else None, start=start
-            ):
-                if self.max_documents is not None and i >= self.max_documents:
+            shards = self._lane_shards(epoch, lane)
+            capped = False
+            for pos in range(pos0, len(shards)):
+                reader = self.source.read_shard(
+                    self.split, shards[pos], start=doc0 if pos == pos0 else 0,
+                    retries=self.retries, backoff_s=self.backoff_s,
+                )  # fmt: skip
+                for doc, text in reader:
+                    if self.max_documents is not None and n >= self.max_documents:
+                        reader.close()
+                        capped = True
+                        break
+                    yield (epoch, pos, doc, n, ids[shards[pos]]), text
+                    n += 1
+                if capped:
                     break
-                found = True
-                yield epoch, i, text
             if not self.infinite:
                 return
-            if not found and start == 0:
-                raise RuntimeError(f"the {self.split} split of {type(self.source).__name__} has no documents")
-            epoch, start = epoch + 1, 0
+            if n == 0:
+                raise RuntimeError(
+                    f"lane {lane} of the {self.split} split of {type(self.source).__name__} has no documents "
+                    f"in epoch {epoch} (shards: {shards[:3]}…)"
+                )
+            epoch, pos0, doc0, n = epoch + 1, 0, 0, 0
 
-    def _token_batches(self, cursor: dict) -> Iterator[list[tuple[int, int, np.ndarray]]]:
-        """Batches of (epoch, doc, tokens + <eot>); the cursor's first document loses ``offset`` tokens."""
+    def _token_pieces(self, lane: int, cursor: dict) -> Iterator[list[tuple[tuple, int, np.ndarray]]]:
+        """Batches of (document meta, token offset of the piece in its document, tokens); a document's
+        last piece ends with ``<eot>``. The cursor's document starts at token ``offset``."""
         eot = np.array([self.tokenizer.vocab.eot_id], dtype=np.int64)
-        batch: list[tuple[int, int, str]] = []
-        first = True
+        skip = cursor["offset"]
+        limit = self.max_document_chars
+        pending: list[tuple[tuple, bool, str]] = []  # (meta, last piece?, text)
+        chars = 0
+        done = {}  # meta -> tokens emitted so far for a document split in pieces
 
-        def encode(batch):
-            nonlocal first
-            ids = self.tokenizer.encode_batch_np([t for _, _, t in batch])
-            out = [(e, d, np.concatenate([x, eot])) for (e, d, _), x in zip(batch, ids)]
-            if first:
-                e, d, x = out[0]
-                out[0] = (e, d, x[cursor["offset"] :])
-                first = False
+        def flush():
+            nonlocal skip
+            ids = self.tokenizer.encode_batch_np([t for _, _, t in pending])
+            out = []
+            for (meta, last, _), x in zip(pending, ids):
+                if last:
+                    x = np.concatenate([x, eot])
+                start = done.pop(meta, 0)
+                if not last:
+                    done[meta] = start + x.size
+                if skip:  # the resumed document: drop what came before the cursor
+                    drop = min(skip, x.size)
+                    x, start, skip = x[drop:], start + drop, skip - drop
+                if x.size:
+                    out.append((meta, start, x))
+            pending.clear()
             return out
 
-        for item in self._documents(cursor):
-            batch.append(item)
-            if len(batch) == self.tokenize_batch:
-                yield encode(batch)
-                batch = []
-        if batch:
-            yield encode(batch)
+        for meta, text in self._documents(lane, cursor):
+            pieces = split_pieces(text, limit)
+            for k, piece in enumerate(pieces):
+                pending.append((meta, k == len(pieces) - 1, piece))
+                chars += len(piece)
+                if len(pending) >= self.tokenize_batch or chars >= limit:
+                    batch, chars = flush(), 0
+                    if batch:
+                        yield batch
+        if pending:
+            batch = flush()
+            if batch:
+                yield batch
 
-    def _chunks(self, cursor: dict) -> Iterator[tuple[int, np.ndarray, dict]]:
-        """(global example index, real tokens, cursor of its first token), packed from ``cursor`` on."""
+    def _chunks(self, lane: int, cursor: dict) -> Iterator[tuple[int, np.ndarray, dict]]:
+        """(lane example index g, real tokens, cursor of its first token), packed from ``cursor`` on."""
         size = self.layout.real_tokens
         step = size - 1
         g = cursor["example"]
         pos = 0  # stream position of example g's first token, counted from the cursor
         buf, buf_pos = np.zeros(0, dtype=np.int64), 0
-        # (stream position where a document starts, epoch, doc, its token offset there)
-        starts: deque[tuple[int, int, int, int]] = deque()
-        doc_offset = cursor["offset"]
-        for batch in self._token_batches(cursor):
+        starts: deque[tuple[int, tuple, int]] = deque()  # (stream position, document meta, its token offset)
+
+        def where(g):
+            while len(starts) > 1 and starts[1][0] <= pos:
+                starts.popleft()
+            s, (epoch, shard, doc, n, sid), off = starts[0]
+            return {"epoch": epoch, "shard": shard, "doc": doc, "n": n, "offset": off + pos - s,
+                    "example": g, "sid": sid}  # fmt: skip
+
+        for batch in self._token_pieces(lane, cursor):
             parts = [buf[pos - buf_pos :]]
             end = buf_pos + buf.size
-            for epoch, doc, tokens in batch:
-                starts.append((end, epoch, doc, doc_offset))
-                doc_offset = 0
+            for meta, off, tokens in batch:
+                starts.append((end, meta, off))
                 parts.append(tokens)
                 end += tokens.size
             buf, buf_pos = np.concatenate(parts), pos
             while pos + size <= end:
-                while len(starts) > 1 and starts[1][0] <= pos:
-                    starts.popleft()
-                s, epoch, doc, off = starts[0]
-                yield g, buf[pos - buf_pos : pos - buf_pos + size], {
-                    "epoch": epoch, "doc": doc, "offset": off + pos - s, "example": g,
-                }  # fmt: skip
+                yield g, buf[pos - buf_pos : pos - buf_pos + size], where(g)
                 g, pos = g + 1, pos + step
         tail = buf[pos - buf_pos :]
         if tail.size >= 2:  # the end of a finite stream: a short chunk, padded by the layout
-            while len(starts) > 1 and starts[1][0] <= pos:
-                starts.popleft()
-            s, epoch, doc, off = starts[0]
-            yield g, tail, {"epoch": epoch, "doc": doc, "offset": off + pos - s, "example": g}
+            yield g, tail, where(g)
+            g += 1
+        self._lane_total = g
+
+    def _lane_examples(self, lane: int, cursor: dict, first_j: int) -> Iterator[tuple[int, np.ndarray, dict]]:
+        """(lane-local index j, tokens, cursor) of this rank's examples of ``lane``, from j = first_j on."""
+        by_example = self.plan()["mode"] == "examples"
+        for g, tokens, cur in self._chunks(lane, cursor):
+            if by_example:
+                if g % self.world_size != self.rank:
+                    continue
+                j = g // self.world_size
+            else:
+                j = g
+            if j >= first_j:
+                yield j, tokens, cur
+
+    # -- iteration ------------------------------------------------------------------------------------
 
     def _worker(self) -> tuple[int, int]:
         info = torch.utils.data.get_worker_info()
         return (0, 1) if info is None else (info.id, info.num_workers)
 
-    def _mine(self, j: int, worker: int, num_workers: int) -> bool:
-        return (j // self.batch_size) % num_workers == worker
-
-    @staticmethod
-    def _tensors(example: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    def _tensors(self, tokens: np.ndarray, cur: dict) -> dict[str, torch.Tensor]:
+        key = example_key(cur["epoch"], cur["sid"], cur["doc"], cur["offset"])
+        example = self.layout(tokens, key)
         return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in example.items()}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -234,24 +400,41 @@ class PackedStream(torch.utils.data.IterableDataset):
         # (a sanity-check pass must not shift the validation set).
         if not self.infinite:
             self._state = copy.deepcopy(self._start)
-        start = copy.deepcopy(self._state)
-        first_j = start["index"]
+        start = self._full(copy.deepcopy(self._state))
+        self._state = copy.deepcopy(start)
         worker, num_workers = self._worker()
-        total = start["cursor"]["example"]
-        for g, tokens, cursor in self._chunks(start["cursor"]):
-            total = g + 1
-            if g % self.world_size != self.rank:
+        for message in self.plan_warnings(num_workers if worker == 0 else 0):
+            warnings.warn(message, stacklevel=2)
+        lanes, bs = self.plan()["lanes"], self.batch_size
+        mine_mod = math.gcd(num_workers, lanes)
+        iters: dict[int, Iterator] = {}
+        i = start["index"]
+        b0 = i // bs  # a fresh DataLoader asks worker 0 first: it makes batch b0, worker 1 batch b0 + 1, …
+        while True:
+            b = i // bs
+            if (b - b0) % num_workers != worker:  # not this worker's batch: jump to its next one
+                i = (b + (worker + b0 - b) % num_workers) * bs
                 continue
-            j = g // self.world_size
-            if j < first_j or not self._mine(j, worker, num_workers):
-                continue
-            self._state = {"index": j + 1, "cursor": cursor}
-            yield self._tensors(self.layout(tokens, g))
+            lane = b % lanes
+            assert (lane - b0) % mine_mod == worker % mine_mod
+            j = (b // lanes) * bs + i % bs
+            if lane not in iters:
+                iters[lane] = self._lane_examples(lane, start["lanes"][lane], self.lane_index(start["index"], lane))
+            item = next(iters[lane], None)
+            while item is not None and item[0] < j:
+                item = next(iters[lane], None)
+            if item is None:  # only a finite stream (one lane) ends
+                break
+            _, tokens, cur = item
+            self._state["index"] = i + 1
+            self._state["lanes"][lane] = cur
+            yield self._tensors(tokens, cur)
+            i += 1
         # Finite: pad every rank to the same number of examples, so no rank waits on a collective that
         # another rank never reaches (DDP validation).
+        total = self._lane_total
         per_rank = -(-total // self.world_size)
-        mine = (total - self.rank + self.world_size - 1) // self.world_size
-        for j in range(max(mine, first_j), per_rank):
-            if self._mine(j, worker, num_workers):
-                self._state = {"index": j + 1, "cursor": self._state["cursor"]}
-                yield self._tensors(self.layout.empty_example())
+        for i in range(i, per_rank):
+            if (i // bs - b0) % num_workers == worker:
+                self._state["index"] = i + 1
+                yield {k: torch.from_numpy(v) for k, v in self.layout.empty_example().items()}

@@ -73,7 +73,34 @@ def standard_vocab(text_vocab_size: int = 0) -> Vocab:
     return _reserved_vocab(MAX_PAUSES, text_vocab_size)
 
 
-class CYBTokenizer:
+class TextTokenizer:
+    """What the stream needs of a tokenizer: ``vocab`` (the reserved ids), ``num_reserved``, a batched
+    ``encode_batch_np`` that never yields a reserved id, and ``decode`` for display. Implemented by our
+    BPE (:class:`CYBTokenizer`) and by the Hugging Face adapter (``data.hf_tokenizer.HFTokenizer``).
+    """
+
+    vocab: Vocab
+
+    @property
+    def num_reserved(self) -> int:
+        raise NotImplementedError
+
+    def encode_batch_np(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Token ids of each text as int64 arrays (what the stream packs)."""
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text; never a reserved id."""
+        return [ids.tolist() for ids in self.encode_batch_np(texts)]
+
+
+class CYBTokenizer(TextTokenizer):
     """Byte-level BPE with reserved ids in front; build with :meth:`train` or :meth:`load`.
 
     ``encode_batch`` is the fast path (Rust, batched); ``decode`` is for display and tests.
@@ -159,15 +186,8 @@ class CYBTokenizer:
     def num_reserved(self) -> int:
         return self._offset
 
-    def encode(self, text: str) -> list[int]:
-        return self.encode_batch([text])[0]
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each text; never an id below ``num_reserved``."""
-        return [ids.tolist() for ids in self.encode_batch_np(texts)]
-
     def encode_batch_np(self, texts: Sequence[str]) -> list[np.ndarray]:
-        """Like :meth:`encode_batch`, as int64 arrays (what the stream packs; skips Python int lists)."""
+        """Token ids as int64 arrays, offset past the reserved block: never an id below ``num_reserved``."""
         encs = self._bpe.encode_batch_fast(list(texts), add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int64) + self._offset for e in encs]
 

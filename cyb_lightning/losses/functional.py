@@ -218,3 +218,23 @@ def tbys_loss(logits: Tensor, targets: Tensor, dk_id: int | None = None) -> Tens
     if logits.dim() != 3:
         raise ValueError(f"logits must be [N, W, V], got shape {tuple(logits.shape)}")
     return torch.nn.functional.cross_entropy(_fp32(logits[:, -1]), targets, reduction="none")
+
+
+def granted_steps_loss(
+    logits: Tensor, targets: Tensor, dk_id: int, step_mask: Tensor, dk_bias: float = 0.0
+) -> Tensor:
+    """Variable pauses ("recipe 2"): ℓ = −log Σ_{i ≤ g} s_i t_i over the g granted steps of each token.
+
+    ``step_mask [N, W]`` marks the granted steps (a prefix, step 1 always). d is forced to 0 at the last
+    granted step g: s_i = (1 − d_i) Π_{j<i} d_j for i < g, s_g = Π_{j<g} d_j; steps after g do not exist.
+    This is ℓ_CYB with a per-token ω = one-hot at g and γ = 1.
+    """
+    if step_mask.shape != logits.shape[:2]:
+        raise ValueError(f"step_mask must be [N, W]={tuple(logits.shape[:2])}, got {tuple(step_mask.shape)}")
+    log_d, log_1md, log_t = step_log_probs(logits, targets, dk_id, dk_bias)
+    mask = step_mask.bool()
+    last = mask & ~torch.nn.functional.pad(mask[:, 1:], (0, 1), value=False)  # the last granted step
+    survive = torch.nn.functional.pad(torch.cumsum(log_d[:, :-1], dim=-1), (1, 0))
+    log_s = survive + torch.where(last, 0.0, log_1md)
+    log_s = torch.where(mask, log_s, -math.inf)
+    return -torch.logsumexp(log_s + log_t, dim=-1)

@@ -24,6 +24,10 @@ class TokenStats:
     nll: Tensor  # [N]: −log Σ_i s_i t_i (γ = 1) for DK losses, the loss's own CE otherwise
     stop: Tensor  # [N, W]: s, the probability of answering at step i
     log_d: Tensor | None  # [N, W]: log p_i(DK), prior included
+    log_t: Tensor | None = None  # [N, W]: log t_i = log p_i(y | not DK)
+    correct: Tensor | None = None  # [N, W] bool: argmax over the non-DK ids is the target, per step
+    readout: Tensor | None = None  # [N] long: 0-based step where a greedy reader answers (first non-DK argmax)
+    inputs: Tensor | None = None  # [N] long: the real input token x_t of each group (set by the caller)
 
     @property
     def extra_pauses(self) -> Tensor:
@@ -34,13 +38,35 @@ class TokenStats:
 @torch.no_grad()
 def step_statistics(logits: Tensor, targets: Tensor, dk_id: int, loss: PauseLoss) -> TokenStats:
     """``logits [N, W, V]`` of real tokens → their evaluation quantities under ``loss``'s DK prior."""
+    steps = logits.shape[1]
+    z = logits.float()
+    top2 = z.topk(2, dim=-1).indices  # the best non-DK id without copying the vocabulary
+    pred = torch.where(top2[..., 0] == dk_id, top2[..., 1], top2[..., 0])
+    correct = pred == targets[:, None]
     if not loss.uses_dk:
         stop = torch.zeros(logits.shape[:2], device=logits.device)
         stop[:, -1] = 1.0
-        return TokenStats(nll=loss(logits, targets, dk_id).float(), stop=stop, log_d=None)
-    log_d, log_1md, log_t = F.step_log_probs(logits, targets, dk_id, loss.dk_bias(logits.shape[-1]))
+        readout = torch.full_like(targets, steps - 1)
+        return TokenStats(nll=loss(logits, targets, dk_id).float(), stop=stop, log_d=None, correct=correct,
+                          readout=readout)  # fmt: skip
+    bias = loss.dk_bias(logits.shape[-1])
+    log_d, log_1md, log_t = F.step_log_probs(logits, targets, dk_id, bias)
     log_s = F.halting_log_probs(log_d, log_1md)
-    return TokenStats(nll=-torch.logsumexp(log_s + log_t, -1), stop=log_s.exp(), log_d=log_d)
+    return TokenStats(nll=-torch.logsumexp(log_s + log_t, -1), stop=log_s.exp(), log_d=log_d, log_t=log_t,
+                      correct=correct, readout=greedy_readout(z, dk_id, bias))  # fmt: skip
+
+
+def greedy_readout(logits: Tensor, dk_id: int, dk_bias: float) -> Tensor:
+    """``[N, W]`` logits → ``[N]`` 0-based step of the first output whose argmax is not DK (W − 1 if none).
+
+    This is where the greedy-on-DK policy of adaptive generation answers (d_W := 0 caps it at W − 1).
+    """
+    z = logits.float()
+    top2 = z.topk(2, dim=-1)
+    others = torch.where(top2.indices[..., 0] == dk_id, top2.values[..., 1], top2.values[..., 0])
+    answers = z[..., dk_id] + dk_bias <= others
+    answers[:, -1] = True
+    return answers.int().argmax(-1)
 
 
 class StoppingStats(Metric):

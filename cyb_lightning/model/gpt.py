@@ -4,6 +4,11 @@ The CYB layout gives every pause the position index of the real token before it,
 input (``position_ids``), never ``arange(L)``. Attention is plain causal attention over the laid-out
 sequence through ``scaled_dot_product_attention``. ``forward`` returns logits only; losses live in
 ``cyb_lightning.losses``.
+
+Incremental decoding: pass a :class:`KVCache` to ``forward`` and only the new inputs; the cache is
+extended in place with their keys and values (RoPE already applied, since positions are explicit). A
+new input may be marked invisible (``key_mask`` False): no later query attends to it. Adaptive
+generation uses that to run rows of a batch in lockstep while each row pauses a different number of times.
 """
 
 from __future__ import annotations
@@ -88,6 +93,41 @@ def rope_cache(head_dim: int, max_position: int, base: float, device=None) -> tu
     return angles.cos(), angles.sin()
 
 
+class LayerCache:
+    """Keys and values ``[B, H_kv, S, head_dim]`` of one layer, plus which keys may be attended ``[B, S]``."""
+
+    def __init__(self) -> None:
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+        self.visible: Tensor | None = None
+        self.all_visible = True  # no hidden key yet: one new query may attend to everything, mask-free
+
+    def extend(self, k: Tensor, v: Tensor, visible: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        if visible is None:
+            visible = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
+        else:
+            self.all_visible = self.all_visible and bool(visible.all())
+        if self.k is None:
+            self.k, self.v, self.visible = k, v, visible
+        else:
+            self.k = torch.cat((self.k, k), dim=2)
+            self.v = torch.cat((self.v, v), dim=2)
+            self.visible = torch.cat((self.visible, visible), dim=1)
+        return self.k, self.v, self.visible
+
+
+class KVCache:
+    """Per-layer key/value cache for :meth:`GPT.forward`; grows in place with every call."""
+
+    def __init__(self, n_layer: int) -> None:
+        self.layers = [LayerCache() for _ in range(n_layer)]
+
+    def __len__(self) -> int:
+        """S: inputs cached so far (visible or not)."""
+        k = self.layers[0].k
+        return 0 if k is None else k.shape[2]
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate pairs (x1, x2) of the two halves of each head; ``cos``/``sin`` are ``[B, 1, L, head_dim/2]``."""
     x1, x2 = x.float().chunk(2, dim=-1)
@@ -102,7 +142,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None = None, key_mask: Tensor | None = None
+    ) -> Tensor:
         B, L, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], -1
@@ -111,8 +153,18 @@ class Attention(nn.Module):
         k = k.view(B, L, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, L, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask = None
+        if cache is not None:
+            k, v, visible = cache.extend(k, v, key_mask)
+            S = k.shape[2]
+            if L > 1 or not cache.all_visible:  # one new query over visible keys needs no mask at all
+                # Query j (absolute S − L + j) sees the visible keys up to itself, and always itself.
+                causal = torch.ones(L, S, dtype=torch.bool, device=x.device).tril(S - L)
+                itself = torch.zeros(L, S, dtype=torch.bool, device=x.device)
+                itself[:, S - L :] = torch.eye(L, dtype=torch.bool, device=x.device)
+                mask = (causal & visible[:, None, None, :]) | itself
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+            q, k, v, attn_mask=mask, is_causal=cache is None, dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
         )
         return self.proj(y.transpose(1, 2).reshape(B, L, -1))
@@ -138,8 +190,10 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin))
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None = None, key_mask: Tensor | None = None
+    ) -> Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache, key_mask))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -175,13 +229,30 @@ class GPT(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
-        """``input_ids``, ``position_ids``: ``[B, L]`` → logits ``[B, L, V]``."""
+    def new_cache(self) -> KVCache:
+        return KVCache(self.cfg.n_layer)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+        key_mask: Tensor | None = None,
+    ) -> Tensor:
+        """``input_ids``, ``position_ids``: ``[B, L]`` → logits ``[B, L, V]``.
+
+        With ``cache``, the inputs continue the cached ones (which they attend to) and the cache is extended
+        in place; ``key_mask`` (bool ``[B, L]``, cache only) hides inputs from every later query.
+        """
         if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            start = 0 if cache is None else len(cache)
+            position_ids = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+            position_ids = position_ids.expand_as(input_ids)
+        if key_mask is not None and cache is None:
+            raise ValueError("key_mask hides inputs from later queries; it needs a cache (use new_cache())")
         cos = self.rope_cos[position_ids].unsqueeze(1)
         sin = self.rope_sin[position_ids].unsqueeze(1)
         x = self.embed(input_ids)
-        for block in self.blocks:
-            x = block(x, cos, sin)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, None if cache is None else cache.layers[i], key_mask)
         return self.head(self.norm(x))

@@ -117,8 +117,8 @@ def test_state_dict_resumes_at_the_next_example(shards, tiny_tokenizer, layout):
         it = iter(s)
         _take(it, cut)
         state = json.loads(json.dumps(s.state_dict()))  # plain JSON: fits any checkpoint
-        offsets.append(state["cursor"]["offset"])
-        epochs.append(state["cursor"]["epoch"])
+        offsets.append(state["lanes"][0]["offset"])
+        epochs.append(state["lanes"][0]["epoch"])
         resumed = _stream(src, tiny_tokenizer, layout)
         resumed.load_state_dict(state)
         got = _np(_take(iter(resumed), n - cut))
@@ -187,7 +187,7 @@ def test_malformed_lines_are_skipped_and_counted(tmp_path):
     (tmp_path / "c4-train.00001-of-00002.json").write_bytes(b'{"text": "plain"}\n{broken\n')
     src = LocalShards(str(tmp_path))
     assert [t for _, t in src.iter_documents("train")] == ["good 0", "good 1", "good 2", "plain"]
-    assert src.stats == {"malformed_lines": 6, "broken_shards": 0}
+    assert src.stats["malformed_lines"] == 6 and src.stats["broken_shards"] == 0
 
 
 def test_truncated_gzip_ends_its_shard(tmp_path):
@@ -221,3 +221,113 @@ def test_state_from_another_config_is_refused(shards, tiny_tokenizer):
         _stream(src, tiny_tokenizer, world_size=4).load_state_dict(state)
     with pytest.raises(ValueError, match="rank < world_size"):
         _stream(src, tiny_tokenizer, rank=2, world_size=2)
+
+
+# -- whole shards to ranks and lanes, workers share the lanes ----------------------------------------------
+
+
+@pytest.fixture
+def eight_shards(tmp_path):
+    """Eight train shards of 3-6 documents each."""
+    i = 0
+    for s in range(8):
+        n = 3 + s % 4
+        docs = [" ".join(f"doc{j}word{k}" for k in range(6 + j % 5)) for j in range(i, i + n)]  # all distinct
+        write_shard(tmp_path / f"c4-train.{s:05d}-of-00008.json.gz", docs)
+        i += n
+    return tmp_path
+
+
+def _loader_order(monkeypatch, make, num_workers, num_batches, bs):
+    """The examples a DataLoader with ``num_workers`` workers would yield (round robin, worker 0 first)."""
+    its = []
+    for w in range(num_workers):
+        first, it = _worker_iter(monkeypatch, make(), w, num_workers)
+        its.append((first, it))
+    out = []
+    for b in range(num_batches):
+        first, it = its[b % num_workers]
+        out += _np(first + _take(it, bs - len(first)))
+        its[b % num_workers] = ([], it)
+    return out
+
+
+def test_shards_go_whole_to_ranks_and_lanes(eight_shards, tiny_tokenizer, monkeypatch):
+    """World 2 × lanes 2: every shard is read by exactly one (rank, lane) per epoch, and the rank's batches
+    are its lanes' packed streams taken in turn, whatever the number of workers (2 divides the lanes; 4
+    reads each lane twice and warns), identically on every run."""
+    src = LocalShards(str(eight_shards))
+    world, lanes, bs, nb = 2, 2, 2, 8
+    for epoch in (0, 1):
+        order = src.shard_order("train", epoch=epoch, shuffle_seed=11)
+        read = []
+        for r in range(world):
+            s = _stream(src, tiny_tokenizer, rank=r, world_size=world, lanes=lanes)
+            read += [sh for lane in range(lanes) for sh in s._lane_shards(epoch, lane)]
+        assert sorted(read) == sorted(order) and len(read) == len(set(read)) == 8
+    seen = set()
+    for rank in range(world):
+        def make(rank=rank):
+            return _stream(src, tiny_tokenizer, rank=rank, world_size=world, batch_size=bs, lanes=lanes)
+
+        assert make().plan()["mode"] == "shards" and make().plan_warnings(2) == []
+        # Reference: lane l packs the rank's shards l, l + lanes, … of epoch 0; batch b comes from lane b % lanes.
+        order = src.shard_order("train", epoch=0, shuffle_seed=11)[rank::world]
+        ref_lanes = []
+        for lane in range(lanes):
+            docs = [t for sh in order[lane::lanes] for _, t in src.read_shard("train", sh)]
+            eot = tiny_tokenizer.vocab.eot_id
+            toks = np.concatenate([np.append(x, eot) for x in tiny_tokenizer.encode_batch_np(docs)])
+            ref_lanes.append([toks[g * T : g * T + T + 1] for g in range(nb // lanes * bs)])
+        expected = [ref_lanes[b % lanes][(b // lanes) * bs + k] for b in range(nb) for k in range(bs)]
+        runs = []
+        for workers in (1, 2, 4):
+            if workers == 4:
+                with pytest.warns(UserWarning, match="each lane is read by 2 workers"):
+                    got = _loader_order(monkeypatch, make, workers, nb, bs)
+            else:
+                got = _loader_order(monkeypatch, make, workers, nb, bs)
+            runs.append([_key(e) for e in got])
+            for e, window in zip(got, expected):
+                np.testing.assert_array_equal(e["input_ids"], window[:-1])
+                np.testing.assert_array_equal(e["targets"], window[1:])
+        assert runs[0] == runs[1] == runs[2]
+        assert runs[0] == [_key(e) for e in _loader_order(monkeypatch, make, 2, nb, bs)]  # the same every run
+        seen |= set(runs[0])
+    assert len(seen) == world * nb * bs  # the two ranks never share an example
+
+
+def test_shard_count_not_a_multiple_of_the_world_size_warns(shards, tiny_tokenizer):
+    s = _stream(LocalShards(str(shards)), tiny_tokenizer, rank=1, world_size=2, lanes=2)
+    assert s.plan()["mode"] == "examples"
+    with pytest.warns(UserWarning, match="not a multiple of the world size 2"):
+        next(iter(s))
+
+
+def test_lanes_resume_with_any_number_of_workers(eight_shards, tiny_tokenizer, monkeypatch):
+    """4 lanes: stop after 5 batches read by 2 workers, merge their states, go on with 1, 2 or 4 workers."""
+    src = LocalShards(str(eight_shards))
+    bs, lanes = 2, 4
+
+    def make():
+        return _stream(src, tiny_tokenizer, "tbys_random", batch_size=bs, lanes=lanes)
+
+    ref = [_key(e) for e in _loader_order(monkeypatch, make, 1, 40, bs)]
+    streams = [make() for _ in range(2)]
+    its = [_worker_iter(monkeypatch, s, w, 2) for w, s in enumerate(streams)]
+    states = [s.state_dict() for s in streams]
+    for b in range(5):
+        first, it = its[b % 2]
+        _take(it, bs - len(first))
+        its[b % 2] = ([], it)
+        states[b % 2] = streams[b % 2].state_dict()
+    merged = json.loads(json.dumps(PackedStream.merge_states(states)))
+    assert merged["index"] == 5 * bs
+    for workers in (1, 2, 4):
+        def resumed():
+            s = make()
+            s.load_state_dict(merged)
+            return s
+
+        got = [_key(e) for e in _loader_order(monkeypatch, resumed, workers, 35, bs)]
+        assert got == ref[5 * bs :], workers

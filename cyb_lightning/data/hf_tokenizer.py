@@ -1,0 +1,221 @@
+"""A pretrained model's own tokenizer (``transformers``), with the DK and pause ids CYB needs.
+
+Same interface as :class:`~cyb_lightning.data.tokenizer.CYBTokenizer` (``vocab``, ``num_reserved``,
+``encode``/``encode_batch``/``encode_batch_np``, ``decode``), so the stream, the layouts and the model
+use it unchanged. Two ways to get the reserved ids, chosen per role in the config:
+
+- **repurpose** named tokens of the pretrained vocabulary (``dk_token``, ``pause_tokens``), as CYB did
+  with Gemma's ``<unused…>`` tokens; the vocabulary size does not change;
+- **add** new ids past the end of the model's vocabulary (the default for any role left unnamed): one DK
+  id and ``num_pauses`` pause ids. ``vocab.size`` grows by exactly that many and
+  :class:`~cyb_lightning.model.HFDecoder` grows the embedding and the output layer to match, each new row
+  the mean of the pretrained rows. New ids start at ``max(len(tokenizer), model vocab_size)``, so they
+  never collide with the padding rows some models carry (Qwen2: 151 936 rows for 151 665 tokens).
+
+**Text never yields a reserved id.** New ids are unknown to the underlying tokenizer. Repurposed ones are
+marked special and the tokenizer runs with ``encode_special_tokens=True`` (the ``split_special_tokens``
+behaviour), so the literal text ``<unused0>`` is split into ordinary pieces; at construction each
+repurposed token's own text is encoded as a probe and a token that text can still produce is refused. As
+a last guard ``encode_batch_np`` drops any reserved id that would slip through (counted in
+``dropped_reserved``). The same holds for the other special tokens (``<eos>``, ``<bos>``…): the stream
+appends ``<eot>`` (the model's EOS) after each document itself, and ``add_bos`` prepends the BOS id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from .tokenizer import MAX_PAUSES, TextTokenizer, Vocab
+
+log = logging.getLogger(__name__)
+
+
+class HFTokenizer(TextTokenizer):
+    """The tokenizer of a pretrained model (Hub id or local folder) plus CYB's DK and pause ids.
+
+    Args:
+        name_or_path: what ``AutoTokenizer.from_pretrained`` takes; usually the decoder's own.
+        dk_token: a token of the vocabulary to repurpose as DK (e.g. ``<unused3>``); None adds a new id.
+        pause_tokens: tokens to repurpose as ``<pause1>`` … (e.g. ``[<unused0>, <unused1>, <unused2>]``);
+            None adds ``num_pauses`` new ids.
+        num_pauses: how many pause ids to add when ``pause_tokens`` is None (the layout uses the first
+            ``data.num_pauses`` of them).
+        add_bos: prepend the BOS id to each document; None = when the tokenizer has a BOS distinct from
+            its EOS (Gemma, Llama: yes; GPT-2, Qwen2: no).
+        model_vocab_size: embedding rows of the model; None reads ``vocab_size`` from the model config
+            in ``name_or_path`` (falls back to the tokenizer's length).
+        revision, trust_remote_code: as for ``from_pretrained``.
+    """
+
+    def __init__(
+        self,
+        name_or_path: str,
+        dk_token: str | None = None,
+        pause_tokens: list[str] | None = None,
+        num_pauses: int = MAX_PAUSES,
+        add_bos: bool | None = None,
+        model_vocab_size: int | None = None,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+    ):
+        from transformers import AutoTokenizer
+
+        if pause_tokens is None and num_pauses < 0:
+            raise ValueError(f"num_pauses must be >= 0, got {num_pauses}")
+        self.name_or_path = name_or_path
+        hf = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+        backend = getattr(hf, "backend_tokenizer", None)
+        if backend is None:
+            raise ValueError(f"{name_or_path}: only fast (Rust `tokenizers`) tokenizers are supported")
+        token_to_id = hf.get_vocab()
+        base_len = len(hf)
+
+        if model_vocab_size is None:
+            model_vocab_size = _model_vocab_size(name_or_path, revision, trust_remote_code)
+        first_new = max(base_len, model_vocab_size or 0)
+
+        # Roles: named tokens are repurposed, the others get new ids in order dk, pause1, pause2, …
+        def lookup(token: str, role: str) -> int:
+            if token not in token_to_id:
+                raise ValueError(
+                    f"{role} token {token!r} is not in the vocabulary of {name_or_path}; name an existing "
+                    "(unused or reserved) token, or leave it unset to add a new id"
+                )
+            return token_to_id[token]
+
+        next_new = first_new
+        if dk_token is not None:
+            dk_id = lookup(dk_token, "dk")
+        else:
+            dk_id, next_new = next_new, next_new + 1
+        if pause_tokens is not None:
+            pause_ids = tuple(lookup(t, f"pause{i + 1}") for i, t in enumerate(pause_tokens))
+        else:
+            pause_ids = tuple(range(next_new, next_new + num_pauses))
+            next_new += num_pauses
+        reserved = (dk_id, *pause_ids)
+        if len(set(reserved)) != len(reserved):
+            raise ValueError(f"dk and pause ids must be distinct, got dk={dk_id}, pauses={pause_ids}")
+
+        eot_id = hf.eos_token_id
+        if eot_id is None:
+            raise ValueError(f"{name_or_path} has no EOS token: it is needed as the end-of-text separator")
+        pad_id = hf.pad_token_id if hf.pad_token_id is not None else eot_id
+        bos_id = hf.bos_token_id
+        if add_bos is None:
+            add_bos = bos_id is not None and bos_id != eot_id
+        if add_bos and bos_id is None:
+            raise ValueError(f"add_bos=True but {name_or_path} has no BOS token")
+        for name, i in (("eos", eot_id), ("pad", pad_id), ("bos", bos_id if add_bos else None)):
+            if i is not None and i in reserved:
+                raise ValueError(f"the {name} id {i} cannot also be the DK or a pause id")
+
+        # Repurposed tokens become special, and special tokens are never matched in text.
+        repurposed = {i for i in reserved if i < first_new}
+        data = json.loads(backend.to_str())
+        for entry in data.get("added_tokens", []):
+            if entry["id"] in repurposed:
+                entry["special"] = True
+        self._tok = _backend(json.dumps(data))
+
+        self.vocab = Vocab(pad_id=pad_id, eot_id=eot_id, dk_id=dk_id, pause_ids=pause_ids, size=max(next_new, first_new))
+        self.bos_id = bos_id if add_bos else None
+        self.num_added = next_new - first_new
+        self.base_size = first_new
+        self._reserved = np.asarray(sorted(reserved), dtype=np.int64)
+        self._names = {dk_id: "<dk>", **{p: f"<pause{k + 1}>" for k, p in enumerate(pause_ids)}}
+        self.dropped_reserved = 0
+
+        id_to_token = {i: t for t, i in token_to_id.items()}
+        for i in sorted(repurposed):
+            text = id_to_token.get(i, "")
+            if text and i in self._tok.encode(text, add_special_tokens=False).ids:
+                raise ValueError(
+                    f"text can produce the id {i} ({text!r}) that is repurposed as {self._names[i]}: it is an "
+                    "ordinary vocabulary entry, not an added/special token; name an unused special token, or "
+                    "leave the role unset to add a new id"
+                )
+
+    def __getstate__(self) -> dict:
+        # The Rust tokenizer pickles without its encode_special_tokens flag: ship the JSON and set it again.
+        state = self.__dict__.copy()
+        state["_tok"] = self._tok.to_str()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state["_tok"] = _backend(state["_tok"])
+        self.__dict__.update(state)
+
+    # -- the CYBTokenizer interface -------------------------------------------------------------------
+
+    @property
+    def num_reserved(self) -> int:
+        """How many ids CYB reserves (DK + pauses), repurposed or added."""
+        return len(self._reserved)
+
+    def encode_batch_np(self, texts: Sequence[str]) -> list[np.ndarray]:
+        encs = self._tok.encode_batch_fast(list(texts), add_special_tokens=False)
+        out = []
+        for e in encs:
+            ids = np.asarray(e.ids, dtype=np.int64)
+            bad = np.isin(ids, self._reserved)
+            if bad.any():  # cannot happen for added or special tokens; a last guard for anything else
+                self.dropped_reserved += int(bad.sum())
+                ids = ids[~bad]
+            if self.bos_id is not None:
+                ids = np.concatenate([np.array([self.bos_id], dtype=np.int64), ids])
+            out.append(ids)
+        return out
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text for ``ids``; DK and pause ids are shown as ``<dk>``, ``<pause1>``…, for display only."""
+        out: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            i = int(i)
+            if not 0 <= i < self.vocab.size:
+                raise ValueError(f"id {i} is outside the vocabulary [0, {self.vocab.size})")
+            if i in self._names:
+                if run:
+                    out.append(self._tok.decode(run, skip_special_tokens=False))
+                    run = []
+                out.append(self._names[i])
+            else:
+                run.append(i)
+        if run:
+            out.append(self._tok.decode(run, skip_special_tokens=False))
+        return "".join(out)
+
+    def __repr__(self) -> str:
+        return (
+            f"HFTokenizer({self.name_or_path!r}, size={self.vocab.size}, added={self.num_added}, "
+            f"dk={self.vocab.dk_id}, pauses={list(self.vocab.pause_ids)})"
+        )
+
+
+def _backend(tokenizer_json: str):
+    """The Rust tokenizer with special tokens never matched in text, no padding, no truncation."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(tokenizer_json)
+    tok.encode_special_tokens = True
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def _model_vocab_size(name_or_path: str, revision: str | None, trust_remote_code: bool) -> int | None:
+    """``vocab_size`` of the model config next to the tokenizer (embedding rows), when there is one."""
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        log.info("no model config for %s (%s); new ids start after the tokenizer's own", name_or_path, err)
+        return None
+    size = getattr(cfg.get_text_config(), "vocab_size", None)
+    return size if isinstance(size, int) else None

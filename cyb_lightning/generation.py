@@ -1,0 +1,330 @@
+"""Adaptive inference: the model pauses only where it asks to (CYB "recipe 2", spec ``shared/method.md`` §5).
+
+After each real token x_t the decoder is run one step at a time with a KV cache. At step i the model's
+own output decides, through a :class:`PausePolicy`, whether the next input is the pause ``P_i`` (at x_t's
+position, as in training) or the next real token; at most K pauses (d_W := 0). Policies:
+
+- ``greedy``: pause while DK is the argmax of the step's output (DK prior included);
+- ``threshold``: pause while d_i > τ (τ = 1: never; τ = 0: always, i.e. fixed-K);
+- ``sample``: pause with probability d_i;
+- ``fixed``: always K pauses (CYB v1 / TBYS inference), ``none``: never pause (plain decoding).
+
+The answer at the answering step is drawn from the output without DK (temperature / top-k / top-p;
+temperature 0 is greedy). The same loop, with the next real token forced from text instead of drawn,
+is the teacher-forced adaptive evaluation (:func:`adaptive_evaluate`): perplexity at the answering step
+and the forward steps actually spent per token, against W = K + 1 for fixed-K pausing.
+
+Rows of a batch run in lockstep: a row that has already answered while another still pauses feeds an
+invisible input (``key_mask`` False), which no later query attends to, so each row sees exactly the
+context it would see alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+POLICIES = ("greedy", "threshold", "sample", "fixed", "none")
+
+
+@dataclass(frozen=True)
+class PausePolicy:
+    """When to feed another pause. ``threshold`` is τ for the ``threshold`` policy."""
+
+    kind: str = "greedy"
+    threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.kind not in POLICIES:
+            raise ValueError(f"unknown pause policy {self.kind!r}; choose one of {', '.join(POLICIES)}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold is a probability of DK, in [0, 1]; got {self.threshold}")
+
+    def pause(self, logits: Tensor, dk_id: int, dk_bias: float, generator: torch.Generator | None) -> Tensor:
+        """Bool ``[B]`` from the step's logits ``[B, V]``: feed another pause?"""
+        z = logits.float()
+        z_dk = z[:, dk_id] + dk_bias
+        rest = torch.cat((z[:, :dk_id], z[:, dk_id + 1 :]), -1)
+        log_d = z_dk - torch.logaddexp(z_dk, torch.logsumexp(rest, -1))
+        if self.kind == "greedy":
+            return z_dk > rest.amax(-1)
+        if self.kind == "threshold":
+            return log_d > (math.log(self.threshold) if self.threshold > 0 else -math.inf)
+        if self.kind == "sample":
+            u = torch.rand(z.shape[0], generator=generator, device=z.device if generator is None else "cpu")
+            return u.to(z.device).log() < log_d
+        return torch.full_like(z_dk, self.kind == "fixed", dtype=torch.bool)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the answer is drawn from the output without DK. ``temperature`` 0: argmax."""
+
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {self}")
+
+    def draw(self, logits: Tensor, dk_id: int, generator: torch.Generator | None) -> Tensor:
+        """``[B, V]`` → ``[B]`` token ids, never DK."""
+        z = logits.float().clone()
+        z[:, dk_id] = -math.inf
+        if self.temperature == 0:
+            return z.argmax(-1)
+        z = z / self.temperature
+        if self.top_k:
+            kth = z.topk(min(self.top_k, z.shape[-1]), -1).values[:, -1:]
+            z = z.masked_fill(z < kth, -math.inf)
+        if self.top_p < 1.0:
+            sorted_z, order = z.sort(-1, descending=True)
+            probs = sorted_z.softmax(-1)
+            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+            drop = probs.cumsum(-1) - probs >= self.top_p
+            z = z.scatter(-1, order, sorted_z.masked_fill(drop, -math.inf))
+        probs = z.softmax(-1)
+        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+@dataclass
+class Trace:
+    """What one run did, per real token (every row, every position): ``steps`` = 1 + pauses spent."""
+
+    tokens: Tensor  # [B, n + new]: the real tokens (prompt or text, then generated)
+    steps: Tensor  # [B, T]: forward steps spent on real token t (1 … W)
+    nll: Tensor  # [B, T]: −log p(next token | not DK) at the answering step (the drawn one when generating)
+    forward_calls: int = 0  # decoder calls (batched); compute is Σ steps over rows
+
+
+class AdaptiveRunner:
+    """Runs a decoder over real tokens, pausing by ``policy`` (see the module docstring).
+
+    Args:
+        decoder: a :class:`~cyb_lightning.model.gpt.GPT` (``new_cache`` + ``forward(..., cache, key_mask)``).
+        dk_id, pause_ids: the output DK id and the K pause input ids ``P1..PK``.
+        dk_bias: the DK logit prior of the loss the model was trained with (``loss.dk_bias(V)``).
+        use_cache: False recomputes the whole sequence for every step (the reference; batch size 1 only).
+    """
+
+    def __init__(
+        self,
+        decoder,
+        dk_id: int,
+        pause_ids: Sequence[int],
+        pad_id: int = 0,
+        dk_bias: float = 0.0,
+        policy: PausePolicy | None = None,
+        sampling: Sampling | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if use_cache and not hasattr(decoder, "new_cache"):
+            raise ValueError(
+                f"{type(decoder).__name__} has no KV cache (new_cache()); adaptive generation with a cache needs "
+                "cyb_lightning.model.GPT; use_cache=False recomputes the sequence with any decoder (slow)"
+            )
+        self.decoder = decoder
+        self.dk_id, self.pad_id, self.dk_bias = dk_id, pad_id, dk_bias
+        self.pause_ids = tuple(pause_ids)
+        self.policy = policy or PausePolicy()
+        self.sampling = sampling or Sampling()
+        self.use_cache = use_cache
+        self.generator = generator
+
+    @property
+    def max_pauses(self) -> int:
+        return 0 if self.policy.kind == "none" else len(self.pause_ids)
+
+    @torch.no_grad()
+    def run(
+        self, tokens: Tensor, length: int, forced: int | None = None, stop_ids: Iterable[int] = ()
+    ) -> Trace:
+        """Real tokens ``tokens [B, n]`` → a trace over ``length`` real tokens.
+
+        The next real token after position t is ``tokens[:, t + 1]`` while t + 1 < ``forced`` (default n),
+        otherwise drawn from the model; generation stops early when every row has drawn a ``stop_ids`` id.
+        """
+        B, n = tokens.shape
+        forced = n if forced is None else forced
+        device = tokens.device
+        if not self.use_cache and B != 1:
+            raise ValueError("use_cache=False (full recomputation, the reference) runs one row at a time")
+        cache = self.decoder.new_cache() if self.use_cache else None
+        history: list[tuple[Tensor, Tensor]] = []
+        out = torch.cat((tokens, torch.full((B, max(0, length + 1 - n)), self.pad_id, device=device)), 1)
+        steps = torch.zeros(B, length, dtype=torch.long, device=device)
+        nll = torch.zeros(B, length, dtype=torch.float64, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        stop_ids = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+        calls = 0
+
+        def feed(ids: Tensor, position: int, visible: Tensor) -> Tensor:
+            nonlocal calls
+            calls += 1
+            pos = torch.full((B, 1), position, dtype=torch.long, device=device)
+            if cache is not None:
+                mask = None if bool(visible.all()) else visible[:, None]
+                return self.decoder(ids[:, None], pos, cache=cache, key_mask=mask)[:, -1]
+            history.append((ids[:, None], pos))
+            all_ids, all_pos = (torch.cat(x, 1) for x in zip(*history))
+            return self.decoder(all_ids, all_pos)[:, -1]
+
+        for t in range(length):
+            logits = feed(out[:, t], t, torch.ones(B, dtype=torch.bool, device=device))
+            answer = torch.empty_like(logits)
+            active = torch.ones(B, dtype=torch.bool, device=device)
+            for i in range(self.max_pauses + 1):
+                if i == self.max_pauses:
+                    pause = torch.zeros_like(active)
+                else:
+                    pause = self.policy.pause(logits, self.dk_id, self.dk_bias, self.generator)
+                answering = active & ~pause
+                answer[answering] = logits[answering]
+                steps[answering, t] = i + 1
+                active &= pause
+                if not active.any():
+                    break
+                ids = torch.where(active, self.pause_ids[i], self.pad_id)
+                logits = feed(ids, t, active)
+            if t + 1 < forced:
+                nxt = out[:, t + 1]
+            else:
+                nxt = self.sampling.draw(answer, self.dk_id, self.generator)
+                nxt = torch.where(done, self.pad_id, nxt)
+                out[:, t + 1] = nxt
+                done |= torch.isin(nxt, stop_ids)
+            nll[:, t] = answer_nll(answer, nxt, self.dk_id)
+            if t + 1 >= forced and bool(done.all()):
+                length = t + 1
+                break
+        return Trace(tokens=out[:, : length + 1], steps=steps[:, :length], nll=nll[:, :length], forward_calls=calls)
+
+    def generate(self, prompt: Sequence[int], max_new_tokens: int, stop_ids: Iterable[int] = ()) -> Trace:
+        """One prompt (a list of real token ids) → prompt + up to ``max_new_tokens`` new tokens."""
+        if len(prompt) < 1:
+            raise ValueError("the prompt needs at least one token (e.g. the end-of-text id)")
+        device = next(self.decoder.parameters()).device
+        tokens = torch.tensor([list(prompt)], dtype=torch.long, device=device)
+        return self.run(tokens, len(prompt) - 1 + max_new_tokens, stop_ids=stop_ids)
+
+
+def answer_nll(logits: Tensor, targets: Tensor, dk_id: int) -> Tensor:
+    """−log t = −log p(y | not DK) ``[B]`` in float64."""
+    z = logits.double()
+    rest = torch.logaddexp(torch.logsumexp(z[:, :dk_id], -1), torch.logsumexp(z[:, dk_id + 1 :], -1))
+    return rest - z.gather(1, targets[:, None]).squeeze(1)
+
+
+@torch.no_grad()
+def adaptive_evaluate(runner: AdaptiveRunner, batches: Iterable[dict[str, Tensor]], max_batches: int | None = None):
+    """Teacher-forced adaptive evaluation over laid-out batches (any layout: only their real tokens are read).
+
+    Returns a dict: ``ppl`` at the answering step, ``steps_per_token`` actually spent (1 … W),
+    ``fixed_steps`` (W, what fixed-K pausing spends), ``compute_saved`` = 1 − steps/W, ``p_pauses``
+    (share of tokens with 0 … K pauses) and ``tokens``.
+    """
+    W = len(runner.pause_ids) + 1
+    nll_sum = steps_sum = count = 0.0
+    hist = torch.zeros(W, dtype=torch.float64)
+    for b, batch in enumerate(batches):
+        if max_batches is not None and b >= max_batches:
+            break
+        real, mask = real_tokens(batch)
+        device = next(runner.decoder.parameters()).device
+        real, mask = real.to(device), mask.to(device)
+        trace = runner.run(real, real.shape[1] - 1)
+        nll_sum += float(trace.nll[mask].sum())
+        steps_sum += float(trace.steps[mask].sum())
+        count += float(mask.sum())
+        hist += torch.bincount(trace.steps[mask].cpu() - 1, minlength=W).double()
+    n = max(count, 1.0)
+    steps = steps_sum / n
+    return {
+        "policy": runner.policy.kind,
+        "ppl": math.exp(nll_sum / n),
+        "nll": nll_sum / n,
+        "steps_per_token": steps,
+        "fixed_steps": float(W),
+        "compute_saved": 1.0 - steps / W,
+        "p_pauses": (hist / n).tolist(),
+        "tokens": int(count),
+    }
+
+
+def real_tokens(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """The real tokens ``[B, T + 1]`` of a laid-out batch and the mask of counted targets ``[B, T]``."""
+    B, T = batch["targets"].shape
+    if "step_index" in batch:
+        first = batch["input_ids"].gather(1, batch["step_index"][:, :, 0])
+    else:
+        first = batch["input_ids"].view(B, T, -1)[:, :, 0]
+    return torch.cat((first, batch["targets"][:, -1:]), 1), batch["target_mask"].bool()
+
+
+def runner_for(module, policy: PausePolicy, sampling: Sampling | None = None, pause_ids=None, **kw) -> AdaptiveRunner:
+    """An :class:`AdaptiveRunner` for a trained ``CYBModule`` (its DK id, prior and K)."""
+    hp = module.hparams
+    k = hp.steps_per_token - 1
+    if pause_ids is None:
+        from cyb_lightning.data.tokenizer import standard_vocab
+
+        pause_ids = standard_vocab().pause_ids[:k]
+    bias = module.loss_fn.dk_bias(hp.vocab_size) if module.loss_fn.uses_dk else 0.0
+    if not module.loss_fn.uses_dk and policy.kind not in ("fixed", "none"):
+        policy = PausePolicy("fixed")  # a model without DK never asks: it gets what it was trained with
+    return AdaptiveRunner(module.decoder, hp.dk_id, pause_ids, dk_bias=bias, policy=policy, sampling=sampling, **kw)
+
+
+# -- command ------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m cyb_lightning generate --ckpt_path RUN/checkpoints/last.ckpt --prompt "..."``."""
+    parser = argparse.ArgumentParser(prog="python -m cyb_lightning generate", description=main.__doc__)
+    parser.add_argument("--ckpt_path", required=True)
+    parser.add_argument("--config", help="the run's config.yaml (default: next to the checkpoint's run)")
+    parser.add_argument("--prompt", default="")
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--policy", choices=POLICIES, default="greedy")
+    parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top_k", type=int, default=0)
+    parser.add_argument("--top_p", type=float, default=0.95)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compare", action="store_true", help="also run fixed-K and no-pause decoding")
+    parser.add_argument("--html", help="write the text coloured by pauses spent to this HTML file")
+    args, overrides = parser.parse_known_args(argv)
+
+    from cyb_lightning.evaluation.loading import load_run
+
+    module, datamodule = load_run(args.ckpt_path, args.config, overrides)
+    tok = datamodule.tokenizer
+    prompt = [datamodule.eot_id] + list(tok.encode(args.prompt)) if args.prompt else [datamodule.eot_id]
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    kinds = [args.policy] + ([k for k in ("fixed", "none") if k != args.policy] if args.compare else [])
+    for kind in kinds:
+        gen = torch.Generator().manual_seed(args.seed)
+        runner = runner_for(module, PausePolicy(kind, args.threshold), sampling, datamodule.pause_ids, generator=gen)
+        trace = runner.generate(prompt, args.max_new_tokens, stop_ids=[datamodule.eot_id])
+        ids = trace.tokens[0].tolist()
+        new = ids[len(prompt) :]
+        steps = trace.steps[0].tolist()
+        gen_steps = steps[len(prompt) - 1 :]
+        spent = sum(gen_steps) / max(1, len(gen_steps))
+        print(f"=== policy {kind}: {len(new)} new tokens, {spent:.2f} forward steps per token "
+              f"(fixed-K: {len(runner.pause_ids) + 1}; {trace.forward_calls} decoder calls)")  # fmt: skip
+        print(tok.decode([i for i in ids[1:] if i >= tok.num_reserved]))
+        if args.html and kind == args.policy:
+            from cyb_lightning.evaluation.render import token_pieces, write_html
+
+            # Token t's colour: the pauses spent after it (steps − 1), as in the report's coloured text.
+            pieces = token_pieces(tok, ids[1 : len(steps)])
+            write_html(args.html, pieces, [s - 1 for s in steps[1:]], len(runner.pause_ids), title=f"policy {kind}")
+            print(f"coloured text: {args.html}")

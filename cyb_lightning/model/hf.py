@@ -1,0 +1,290 @@
+"""A second decoder backend: any causal LM that ``transformers`` loads with ``AutoModelForCausalLM``.
+
+Select it in YAML instead of :class:`~cyb_lightning.model.GPTConfig`::
+
+    model:
+      decoder:
+        class_path: cyb_lightning.model.HFDecoder
+        init_args: {name_or_path: google/gemma-2b, dtype: float32, attn_implementation: sdpa}
+
+and give the data module the matching tokenizer (:class:`cyb_lightning.data.hf_tokenizer.HFTokenizer`),
+which decides where the DK and pause ids live: repurposed unused ids of the pretrained vocabulary, or new
+ids past its end. ``build(vocab_size)`` then grows the input embedding and the output layer to
+``vocab_size`` rows when needed, every new row being the mean of the pretrained rows (tied and untied
+output layers alike).
+
+Positions: the CYB layout gives every pause the position index of its real token, so the decoder must
+honour ``position_ids``. ``build`` refuses families whose forward has no ``position_ids`` or whose
+positions come from token distances (ALiBi: BLOOM, MPT, Falcon-ALiBi), and probes every other family
+once: the same tokens at shared and at consecutive positions must give different outputs.
+
+Attention: we always pass an all-ones ``attention_mask``. Without one, ``transformers`` reads
+non-increasing ``position_ids`` as *packed sequences* and masks attention block-diagonally, which would
+hide every earlier token from a CYB group. With it, attention is plain causal attention over the laid-out
+sequence (sdpa still takes its ``is_causal`` fast path).
+
+Sharded training: ``block_types()`` returns the family's decoder-layer classes (its
+``_no_split_modules``) for FSDP2 and activation checkpointing. Pretrained weights are always loaded into
+real (CPU or device) memory, even inside a meta-device init context, so that nothing re-initialises them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from cyb_lightning.model.spec import DecoderSpec
+
+# Families whose position information does not come from position_ids; ``build`` refuses them.
+REFUSED_FAMILIES: dict[str, str] = {
+    "bloom": "BLOOM uses ALiBi attention biases computed from token distances, not position_ids",
+    "mpt": "MPT uses ALiBi attention biases computed from token distances, not position_ids",
+    "mamba": "Mamba is a state-space model with no position input",
+    "mamba2": "Mamba-2 is a state-space model with no position input",
+    "rwkv": "RWKV is a recurrent model with no position input",
+}
+
+# Families with learned absolute position embeddings: position indices must stay below this many.
+_LEARNED_POSITIONS = ("n_positions", "max_position_embeddings")
+_LEARNED_FAMILIES = {"gpt2", "gpt_bigcode", "gpt_neo", "opt", "biogpt", "codegen"}
+
+DTypeName = Literal["float32", "bfloat16", "float16", "auto"]
+
+
+class PositionIdsIgnored(ValueError):
+    """The model family does not honour ``position_ids``, so the CYB layout cannot be expressed."""
+
+
+@dataclass
+class HFDecoder(DecoderSpec):
+    """A pretrained causal LM from the Hugging Face ecosystem (a Hub id or a local folder).
+
+    Args:
+        name_or_path: what ``AutoModelForCausalLM.from_pretrained`` takes (``google/gemma-2b``,
+            ``meta-llama/Llama-3.2-1B``, ``Qwen/Qwen2.5-1.5B``, ``gpt2``, or a local folder).
+        dtype: parameter dtype. Keep ``float32`` with ``precision: bf16-mixed``; ``bfloat16`` halves the
+            memory (use with ``precision: bf16-true``); ``auto`` takes the checkpoint's dtype.
+        attn_implementation: ``sdpa`` / ``eager`` / ``flash_attention_2`` …; None = the family's default.
+        revision: a Hub branch, tag or commit (pin it for reproducible runs).
+        trust_remote_code: allow code from the model's repository (off by default).
+        check_position_ids: probe once at build time that shared positions change the outputs.
+        from_pretrained_kwargs: anything else for ``from_pretrained`` (e.g. ``{"token": ...}``).
+    """
+
+    name_or_path: str = ""
+    dtype: DTypeName = "float32"
+    attn_implementation: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    check_position_ids: bool = True
+    from_pretrained_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.name_or_path:
+            raise ValueError("HFDecoder needs name_or_path: a Hub model id (e.g. google/gemma-2b) or a local folder")
+        self._config = None
+
+    # -- what the rest of the code asks ---------------------------------------------------------------
+
+    @property
+    def config(self):
+        """The model's ``transformers`` config (loaded once, no weights)."""
+        if self._config is None:
+            from transformers import AutoConfig
+
+            self._config = AutoConfig.from_pretrained(
+                self.name_or_path, revision=self.revision, trust_remote_code=self.trust_remote_code
+            )
+        return self._config
+
+    @property
+    def max_position(self) -> int | None:
+        """Largest position index + 1 for families with learned absolute positions (None otherwise)."""
+        cfg = self.config.get_text_config()
+        if cfg.model_type not in _LEARNED_FAMILIES:
+            return None
+        for name in _LEARNED_POSITIONS:
+            if isinstance(getattr(cfg, name, None), int):
+                return getattr(cfg, name)
+        return None
+
+    def model_class(self) -> type[nn.Module]:
+        from transformers import AutoModelForCausalLM
+
+        if self.trust_remote_code:  # remote classes are only known once loaded
+            return type(self._load_structure())
+        return AutoModelForCausalLM._model_mapping[type(self.config)]
+
+    def block_types(self) -> tuple[type[nn.Module], ...]:
+        """The family's decoder-layer classes (``_no_split_modules``): the FSDP2 / checkpointing unit."""
+        cls = self.model_class()
+        names = list(getattr(cls, "_no_split_modules", None) or [])
+        if not names:
+            raise ValueError(f"{cls.__name__} names no decoder-layer class (_no_split_modules); cannot shard it")
+        module = importlib.import_module(cls.__module__)
+        found = []
+        for name in names:
+            block = getattr(module, name, None)
+            if block is None:  # defined in another family's module (e.g. a shared vision tower): skip
+                continue
+            found.append(block)
+        if not found:
+            raise ValueError(f"none of {names} is defined in {cls.__module__}; cannot shard {cls.__name__}")
+        return tuple(found)
+
+    def flops_per_token(self, vocab_size: int, context: int) -> int | None:
+        """6·(non-embedding parameters + output head) + attention, from the config's sizes (approximate)."""
+        cfg = self.config.get_text_config()
+        d = getattr(cfg, "hidden_size", None)
+        n_layer = getattr(cfg, "num_hidden_layers", None)
+        if not isinstance(d, int) or not isinstance(n_layer, int):
+            return None
+        heads = getattr(cfg, "num_attention_heads", 1)
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or d // heads
+        ffn = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * d
+        gated = getattr(cfg, "hidden_act", getattr(cfg, "hidden_activation", "")) in (
+            "silu", "gelu_pytorch_tanh", "swish"
+        ) and cfg.model_type not in _LEARNED_FAMILIES
+        attn = d * head_dim * (heads + 2 * kv) + heads * head_dim * d
+        mlp = (3 if gated else 2) * d * ffn
+        return 6 * (n_layer * (attn + mlp) + vocab_size * d) + 12 * n_layer * heads * head_dim * context
+
+    # -- building ------------------------------------------------------------------------------------
+
+    def _check_family(self) -> None:
+        cfg = self.config.get_text_config()
+        reason = REFUSED_FAMILIES.get(cfg.model_type)
+        if cfg.model_type == "falcon" and getattr(cfg, "alibi", False):
+            reason = "this Falcon config uses ALiBi attention biases (alibi: true), not position_ids"
+        if reason:
+            raise PositionIdsIgnored(
+                f"{self.name_or_path} ({cfg.model_type}) cannot run the CYB layout: {reason}. The layout gives "
+                "every pause its real token's position, so the decoder must take positions from position_ids "
+                "(rotary or learned absolute: Llama, Gemma, Qwen2, Mistral, GPT-2, Pythia/GPT-NeoX …)."
+            )
+
+    def _from_pretrained(self, **overrides: Any) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        kwargs: dict[str, Any] = dict(
+            revision=self.revision, trust_remote_code=self.trust_remote_code, dtype=_torch_dtype(self.dtype)
+        )
+        if self.attn_implementation is not None:
+            kwargs["attn_implementation"] = self.attn_implementation
+        kwargs.update(self.from_pretrained_kwargs)
+        kwargs.update(overrides)
+        return AutoModelForCausalLM.from_pretrained(self.name_or_path, **kwargs)
+
+    def _load_structure(self) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(self.config, trust_remote_code=self.trust_remote_code)
+
+    def build(self, vocab_size: int) -> HFCausalLM:
+        """Load the pretrained weights, grow the vocabulary to ``vocab_size`` rows if needed, check positions."""
+        self._check_family()
+        # Inside a meta-device init context (FSDP2) the weights would be lost: always load real tensors
+        # (on CPU there); the strategy moves or shards them as usual.
+        on_meta = torch.empty(0).device.type == "meta"
+        with torch.device("cpu") if on_meta else nullcontext():
+            model = self._from_pretrained()
+            wrapped = HFCausalLM(model)
+            if self.check_position_ids:
+                check_position_ids(wrapped, self.name_or_path)
+            rows = model.get_input_embeddings().weight.shape[0]
+            if vocab_size > rows:
+                grow_vocabulary(model, vocab_size)
+        return wrapped
+
+
+class HFCausalLM(nn.Module):
+    """``(input_ids, position_ids) → logits [B, L, V]`` around a ``transformers`` causal LM."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        if "position_ids" not in inspect.signature(model.forward).parameters:
+            raise PositionIdsIgnored(
+                f"{type(model).__name__}.forward takes no position_ids, so the CYB layout's shared positions "
+                "cannot be passed; this family is not supported"
+            )
+        self.model = model
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        # An explicit all-ones mask: without it transformers treats repeated positions as packed sequences.
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=torch.ones_like(input_ids),
+            use_cache=False,
+            return_dict=True,
+        )
+        return out.logits
+
+
+@torch.no_grad()
+def check_position_ids(decoder: HFCausalLM, name: str = "the model") -> None:
+    """Raise :class:`PositionIdsIgnored` unless shared positions change the outputs (a 4-token probe)."""
+    was_training = decoder.training
+    decoder.eval()
+    try:
+        device = next(decoder.parameters()).device
+        rows = decoder.model.get_input_embeddings().weight.shape[0]
+        ids = (torch.tensor([[11, 12, 13, 14]], device=device) % rows)
+        consecutive = decoder(ids, torch.tensor([[0, 1, 2, 3]], device=device)).float()
+        shared = decoder(ids, torch.tensor([[0, 0, 1, 1]], device=device)).float()
+    finally:
+        decoder.train(was_training)
+    scale = consecutive.abs().max().clamp_min(1e-6)
+    if (consecutive[0, -1] - shared[0, -1]).abs().max() <= 1e-5 * scale:
+        raise PositionIdsIgnored(
+            f"{name} ignores position_ids: the same tokens at positions 0,1,2,3 and 0,0,1,1 give identical "
+            "outputs, so the CYB layout's shared positions would be silently dropped. Use a family with "
+            "rotary or learned absolute positions (Llama, Gemma, Qwen2, Mistral, GPT-2, Pythia/GPT-NeoX …)."
+        )
+
+
+@torch.no_grad()
+def grow_vocabulary(model: nn.Module, vocab_size: int) -> None:
+    """Resize input embeddings and output layer to ``vocab_size`` rows; new rows = mean of the old ones.
+
+    Works for tied output layers (one matrix, grown once) and untied ones (both grown, each with its own
+    mean); an output bias, if any, grows with the mean bias.
+    """
+    inp = model.get_input_embeddings()
+    out = model.get_output_embeddings()
+    old = inp.weight.shape[0]
+    if vocab_size <= old:
+        return
+    tied = out is not None and out.weight is inp.weight
+    in_mean = inp.weight.float().mean(0)
+    out_mean = out.weight.float().mean(0) if out is not None and not tied else None
+    bias_mean = out.bias.float().mean() if out is not None and getattr(out, "bias", None) is not None else None
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    inp = model.get_input_embeddings()
+    inp.weight[old:] = in_mean.to(inp.weight.dtype)
+    out = model.get_output_embeddings()
+    if out is not None:
+        if out_mean is not None and out.weight is not inp.weight:
+            out.weight[old:] = out_mean.to(out.weight.dtype)
+        if bias_mean is not None and getattr(out, "bias", None) is not None and out.bias.shape[0] == vocab_size:
+            out.bias[old:] = bias_mean.to(out.bias.dtype)
+
+
+def _torch_dtype(name: str):
+    if name == "auto":
+        return "auto"
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise ValueError(f"dtype must be float32, bfloat16, float16 or auto; got {name!r}") from None
+

@@ -1,0 +1,80 @@
+"""The report command end to end on a tiny checkpoint: every file, numbers equal to the validation metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from cyb_lightning.__main__ import COMMANDS
+from cyb_lightning.evaluation.report import FILES
+
+
+@pytest.fixture(scope="module")
+def report(tiny_run, tmp_path_factory):
+    from cyb_lightning.__main__ import main
+
+    ckpt, _ = tiny_run
+    out = tmp_path_factory.mktemp("report")
+    main(["report", "--ckpt_path", str(ckpt), "--out", str(out), "--min_count", "2", "--adaptive_batches", "1"])
+    return out, json.loads((out / "report.json").read_text())
+
+
+def test_report_is_a_registered_command():
+    assert COMMANDS["report"] == "cyb_lightning.evaluation.report:main"
+    assert COMMANDS["generate"] == "cyb_lightning.generation:main"
+
+
+def test_report_writes_every_file(report):
+    out, data = report
+    for name in FILES:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert any((out / "tensorboard").iterdir())
+    assert set(data["token_analysis"]["quadrants"]) == {
+        "high_median_high_variance", "high_median_low_variance", "low_median_high_variance", "low_median_low_variance"}
+    md = (out / "report.md").read_text()
+    assert f"{data['metrics']['ppl']:.3f}" in md and "token_quadrants.png" in md
+
+
+def test_report_numbers_match_the_validation_metrics(report, tiny_run):
+    from cyb_lightning.evaluation.loading import load_run
+
+    _, data = report
+    ckpt, _ = tiny_run
+    module, datamodule = load_run(str(ckpt))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    logged = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    m = data["metrics"]
+    assert m["tokens"] > 0
+    assert math.isclose(m["ppl"], logged["val/ppl"], rel_tol=1e-5)
+    assert math.isclose(m["loss"], logged["val/loss"], rel_tol=1e-5)
+    assert math.isclose(m["extra_pauses"], logged["val/extra_pauses"], rel_tol=1e-5, abs_tol=1e-7)
+    assert math.isclose(m["accuracy"], logged["val/accuracy"], rel_tol=1e-5, abs_tol=1e-7)
+    for i, p in enumerate(m["p_stop"]):
+        assert math.isclose(p, logged[f"val/p_stop/step{i + 1}"], rel_tol=1e-5, abs_tol=1e-7)
+    for i, r in enumerate(m["calibration_spearman"]):
+        assert math.isclose(r, logged[f"val/calibration/step{i + 1}"], rel_tol=1e-4, abs_tol=1e-6)
+    assert math.isclose(sum(m["p_stop"]), 1.0, rel_tol=1e-6)
+    # The token table is consistent with the latency: occurrence-weighted means ≤ all tokens' mean range.
+    toks = data["token_analysis"]["tokens"]
+    assert all(t["count"] >= 2 for t in toks) and all(0 <= t["median"] <= 2 for t in toks)
+    # Adaptive runs: fixed-K spends exactly W steps per token, no-pause exactly 1.
+    assert data["adaptive"]["fixed"]["steps_per_token"] == 3.0
+    assert data["adaptive"]["none"]["steps_per_token"] == 1.0
+    assert 1.0 <= data["adaptive"]["greedy"]["steps_per_token"] <= 3.0
+    assert torch.isfinite(torch.tensor(data["adaptive"]["greedy"]["ppl"]))
+
+
+def test_fit_logs_the_token_views_and_evaluation_metrics_to_tensorboard(tiny_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ckpt, _ = tiny_run
+    acc = EventAccumulator(str(ckpt.parent.parent), size_guidance={"images": 0, "tensors": 0}).Reload()
+    tags = acc.Tags()
+    assert "val/tokens/quadrants_plot" in tags["images"] and "val/latency" in tags["images"]
+    assert any(t.startswith("val/tokens/quadrants") for t in tags["tensors"])  # add_text → a text tensor
+    for name in ("val/ppl", "val/accuracy", "val/calibration/step1", "val/calibration/step2"):
+        assert name in tags["scalars"], name

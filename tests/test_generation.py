@@ -1,0 +1,167 @@
+"""Adaptive generation: KV cache = full recomputation, policy limits, fixed-K = the training layout."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cyb_lightning.generation import (
+    AdaptiveRunner,
+    PausePolicy,
+    Sampling,
+    adaptive_evaluate,
+    answer_nll,
+    real_tokens,
+)
+from cyb_lightning.model.gpt import GPTConfig
+
+V, DK, PAUSES, PAD = 24, 2, (3, 4, 5), 0
+K = len(PAUSES)
+BIAS = 4.0  # with the boosted DK row below, this model pauses 0, 2 or 3 times depending on the context
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Step-by-step decoding of a tiny model is latency-bound: one thread avoids pool contention on shared CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    torch.manual_seed(0)
+    m = GPTConfig(n_layer=2, n_head=2, n_kv_head=1, d_model=32, max_position=64, init_std=0.1).build(V).eval()
+    with torch.no_grad():
+        m.head.weight[DK] *= 10  # make d depend strongly on the context (tied: DK is never an input)
+    return m
+
+
+def runner(decoder, kind, threshold=0.5, use_cache=True, sampling=Sampling(0.0), seed=1):
+    return AdaptiveRunner(decoder, DK, PAUSES, PAD, BIAS, PausePolicy(kind, threshold), sampling,
+                          use_cache=use_cache, generator=torch.Generator().manual_seed(seed))  # fmt: skip
+
+
+PROMPT = [1, 7, 8, 9, 13, 21]
+CASES = [("greedy", 0.5), ("threshold", 0.5), ("threshold", 0.2), ("sample", 0.5), ("fixed", 0.5), ("none", 0.5)]
+
+
+@pytest.mark.parametrize("kind,threshold", CASES)
+def test_kv_cache_generation_equals_full_recomputation(decoder, kind, threshold):
+    cached = runner(decoder, kind, threshold).generate(PROMPT, 16)
+    full = runner(decoder, kind, threshold, use_cache=False).generate(PROMPT, 16)
+    assert cached.tokens.tolist() == full.tokens.tolist()
+    assert cached.steps.tolist() == full.steps.tolist()
+    torch.testing.assert_close(cached.nll, full.nll, rtol=1e-4, atol=1e-4)
+    assert cached.tokens.shape[1] == len(PROMPT) + 16
+    assert DK not in cached.tokens[0, len(PROMPT) :].tolist()
+
+
+def test_the_policies_under_test_do_pause_adaptively(decoder):
+    steps = torch.cat([runner(decoder, k, t).generate(PROMPT, 16).steps[0] for k, t in CASES[:4]])
+    counts = torch.bincount(steps - 1, minlength=K + 1)
+    assert counts[0] > 0 and counts[1:].sum() > 0  # some tokens answer at once, some pause
+
+
+def test_threshold_one_never_pauses_and_equals_no_pause_decoding(decoder):
+    t1 = runner(decoder, "threshold", 1.0).generate(PROMPT, 16)
+    assert (t1.steps == 1).all()
+    assert t1.tokens.tolist() == runner(decoder, "none").generate(PROMPT, 16).tokens.tolist()
+
+
+def test_threshold_zero_always_uses_k_pauses_and_equals_fixed_k(decoder):
+    t0 = runner(decoder, "threshold", 0.0).generate(PROMPT, 16)
+    fixed = runner(decoder, "fixed").generate(PROMPT, 16)
+    assert (t0.steps == K + 1).all() and (fixed.steps == K + 1).all()
+    assert t0.tokens.tolist() == fixed.tokens.tolist()
+    assert t0.forward_calls == fixed.forward_calls == (K + 1) * (len(PROMPT) - 1 + 16)
+
+
+def cyb_layout(real: torch.Tensor) -> dict[str, torch.Tensor]:
+    B, T = real.shape[0], real.shape[1] - 1
+    ids = torch.empty(B, T, K + 1, dtype=torch.long)
+    ids[:, :, 0] = real[:, :-1]
+    ids[:, :, 1:] = torch.tensor(PAUSES)
+    return {"input_ids": ids.view(B, -1), "position_ids": torch.arange(T).repeat_interleave(K + 1).expand(B, -1),
+            "targets": real[:, 1:], "target_mask": torch.ones(B, T, dtype=torch.bool)}  # fmt: skip
+
+
+def test_fixed_k_teacher_forcing_reads_the_training_layout_at_step_w(decoder):
+    real = torch.randint(6, V, (2, 10), generator=torch.Generator().manual_seed(3))
+    batch = cyb_layout(real)
+    trace = runner(decoder, "fixed").run(*real_tokens(batch)[:1], length=9)
+    with torch.no_grad():
+        logits = decoder(batch["input_ids"], batch["position_ids"]).view(2, 9, K + 1, V)
+    expected = answer_nll(logits[:, :, -1].reshape(-1, V), batch["targets"].reshape(-1), DK).view(2, 9)
+    torch.testing.assert_close(trace.nll, expected, rtol=1e-5, atol=1e-5)
+    none = runner(decoder, "none").run(real, length=9)
+    with torch.no_grad():
+        plain = decoder(real[:, :-1])
+    expected = answer_nll(plain.reshape(-1, V), real[:, 1:].reshape(-1), DK).view(2, 9)
+    torch.testing.assert_close(none.nll, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["greedy", "threshold"])
+def test_rows_in_lockstep_see_only_their_own_pauses(decoder, kind):
+    # A batch of rows pausing differently (invisible filler inputs) = each row run alone.
+    real = torch.randint(6, V, (3, 12), generator=torch.Generator().manual_seed(4))
+    together = runner(decoder, kind, 0.3).run(real, length=11)
+    assert together.steps.unique().numel() > 1
+    for b in range(3):
+        alone = runner(decoder, kind, 0.3, use_cache=False).run(real[b : b + 1], length=11)
+        assert alone.steps.tolist() == together.steps[b : b + 1].tolist()
+        torch.testing.assert_close(alone.nll, together.nll[b : b + 1], rtol=1e-4, atol=1e-4)
+
+
+def test_adaptive_evaluation_reports_compute_against_fixed_k(decoder):
+    real = torch.randint(6, V, (2, 12), generator=torch.Generator().manual_seed(5))
+    batch = cyb_layout(real)
+    batch["target_mask"][1, 8:] = False
+    greedy = adaptive_evaluate(runner(decoder, "greedy"), [batch])
+    fixed = adaptive_evaluate(runner(decoder, "fixed"), [batch])
+    trace = runner(decoder, "greedy").run(real, length=11)
+    mask = batch["target_mask"]
+    assert greedy["tokens"] == fixed["tokens"] == 11 + 8
+    assert math.isclose(greedy["steps_per_token"], float(trace.steps[mask].double().mean()))
+    assert math.isclose(greedy["ppl"], math.exp(float(trace.nll[mask].mean())), rel_tol=1e-9)
+    assert fixed["steps_per_token"] == K + 1 and fixed["compute_saved"] == 0.0
+    assert math.isclose(greedy["compute_saved"], 1 - greedy["steps_per_token"] / (K + 1))
+    assert math.isclose(sum(greedy["p_pauses"]), 1.0)
+
+
+def test_sampling_options():
+    logits = torch.tensor([[0.0, 1.0, 9.0, 3.0, 2.0, 2.5]])  # DK = 2 has the largest logit
+    g = torch.Generator().manual_seed(0)
+    assert Sampling(0.0).draw(logits, DK, g).item() == 3
+    assert Sampling(1.0, top_k=1).draw(logits, DK, g).item() == 3
+    assert Sampling(1.0, top_p=1e-6).draw(logits, DK, g).item() == 3
+    draws = torch.cat([Sampling(1.0, top_k=2).draw(logits.expand(400, -1), DK, g) for _ in range(3)])
+    assert set(draws.tolist()) == {3, 5}
+    draws = torch.cat([Sampling(2.0).draw(logits.expand(400, -1), DK, g) for _ in range(3)])
+    assert DK not in draws.tolist() and len(set(draws.tolist())) == 5
+    with pytest.raises(ValueError):
+        Sampling(1.0, top_p=0.0)
+    with pytest.raises(ValueError, match="unknown pause policy"):
+        PausePolicy("always")
+
+
+def test_decoder_cache_chunks_and_hidden_inputs(decoder):
+    ids = torch.randint(6, V, (2, 11), generator=torch.Generator().manual_seed(6))
+    pos = torch.arange(11).expand(2, -1)
+    with torch.no_grad():
+        full = decoder(ids, pos)
+        cache = decoder.new_cache()
+        parts = [decoder(ids[:, a:b], pos[:, a:b], cache=cache) for a, b in ((0, 4), (4, 5), (5, 11))]
+        assert len(cache) == 11
+        torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+        # A hidden input (key_mask False) is as if it had never been fed, for every later query.
+        cache = decoder.new_cache()
+        decoder(ids[:, :5], pos[:, :5], cache=cache)
+        decoder(torch.full((2, 1), PAD), pos[:, 5:6], cache=cache, key_mask=torch.zeros(2, 1, dtype=torch.bool))
+        rest = decoder(ids[:, 5:], pos[:, 5:], cache=cache)
+        torch.testing.assert_close(rest, full[:, 5:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="needs a cache"):
+        decoder(ids, pos, key_mask=torch.ones(2, 11, dtype=torch.bool))

@@ -1,0 +1,127 @@
+"""``init_from``: fine-tune from the decoder of one of our own runs (the paper's protocol, our own decoder)."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cyb_lightning.losses import CYBAP, CrossEntropy, TBYSPerToken
+from cyb_lightning.model import GPTConfig
+from cyb_lightning.module import CYBModule
+
+V, DK, PAUSES, T = 40, 2, (3, 4, 5), 8
+
+
+def laid_out(real: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """The CYB layout of one row of T + 1 real tokens (k = 0: the plain baseline)."""
+    w = k + 1
+    ids = torch.empty(T, w, dtype=torch.long)
+    ids[:, 0] = real[:-1]
+    ids[:, 1:] = torch.tensor(PAUSES[:k], dtype=torch.long)
+    return {"input_ids": ids.reshape(-1), "position_ids": torch.arange(T).repeat_interleave(w),
+            "targets": real[1:].clone(), "target_mask": torch.ones(T, dtype=torch.bool)}
+
+
+class Rows(Dataset):
+    def __init__(self, k: int, n: int = 16):
+        g = torch.Generator().manual_seed(0)
+        self.rows = [laid_out(torch.randint(6, V, (T + 1,), generator=g), k) for _ in range(n)]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def make(loss, k: int, **kw) -> CYBModule:
+    return CYBModule(GPTConfig(n_layer=2, n_head=2, d_model=32, max_position=64), loss, vocab_size=V, dk_id=DK,
+                     steps_per_token=k + 1, seq_len=T, warmup_steps=1, **kw)
+
+
+def fit(module, k, tmp_path, steps, ckpt_path=None, callbacks=()):
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, default_root_dir=tmp_path, callbacks=list(callbacks))
+    trainer.fit(module, DataLoader(Rows(k), batch_size=4), ckpt_path=ckpt_path, weights_only=False)
+    return trainer
+
+
+class Snapshot(L.Callback):
+    """The decoder weights when training starts (after init_from and any checkpoint restore)."""
+
+    def on_train_start(self, trainer, module):
+        self.state = {k: v.detach().clone() for k, v in module.decoder.state_dict().items()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def baseline_ckpt(tmp_path_factory):
+    """A checkpoint of our own no-pause baseline run (CrossEntropy, layout none)."""
+    tmp = tmp_path_factory.mktemp("baseline")
+    torch.manual_seed(0)
+    module = make(CrossEntropy(), 0, lr=1e-2)
+    trainer = fit(module, 0, tmp, steps=3)
+    path = tmp / "baseline.ckpt"
+    trainer.save_checkpoint(path)
+    return path, {k: v.detach().clone() for k, v in module.decoder.state_dict().items()}
+
+
+@pytest.mark.parametrize("loss", [CYBAP(), TBYSPerToken()], ids=["cyb_ap", "tbys"])
+def test_finetune_with_pauses_starts_from_the_baseline_decoder(baseline_ckpt, loss, tmp_path):
+    path, weights = baseline_ckpt
+    torch.manual_seed(1)  # a different random init, which init_from must replace
+    module = make(loss, 3, init_from=str(path), lr=1e-2)
+    snap = Snapshot()
+    fit(module, 3, tmp_path, steps=2, callbacks=[snap])
+    assert same(snap.state, weights)
+    assert not same(module.decoder.state_dict(), weights)  # and it trained from there
+
+
+def test_resuming_ignores_init_from(baseline_ckpt, tmp_path):
+    path, weights = baseline_ckpt
+    module = make(CYBAP(), 3, init_from=str(path), lr=1e-2)
+    trainer = fit(module, 3, tmp_path, steps=2)
+    trainer.save_checkpoint(tmp_path / "cyb.ckpt")
+    resumed_from = {k: v.detach().clone() for k, v in module.decoder.state_dict().items()}
+
+    snap = Snapshot()
+    fit(make(CYBAP(), 3, init_from=str(path), lr=1e-2), 3, tmp_path, steps=4, ckpt_path=tmp_path / "cyb.ckpt",
+        callbacks=[snap])
+    assert same(snap.state, resumed_from) and not same(snap.state, weights)
+
+    # load_from_checkpoint, then a new fit: the loaded weights win too.
+    loaded = CYBModule.load_from_checkpoint(tmp_path / "cyb.ckpt", weights_only=False)
+    snap = Snapshot()
+    fit(loaded, 3, tmp_path, steps=1, callbacks=[snap])
+    assert same(snap.state, resumed_from)
+
+
+def test_init_from_a_mismatched_decoder_fails_clearly(baseline_ckpt, tmp_path):
+    path, _ = baseline_ckpt
+    module = CYBModule(GPTConfig(n_layer=2, n_head=2, d_model=48), CYBAP(), vocab_size=V, dk_id=DK,
+                       steps_per_token=4, seq_len=T, init_from=str(path))
+    module.configure_model()
+    with pytest.raises(ValueError, match="does not match"):
+        module.load_decoder_weights(str(path))
+    with pytest.raises(FileNotFoundError):
+        module.load_decoder_weights(str(tmp_path / "missing.ckpt"))
+
+
+def test_init_from_a_distributed_checkpoint_folder(baseline_ckpt, tmp_path):
+    """FSDP2 runs (ModelParallelStrategy) save a torch.distributed.checkpoint folder: {"state_dict": …}."""
+    import torch.distributed.checkpoint as dcp
+
+    path, weights = baseline_ckpt
+    state = {"state_dict": torch.load(path, weights_only=False)["state_dict"]}
+    folder = tmp_path / "baseline_dcp"
+    dcp.save(state, checkpoint_id=folder)
+    module = make(CYBAP(), 3, init_from=str(folder))
+    module.configure_model()
+    module.load_decoder_weights(str(folder))
+    assert same(module.decoder.state_dict(), weights)
