@@ -61,7 +61,7 @@ def test_fit_learns_checkpoints_and_writes_stopping_histograms(tmp_path, source_
 
 
 def run_cli_error(args, capsys) -> str:
-    with pytest.raises((SystemExit, ValueError)) as info:
+    with pytest.raises((SystemExit, ValueError, OSError)) as info:
         main(args)
     err = capsys.readouterr().err
     return f"{err}\n{info.value}"

@@ -239,6 +239,10 @@ class LocalShards(TextSource):
             )
         return files
 
+    def prepare(self) -> None:
+        # Fail on a missing or empty folder before anything else is asked of the source (tokenizer, stream).
+        self.shards("train")
+
     def iter_shard(self, split: str, shard: str) -> Iterator[str]:
         opener = gzip.open if shard.endswith(".gz") else open
         lineno = 0
