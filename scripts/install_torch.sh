@@ -10,6 +10,10 @@ fi
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   exec "$py" -m pip install "torch==$version"            # PyPI's default Linux wheel is the CUDA build
 fi
-# No GPU: a CPU wheel from a local wheel folder (pip's find-links) if there is one, else PyTorch's CPU index.
-"$py" -m pip install --no-index "torch==$version" 2>/dev/null \
-  || "$py" -m pip install "torch==$version" --index-url https://download.pytorch.org/whl/cpu
+# No GPU. A CPU wheel in a local wheel folder (pip's find-links) is taken without asking any index; its
+# dependencies then come from the usual index. Otherwise PyTorch's CPU index serves torch and its needs.
+if "$py" -m pip install -q --no-index --no-deps "torch==$version" 2>/dev/null; then
+  exec "$py" -m pip install "torch==$version"
+fi
+exec "$py" -m pip install "torch==$version" \
+  --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
