@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -171,24 +171,11 @@ class HFTokenizer(TextTokenizer):
             out.append(ids)
         return out
 
-    def decode(self, ids: Iterable[int]) -> str:
-        """Text for ``ids``; DK and pause ids are shown as ``<dk>``, ``<pause1>``…, for display only."""
-        out: list[str] = []
-        run: list[int] = []
-        for i in ids:
-            i = int(i)
-            if not 0 <= i < self.vocab.size:
-                raise ValueError(f"id {i} is outside the vocabulary [0, {self.vocab.size})")
-            if i in self._names:
-                if run:
-                    out.append(self._tok.decode(run, skip_special_tokens=False))
-                    run = []
-                out.append(self._names[i])
-            else:
-                run.append(i)
-        if run:
-            out.append(self._tok.decode(run, skip_special_tokens=False))
-        return "".join(out)
+    def reserved_name(self, i: int) -> str | None:
+        return self._names.get(i)
+
+    def decode_text(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=False)
 
     def __repr__(self) -> str:
         return (

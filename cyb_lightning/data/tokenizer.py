@@ -89,8 +89,32 @@ class TextTokenizer:
         """Token ids of each text as int64 arrays (what the stream packs)."""
         raise NotImplementedError
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def reserved_name(self, i: int) -> str | None:
+        """Display name of a reserved id (``<dk>``, ``<pause1>``…), None for a text id."""
         raise NotImplementedError
+
+    def decode_text(self, ids: list[int]) -> str:
+        """Text of a run of (non-reserved) ids."""
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text for ``ids``; reserved ids are shown by name (``<pause1>``, ``<dk>``…), for display only."""
+        out: list[str] = []
+        run: list[int] = []
+        for i in map(int, ids):
+            if not 0 <= i < self.vocab.size:
+                raise ValueError(f"id {i} is outside the vocabulary [0, {self.vocab.size})")
+            name = self.reserved_name(i)
+            if name is None:
+                run.append(i)
+                continue
+            if run:
+                out.append(self.decode_text(run))
+                run = []
+            out.append(name)
+        if run:
+            out.append(self.decode_text(run))
+        return "".join(out)
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
@@ -191,24 +215,11 @@ class CYBTokenizer(TextTokenizer):
         encs = self._bpe.encode_batch_fast(list(texts), add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int64) + self._offset for e in encs]
 
-    def decode(self, ids: Iterable[int]) -> str:
-        """Text for ``ids``; reserved ids are shown by name (``<pause1>``, ``<dk>``…), for display only."""
-        out: list[str] = []
-        run: list[int] = []
-        for i in ids:
-            i = int(i)
-            if not 0 <= i < self.vocab.size:
-                raise ValueError(f"id {i} is outside the vocabulary [0, {self.vocab.size})")
-            if i >= self._offset:
-                run.append(i - self._offset)
-                continue
-            if run:
-                out.append(self._bpe.decode(run, skip_special_tokens=False))
-                run = []
-            out.append(self._reserved_names[i])
-        if run:
-            out.append(self._bpe.decode(run, skip_special_tokens=False))
-        return "".join(out)
+    def reserved_name(self, i: int) -> str | None:
+        return self._reserved_names[i] if i < self._offset else None
+
+    def decode_text(self, ids: list[int]) -> str:
+        return self._bpe.decode([i - self._offset for i in ids], skip_special_tokens=False)
 
     def __repr__(self) -> str:
         return f"CYBTokenizer(size={self.vocab.size}, reserved={self._offset})"
