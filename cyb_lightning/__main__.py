@@ -15,6 +15,7 @@ COMMANDS: dict[str, str] = {
     "generate": "cyb_lightning.generation:main",
     "consolidate": "cyb_lightning.checkpoint:main",
     "download-c4": "cyb_lightning.data.download:main",
+    "experiment": "cyb_lightning.experiments.reproduce:main",
 }
 
 

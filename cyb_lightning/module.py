@@ -15,12 +15,13 @@ import warnings
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics import MeanMetric
 
 from cyb_lightning.losses import PauseLoss
 from cyb_lightning.losses import functional as LF
+from cyb_lightning.losses.chunked import ChunkedLossUnsupported, chunked_loss
 from cyb_lightning.metrics import CalibrationSpearman, ReadoutAccuracy, StoppingStats, step_statistics
 from cyb_lightning.metrics.stopping import TokenStats
 from cyb_lightning.model import DecoderSpec
@@ -45,6 +46,11 @@ class CYBModule(L.LightningModule):
         decay_steps: where the cosine ends; defaults to ``trainer.max_steps``, which must then be set.
         vocab_size, dk_id, steps_per_token, seq_len: filled in from the data module by the CLI.
         activation_checkpointing: recompute each transformer block in the backward pass (any strategy).
+        chunked_loss: compute the loss from the decoder's final hidden states and output head chunk by chunk
+            (``cyb_lightning.losses.chunked``), never holding ``[N·W, V]`` logits; training and validation
+            losses equal the plain path's. Needs ``hidden_states``/``output_head`` on the decoder (our GPT,
+            HF families without logit soft-capping); the plain path is used otherwise, and under FSDP2.
+        loss_chunk_size: logit rows per chunk (0: automatic, ``losses.chunked.auto_chunk_size``).
         init_from: a checkpoint of one of our own runs (a Lightning ``.ckpt`` file or a distributed
             checkpoint folder) whose decoder weights initialise this run's decoder before fitting, e.g. a
             ``baseline.yaml`` run fine-tuned with a CYB or TBYS config. Loaded at ``on_fit_start``, after the
@@ -67,6 +73,8 @@ class CYBModule(L.LightningModule):
         seq_len: int = 0,
         activation_checkpointing: bool = False,
         init_from: str | None = None,
+        chunked_loss: bool = True,
+        loss_chunk_size: int = 0,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
@@ -79,6 +87,8 @@ class CYBModule(L.LightningModule):
                 "`python -m cyb_lightning` (which links data.vocab_size/dk_id into the model) or pass them"
             )
         loss.check_steps(steps_per_token)
+        if loss_chunk_size < 0:
+            raise ValueError(f"loss_chunk_size must be >= 0 (0: automatic), got {loss_chunk_size}")
         max_position = getattr(decoder, "max_position", None)
         if max_position is not None and seq_len > max_position:
             raise ValueError(
@@ -89,6 +99,7 @@ class CYBModule(L.LightningModule):
         self.loss_fn = loss
         self.decoder: torch.nn.Module | None = None
         self._init_from_done = False
+        self._chunked_ok: bool | None = None  # decided on the first step (the decoder is built by then)
         self.val_stats = StoppingStats(steps_per_token)
         self.val_loss = MeanMetric()
         self.val_accuracy = ReadoutAccuracy(steps_per_token)
@@ -170,22 +181,89 @@ class CYBModule(L.LightningModule):
             first = batch["input_ids"].view(B, T, -1)[:, :, 0]
         return first[batch["target_mask"]]
 
+    # -- chunked loss ----------------------------------------------------------------------------
+    def _use_chunked(self) -> bool:
+        """Chunked loss when asked for and the decoder exposes its hidden states and head (not under FSDP2)."""
+        if not self.hparams.get("chunked_loss", True):
+            return False
+        decoder = self.decoder
+        if not (hasattr(decoder, "hidden_states") and hasattr(decoder, "output_head")):
+            return False
+        if self._chunked_ok is None:
+            # FSDP2 all-gathers the root's parameters (head included) around ``forward`` only; calling
+            # hidden_states/output_head directly would see the shards.
+            self._chunked_ok = not any(hasattr(p, "full_tensor") for p in decoder.parameters())
+            if self._chunked_ok:
+                try:
+                    decoder.output_head()
+                except ChunkedLossUnsupported as e:
+                    rank_zero_warn(f"chunked_loss: falling back to the plain loss on full logits: {e}")
+                    self._chunked_ok = False
+        return self._chunked_ok
+
+    def grouped_hidden(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Final hidden states of the real tokens that count, ``[N, W, d]``, and their targets ``[N]``."""
+        hidden = self.decoder.hidden_states(batch["input_ids"], batch["position_ids"])
+        B, T = batch["targets"].shape
+        if "step_index" in batch:
+            index = batch["step_index"].reshape(B, -1, 1).expand(-1, -1, hidden.shape[-1])
+            hidden = hidden.gather(1, index)
+        hidden = hidden.view(B, T, -1, hidden.shape[-1])
+        mask = batch["target_mask"]
+        return hidden[mask], batch["targets"][mask]
+
+    def chunked_step(self, batch: dict[str, Tensor], with_stats: bool) -> tuple[Tensor, Tensor, TokenStats | None]:
+        """(Σ per-token loss, detached per-token loss [N], stats) through ``losses.chunked``."""
+        hidden, targets = self.grouped_hidden(batch)
+        weight, bias = self.decoder.output_head()
+        step_mask = batch["step_mask"][batch["target_mask"]] if "step_mask" in batch else None
+        out = chunked_loss(hidden, weight, targets, self.loss_fn, self.hparams.dk_id, bias=bias,
+                           chunk_size=self.hparams.get("loss_chunk_size", 0) or None, step_mask=step_mask,
+                           with_argmax=with_stats)  # fmt: skip
+        stats = self._stats_from_chunked(out, targets, weight.shape[0]) if with_stats else None
+        return out.total, out.per_token, stats
+
+    def _stats_from_chunked(self, out, targets: Tensor, vocab_size: int) -> TokenStats:
+        """``metrics.step_statistics`` from the chunked quantities instead of the logits (same numbers)."""
+        correct = out.best_id == targets[:, None]
+        steps = out.lse_rest.shape[1]
+        if not self.loss_fn.uses_dk:
+            stop = torch.zeros_like(out.lse_rest)
+            stop[:, -1] = 1.0
+            readout = torch.full_like(targets, steps - 1)
+            return TokenStats(nll=out.per_token.float(), stop=stop, log_d=None, correct=correct, readout=readout)
+        bias = self.loss_fn.dk_bias(vocab_size)
+        log_d, log_1md, log_t = LF.log_probs_from_stats(out.lse_rest, out.z_y, out.z_dk, bias)
+        log_s = LF.halting_log_probs(log_d, log_1md)
+        answers = out.z_dk + bias <= out.best_rest  # the greedy reader answers where DK is not the argmax
+        answers[:, -1] = True
+        return TokenStats(nll=-torch.logsumexp(log_s + log_t, -1), stop=log_s.exp(), log_d=log_d, log_t=log_t,
+                          correct=correct, readout=answers.int().argmax(-1))  # fmt: skip
+
     # -- steps ---------------------------------------------------------------------------------
     def reduce_tokens(self, per_token: Tensor) -> Tensor:
         """Σ local losses · world / global token count: the global token mean once DDP averages gradients."""
+        return self._reduce_sum(per_token.sum(), per_token.numel(), per_token.device)
+
+    def _reduce_sum(self, total: Tensor, count: int, device) -> Tensor:
         world = self._trainer.world_size if self._trainer is not None else 1
-        n = torch.tensor(float(per_token.numel()), device=per_token.device)
+        n = torch.tensor(float(count), device=device)
         if world > 1:
             n = self.trainer.strategy.reduce(n, reduce_op="sum")
-        return per_token.sum() * world / n.clamp_min(1)
+        return total * world / n.clamp_min(1)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor | TokenStats]:
-        logits, targets = self.grouped_logits(batch)
-        loss = self.reduce_tokens(self.token_loss(logits, targets, batch))
+        logging = self._logging_step()
+        if self._use_chunked():
+            total, per_token, stats = self.chunked_step(batch, with_stats=logging)
+            loss = self._reduce_sum(total, per_token.numel(), per_token.device)
+        else:
+            logits, targets = self.grouped_logits(batch)
+            loss = self.reduce_tokens(self.token_loss(logits, targets, batch))
+            stats = step_statistics(logits.detach(), targets, self.hparams.dk_id, self.loss_fn) if logging else None
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         out: dict[str, Tensor | TokenStats] = {"loss": loss}
-        if self._logging_step():
-            stats = step_statistics(logits.detach(), targets, self.hparams.dk_id, self.loss_fn)
+        if stats is not None:
             out["stats"] = stats
             self.log("train/ppl", stats.nll.mean().exp(), sync_dist=True)
             self.log("train/extra_pauses", stats.extra_pauses.mean(), sync_dist=True)
@@ -210,11 +288,19 @@ class CYBModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._evaluation_epoch_end("test")
 
-    def _evaluation_step(self, stage: str, batch: dict[str, Tensor]) -> dict[str, TokenStats]:
-        logits, targets = self.grouped_logits(batch)
-        per_token = self.token_loss(logits, targets, batch)
-        stats = step_statistics(logits, targets, self.hparams.dk_id, self.loss_fn)
+    def evaluation_outputs(self, batch: dict[str, Tensor]) -> tuple[Tensor, TokenStats]:
+        """Per-token loss ``[N]`` and statistics of a batch, as validation computes them (reports reuse it)."""
+        if self._use_chunked():
+            _, per_token, stats = self.chunked_step(batch, with_stats=True)
+        else:
+            logits, targets = self.grouped_logits(batch)
+            per_token = self.token_loss(logits, targets, batch)
+            stats = step_statistics(logits, targets, self.hparams.dk_id, self.loss_fn)
         stats.inputs = self.group_inputs(batch)
+        return per_token, stats
+
+    def _evaluation_step(self, stage: str, batch: dict[str, Tensor]) -> dict[str, TokenStats]:
+        per_token, stats = self.evaluation_outputs(batch)
         getattr(self, f"{stage}_stats").update(stats)
         getattr(self, f"{stage}_accuracy").update(stats)
         calibration = getattr(self, f"{stage}_calibration")
@@ -235,10 +321,12 @@ class CYBModule(L.LightningModule):
         self.log(f"{stage}/extra_pauses", result["extra_pauses"].float(), sync_dist=False)
         self.log(f"{stage}/accuracy", acc["accuracy"].float(), sync_dist=False)
         self.log(f"{stage}/readout_steps", acc["readout_steps"].float(), sync_dist=False)
+        # reshape: with W = 1 the per-step states come back 0-dim from the metric
+        p_stop, dk_rate = result["p_stop"].reshape(-1), result["dk_rate"].reshape(-1)
         for i in range(self.hparams.steps_per_token):
-            self.log(f"{stage}/p_stop/step{i + 1}", result["p_stop"][i].float(), sync_dist=False)
+            self.log(f"{stage}/p_stop/step{i + 1}", p_stop[i].float(), sync_dist=False)
             if self.loss_fn.uses_dk:
-                self.log(f"{stage}/dk_rate/step{i + 1}", result["dk_rate"][i].float(), sync_dist=False)
+                self.log(f"{stage}/dk_rate/step{i + 1}", dk_rate[i].float(), sync_dist=False)
         calibration = getattr(self, f"{stage}_calibration")
         if calibration is not None:
             rho = calibration.compute()

@@ -136,3 +136,54 @@ def test_fit_learns_and_dk_prior_shows_in_the_stopping_distribution(tmp_path):
     assert after < 0.5 * before
     assert trainer.callback_metrics["val/ppl"] < math.exp(before)
     assert F.dk_prior_bias(V) == pytest.approx(math.log(9 * (V - 1)))
+
+
+class _Record(L.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
+
+
+def _fit(loss, chunked: bool, tmp_path, k=3, steps=6):
+    m = module(loss, k=k, lr=1e-2, chunked_loss=chunked, loss_chunk_size=12)
+    record = _Record()
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=2,
+                        default_root_dir=tmp_path, limit_val_batches=2, val_check_interval=steps,
+                        callbacks=[record])
+    data = DataLoader(_Batches(48, k), batch_size=8)
+    trainer.fit(m, data, data)
+    metrics = {k: v.item() for k, v in trainer.callback_metrics.items()}
+    return record.losses, metrics, m
+
+
+@pytest.mark.parametrize("loss, k", [(CYBAP(), 3), (CYBDP(), 3), (TBYSPerToken(), 3), (CrossEntropy(), 0)])
+def test_chunked_and_plain_loss_train_the_same(loss, k, tmp_path):
+    plain_losses, plain_metrics, plain_model = _fit(loss, False, tmp_path / "plain", k)
+    chunked_losses, chunked_metrics, chunked_model = _fit(loss, True, tmp_path / "chunked", k)
+    assert chunked_model._use_chunked() and not plain_model._use_chunked()
+    assert len(chunked_losses) == 6
+    torch.testing.assert_close(torch.tensor(chunked_losses), torch.tensor(plain_losses), rtol=1e-4, atol=1e-5)
+    assert set(chunked_metrics) == set(plain_metrics)  # the same train/ and val/ metrics are logged
+    for key, value in plain_metrics.items():
+        assert chunked_metrics[key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
+    for (name, p), q in zip(plain_model.named_parameters(), chunked_model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_training_step_chunked_equals_plain_with_masked_targets():
+    m = module(CYBAP())
+    batch = cyb_batch(torch.randint(6, V, (2, 9)), 3)
+    batch["target_mask"][1, 5:] = False
+    chunked = m.training_step(batch, 0)["loss"]
+    chunked.backward()
+    grads = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    logits, targets = m.grouped_logits(batch)
+    plain = m.loss_fn(logits, targets, DK).mean()
+    plain.backward()
+    torch.testing.assert_close(chunked, plain)
+    for g, p in zip(grads, m.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)

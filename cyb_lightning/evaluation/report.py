@@ -35,7 +35,6 @@ from cyb_lightning.metrics import (
     ReadoutAccuracy,
     StoppingStats,
     TokenPauseStats,
-    step_statistics,
 )
 
 FILES = ("report.json", "report.md", "latency.png", "dk_rate.png", "calibration.png", "token_quadrants.png",
@@ -46,7 +45,6 @@ FILES = ("report.json", "report.md", "latency.png", "dk_rate.png", "calibration.
 def evaluate(module, batches, *, min_count: int = 5, max_batches: int | None = None, sample_tokens: int = 240):
     """Metrics over ``batches`` (laid-out validation batches) → a dict of plain numbers and tensors."""
     W = module.hparams.steps_per_token
-    dk_id = module.hparams.dk_id
     stats_m, acc_m, loss_m = StoppingStats(W), ReadoutAccuracy(W), MeanMetric()
     calib_m = CalibrationSpearman(W) if module.loss_fn.uses_dk and W > 1 else None
     token_m = TokenPauseStats(min_count)
@@ -55,12 +53,9 @@ def evaluate(module, batches, *, min_count: int = 5, max_batches: int | None = N
         if max_batches is not None and b >= max_batches:
             break
         batch = {k: v.to(module.device) for k, v in batch.items()}
-        logits, targets = module.grouped_logits(batch)
-        if targets.numel() == 0:
+        if not bool(batch["target_mask"].any()):
             continue
-        per_token = module.token_loss(logits, targets, batch)
-        stats = step_statistics(logits, targets, dk_id, module.loss_fn)
-        stats.inputs = module.group_inputs(batch)
+        per_token, stats = module.evaluation_outputs(batch)  # exactly what validation computes
         for m in (stats_m, acc_m, token_m) + ((calib_m,) if calib_m is not None else ()):
             m.update(stats)
         loss_m.update(per_token)

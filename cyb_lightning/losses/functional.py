@@ -85,13 +85,12 @@ def _log1mexp(x: Tensor) -> Tensor:
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def step_log_probs(
-    logits: Tensor, targets: Tensor, dk_id: int, dk_bias: float = 0.0
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(log d, log(1 − d), log t), each ``[N, W]`` in fp32/fp64, with the DK prior applied.
+def step_logit_stats(logits: Tensor, targets: Tensor, dk_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(LSE over the non-DK ids, target logit z_y, raw DK logit z_dk), each ``[N, W]`` in fp32/fp64.
 
-    ``log d`` holds the model's raw DK probability at every step (the last included); the d_W := 0 rule
-    is applied by the stopping distribution, never here, so metrics can still read the last step's DK.
+    These three numbers per step are all any loss here needs from the ``V`` logits (no DK prior yet):
+    :mod:`cyb_lightning.losses.chunked` computes them chunk by chunk from hidden states and the output
+    head, the plain path from full logits; both then share the math below.
     """
     if logits.dim() != 3:
         raise ValueError(f"logits must be [N, W, V], got shape {tuple(logits.shape)}")
@@ -101,10 +100,28 @@ def step_log_probs(
     # LSE over every id but DK from the two slices around it: exact (no cancellation when DK dominates)
     # and without copying the vocabulary.
     lse_rest = torch.logaddexp(torch.logsumexp(z[..., :dk_id], -1), torch.logsumexp(z[..., dk_id + 1 :], -1))
-    z_dk = z[..., dk_id] + dk_bias
-    lse_all = torch.logaddexp(lse_rest, z_dk)
     z_y = z.gather(-1, targets.view(-1, 1, 1).expand(-1, z.shape[1], 1)).squeeze(-1)
+    return lse_rest, z_y, z[..., dk_id]
+
+
+def log_probs_from_stats(
+    lse_rest: Tensor, z_y: Tensor, z_dk: Tensor, dk_bias: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(log d, log(1 − d), log t) ``[N, W]`` from :func:`step_logit_stats`, with the DK prior applied."""
+    z_dk = z_dk + dk_bias
+    lse_all = torch.logaddexp(lse_rest, z_dk)
     return z_dk - lse_all, lse_rest - lse_all, z_y - lse_rest
+
+
+def step_log_probs(
+    logits: Tensor, targets: Tensor, dk_id: int, dk_bias: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(log d, log(1 − d), log t), each ``[N, W]`` in fp32/fp64, with the DK prior applied.
+
+    ``log d`` holds the model's raw DK probability at every step (the last included); the d_W := 0 rule
+    is applied by the stopping distribution, never here, so metrics can still read the last step's DK.
+    """
+    return log_probs_from_stats(*step_logit_stats(logits, targets, dk_id), dk_bias)
 
 
 def _stopping(log_d: Tensor, log_1md: Tensor, omega: Tensor) -> Tensor:
@@ -160,10 +177,15 @@ def cyb_loss(
     dk_bias: float = 0.0,
 ) -> Tensor:
     """ℓ_CYB = −log Σ_i s_i γ_i t_i per token (CYB Eq. 3); CYB-AP is this with its ω and γ."""
-    log_d, log_1md, log_t = step_log_probs(logits, targets, dk_id, dk_bias)
-    steps = log_d.shape[-1]
-    omega_t = _on(check_weights(omega, "omega", steps, normalise=True), log_d)
-    log_gamma = _on(_safe_log(check_discount(gamma, steps)), log_d)
+    return cyb_loss_from(step_log_probs(logits, targets, dk_id, dk_bias), omega, gamma)
+
+
+def cyb_loss_from(steps: tuple[Tensor, Tensor, Tensor], omega: Weights, gamma: Weights) -> Tensor:
+    """:func:`cyb_loss` from ``steps`` = (log d, log(1 − d), log t) ``[N, W]``."""
+    log_d, log_1md, log_t = steps
+    W = log_d.shape[-1]
+    omega_t = _on(check_weights(omega, "omega", W, normalise=True), log_d)
+    log_gamma = _on(_safe_log(check_discount(gamma, W)), log_d)
     log_s = _stopping(log_d, log_1md, omega_t)
     return -torch.logsumexp(log_s + log_gamma + log_t, dim=-1)
 
@@ -178,15 +200,20 @@ def cyb_va_loss(logits: Tensor, targets: Tensor, dk_id: int, rho: Weights, dk_bi
 
     KL(s ‖ ρ) is infinite where ρ_i = 0 and s_i > 0, so ρ must be strictly positive here.
     """
-    log_d, log_1md, log_t = step_log_probs(logits, targets, dk_id, dk_bias)
-    steps = log_d.shape[-1]
-    rho_t = check_weights(rho, "rho", steps, normalise=True)
+    return cyb_va_loss_from(step_log_probs(logits, targets, dk_id, dk_bias), rho)
+
+
+def cyb_va_loss_from(steps: tuple[Tensor, Tensor, Tensor], rho: Weights) -> Tensor:
+    """:func:`cyb_va_loss` from ``steps`` = (log d, log(1 − d), log t) ``[N, W]``."""
+    log_d, log_1md, log_t = steps
+    W = log_d.shape[-1]
+    rho_t = check_weights(rho, "rho", W, normalise=True)
     if (rho_t <= 0).any():
         raise ValueError(
             f"CYB-VA needs a strictly positive prior rho (KL(s||rho) is infinite where rho is 0), got "
             f"{rho_t.tolist()}; give every step some mass, or use CYB-DP, whose KL(rho||s) allows zeros"
         )
-    log_s = _finite(_stopping(log_d, log_1md, _last_only(steps, log_d)))
+    log_s = _finite(_stopping(log_d, log_1md, _last_only(W, log_d)))
     return (log_s.exp() * (log_s - _on(rho_t.log(), log_d) - log_t)).sum(-1)
 
 
@@ -194,12 +221,17 @@ def cyb_dp_loss(
     logits: Tensor, targets: Tensor, dk_id: int, rho: Weights, alpha: float, dk_bias: float = 0.0
 ) -> Tensor:
     """ℓ_DP = ℓ_CYB(ω = (0, …, 0, 1), γ = 1) + α · KL(ρ ‖ s); the reverse KL lets ρ contain zeros."""
+    return cyb_dp_loss_from(step_log_probs(logits, targets, dk_id, dk_bias), rho, alpha)
+
+
+def cyb_dp_loss_from(steps: tuple[Tensor, Tensor, Tensor], rho: Weights, alpha: float) -> Tensor:
+    """:func:`cyb_dp_loss` from ``steps`` = (log d, log(1 − d), log t) ``[N, W]``."""
     if alpha < 0 or not math.isfinite(alpha):
         raise ValueError(f"alpha must be a finite non-negative weight, got {alpha}")
-    log_d, log_1md, log_t = step_log_probs(logits, targets, dk_id, dk_bias)
-    steps = log_d.shape[-1]
-    rho_t = check_weights(rho, "rho", steps, normalise=True)
-    log_s = _stopping(log_d, log_1md, _last_only(steps, log_d))
+    log_d, log_1md, log_t = steps
+    W = log_d.shape[-1]
+    rho_t = check_weights(rho, "rho", W, normalise=True)
+    log_s = _stopping(log_d, log_1md, _last_only(W, log_d))
     base = -torch.logsumexp(log_s + log_t, dim=-1)
     # Σ_i ρ_i (log ρ_i − log s_i) over the support of ρ only (ρ is a constant, so masking is safe).
     rho_log_rho = torch.special.xlogy(rho_t, rho_t)
@@ -231,7 +263,12 @@ def granted_steps_loss(
     """
     if step_mask.shape != logits.shape[:2]:
         raise ValueError(f"step_mask must be [N, W]={tuple(logits.shape[:2])}, got {tuple(step_mask.shape)}")
-    log_d, log_1md, log_t = step_log_probs(logits, targets, dk_id, dk_bias)
+    return granted_steps_loss_from(step_log_probs(logits, targets, dk_id, dk_bias), step_mask)
+
+
+def granted_steps_loss_from(steps: tuple[Tensor, Tensor, Tensor], step_mask: Tensor) -> Tensor:
+    """:func:`granted_steps_loss` from ``steps`` = (log d, log(1 − d), log t) ``[N, W]``."""
+    log_d, log_1md, log_t = steps
     mask = step_mask.bool()
     last = mask & ~torch.nn.functional.pad(mask[:, 1:], (0, 1), value=False)  # the last granted step
     survive = torch.nn.functional.pad(torch.cumsum(log_d[:, :-1], dim=-1), (1, 0))

@@ -22,6 +22,7 @@ class PauseLoss(nn.Module):
 
     uses_dk: bool = True
     psi_dk: float | None = None
+    last_step_only: bool = False  # only step W's output enters the loss (the chunked path skips the others)
 
     @property
     def steps(self) -> int | None:
@@ -54,6 +55,18 @@ class PauseLoss(nn.Module):
     def forward(self, logits: Tensor, targets: Tensor, dk_id: int) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def loss_from_steps(self, steps: tuple[Tensor, Tensor, Tensor]) -> Tensor:  # pragma: no cover - abstract
+        """The per-token loss ``[N]`` from (log d, log(1 − d), log t) ``[N, W]`` (DK prior applied)."""
+        raise NotImplementedError
+
+    def loss_from_stats(self, lse_rest: Tensor, z_y: Tensor, z_dk: Tensor, vocab_size: int) -> Tensor:
+        """The per-token loss from :func:`~cyb_lightning.losses.functional.step_logit_stats`'s quantities.
+
+        The chunked path (:mod:`cyb_lightning.losses.chunked`) calls this; ``forward`` on full logits is
+        the reference. With ``last_step_only`` the quantities may hold the last step only (``[N, 1]``).
+        """
+        return self.loss_from_steps(F.log_probs_from_stats(lse_rest, z_y, z_dk, self.dk_bias(vocab_size)))
+
 
 def _psi(psi_dk: float | None) -> float | None:
     if psi_dk is not None:
@@ -65,6 +78,7 @@ class CrossEntropy(PauseLoss):
     """Ordinary next-token cross-entropy: the no-pause baseline and TBYS random-pause pretraining (W = 1)."""
 
     uses_dk = False
+    last_step_only = True
 
     @property
     def steps(self) -> int | None:
@@ -80,14 +94,22 @@ class CrossEntropy(PauseLoss):
     def forward(self, logits: Tensor, targets: Tensor, dk_id: int) -> Tensor:
         return F.tbys_loss(logits, targets)
 
+    def loss_from_steps(self, steps: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        _, log_1md, log_t = steps  # log p(y) = log t + log(1 − d): DK is an ordinary id here (no prior)
+        return -(log_t + log_1md)[:, -1]
+
 
 class TBYSPerToken(PauseLoss):
     """TBYS per-token pauses (CYB's "pause + cross-entropy"): CE at the last step only, DK excluded."""
 
     uses_dk = False
+    last_step_only = True
 
     def forward(self, logits: Tensor, targets: Tensor, dk_id: int) -> Tensor:
         return F.tbys_loss(logits, targets, dk_id)
+
+    def loss_from_steps(self, steps: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        return -steps[2][:, -1]
 
 
 class CYBAP(PauseLoss):
@@ -133,6 +155,9 @@ class CYBAP(PauseLoss):
     def forward(self, logits: Tensor, targets: Tensor, dk_id: int) -> Tensor:
         return F.cyb_loss(logits, targets, dk_id, self.omega, self.gamma, self.dk_bias(logits.shape[-1]))
 
+    def loss_from_steps(self, steps: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        return F.cyb_loss_from(steps, self.omega, self.gamma)
+
 
 class CYBVA(PauseLoss):
     """CYB variational: −Σ_i s_i log t_i + KL(s ‖ ρ), ω = last step, γ = 1; ρ must be positive."""
@@ -155,6 +180,9 @@ class CYBVA(PauseLoss):
     def forward(self, logits: Tensor, targets: Tensor, dk_id: int) -> Tensor:
         return F.cyb_va_loss(logits, targets, dk_id, self.rho, self.dk_bias(logits.shape[-1]))
 
+    def loss_from_steps(self, steps: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        return F.cyb_va_loss_from(steps, self.rho)
+
 
 class CYBDP(PauseLoss):
     """CYB distributional penalty: ℓ_CYB(ω = last, γ = 1) + α · KL(ρ ‖ s); ρ may contain zeros."""
@@ -175,3 +203,6 @@ class CYBDP(PauseLoss):
 
     def forward(self, logits: Tensor, targets: Tensor, dk_id: int) -> Tensor:
         return F.cyb_dp_loss(logits, targets, dk_id, self.rho, self.alpha, self.dk_bias(logits.shape[-1]))
+
+    def loss_from_steps(self, steps: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        return F.cyb_dp_loss_from(steps, self.rho, self.alpha)

@@ -244,6 +244,20 @@ class GPT(nn.Module):
         With ``cache``, the inputs continue the cached ones (which they attend to) and the cache is extended
         in place; ``key_mask`` (bool ``[B, L]``, cache only) hides inputs from every later query.
         """
+        return self.head(self.hidden_states(input_ids, position_ids, cache, key_mask))
+
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+        key_mask: Tensor | None = None,
+    ) -> Tensor:
+        """The final hidden states ``[B, L, d]`` (after the final norm): ``forward`` is ``head`` of these.
+
+        With :meth:`output_head`, this lets a loss compute the logits chunk by chunk
+        (:mod:`cyb_lightning.losses.chunked`) instead of holding ``[B, L, V]``.
+        """
         if position_ids is None:
             start = 0 if cache is None else len(cache)
             position_ids = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
@@ -255,4 +269,8 @@ class GPT(nn.Module):
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, None if cache is None else cache.layers[i], key_mask)
-        return self.head(self.norm(x))
+        return self.norm(x)
+
+    def output_head(self) -> tuple[Tensor, Tensor | None]:
+        """(weight ``[V, d]``, bias ``[V]`` or None): logits = hidden_states @ weight.T (+ bias)."""
+        return self.head.weight, self.head.bias

@@ -39,6 +39,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from cyb_lightning.losses.chunked import ChunkedLossUnsupported
 from cyb_lightning.model.spec import DecoderSpec
 
 # Families whose position information does not come from position_ids; ``build`` refuses them.
@@ -229,6 +230,52 @@ class HFCausalLM(nn.Module):
             return_dict=True,
         )
         return out.logits
+
+    def hidden_states(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
+        """The last hidden states ``[B, L, d]`` (after the final norm): the output layer's input.
+
+        Requires a family whose logits are exactly ``lm_head(hidden)`` (see :meth:`output_head`).
+        """
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
+        if base is None:
+            raise ChunkedLossUnsupported(
+                f"{type(self.model).__name__} exposes no base decoder (get_decoder()); set model.chunked_loss: false"
+            )
+        out = base(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=torch.ones_like(input_ids),
+            use_cache=False,
+            return_dict=True,
+        )
+        return out.last_hidden_state
+
+    def output_head(self) -> tuple[Tensor, Tensor | None]:
+        """(weight ``[V, d]``, bias or None) of the output layer, when logits = hidden @ weight.T + bias.
+
+        Refuses families that transform the logits further (soft-capping, scaling), whose chunked loss
+        would silently differ from the model's own logits: train those with ``chunked_loss: false``.
+        """
+        cfg = self.model.config.get_text_config()
+        for name in _LOGIT_TRANSFORMS:
+            value = getattr(cfg, name, None)
+            if value not in (None, 0, 1, 1.0, False):
+                raise ChunkedLossUnsupported(
+                    f"{type(self.model).__name__} applies {name}={value} to its logits; the chunked loss computes "
+                    "plain hidden @ head logits, so set model.chunked_loss: false for this family"
+                )
+        head = self.model.get_output_embeddings()
+        if not isinstance(head, nn.Linear):
+            raise ChunkedLossUnsupported(
+                f"the output layer is a {type(head).__name__}, not nn.Linear; set model.chunked_loss: false"
+            )
+        return head.weight, head.bias
+
+
+# Config fields with which a family transforms ``lm_head(hidden)`` before returning logits.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 @torch.no_grad()

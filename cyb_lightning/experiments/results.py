@@ -1,0 +1,315 @@
+"""The results page of the CYB reproduction: ``OUT/runs/*/result.json`` → a markdown file + PNG plots.
+
+    python -m cyb_lightning experiment --results-only --out runs/cyb_repro --results docs/results.md
+
+Tables in the paper's form beside the paper's numbers (``shared/method.md`` §6), the seed spread, data
+efficiency (CYB Fig. 6) and how much data each method needs to match the others, every result also
+against laid-out tokens (forward positions) and training wall time, latency distributions, calibration,
+token quadrants, adaptive inference, loss-vs-tokens plots for every run, and the exact commands, commit,
+machine, dates and wall times. Every number in the tables is printed from a result file (3 decimals for
+perplexities), so the page can be checked against them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from pathlib import Path
+
+CURVE_COLOURS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666")
+
+
+def load_results(out: Path) -> tuple[dict, list[dict]]:
+    meta = json.loads((out / "experiment.json").read_text())
+    results = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/result.json"))]
+    return meta, results
+
+
+def _f(x: float | None, digits: int = 3) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _spread(values: list[float]) -> str:
+    if len(values) < 2:
+        return "(1 seed)"
+    return f"± {statistics.stdev(values):.3f} (min {min(values):.3f}, max {max(values):.3f})"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def curve_plot(result: dict, path: Path) -> None:
+    """Training loss and held-out perplexity against real tokens (top axis: laid-out tokens)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    train, val = result["curve"]["train"], result["curve"]["val"]
+    if train:
+        ax.plot([p["real_tokens"] for p in train], [p["loss"] for p in train], color="#1b9e77", lw=1,
+                label="training loss (the run's own objective)")  # fmt: skip
+    ax.set(xlabel="real tokens", ylabel="loss (nats)", title=f"{result['name']}: {result['label']}")
+    if val:
+        ax2 = ax.twinx()
+        ax2.plot([p["real_tokens"] for p in val], [p["ppl"] for p in val], "o-", color="#d95f02", ms=3,
+                 label="held-out ppl (step mixture)")  # fmt: skip
+        ax2.set_ylabel("held-out perplexity", color="#d95f02")
+    ax.text(0.99, 0.97, f"W = {result['W']}: laid-out tokens = {result['W']} × real", transform=ax.transAxes,
+            ha="right", va="top", fontsize=7)  # fmt: skip
+    ax.legend(loc="lower left", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def comparison_plot(results: list[dict], x_key: str, xlabel: str, path: Path, title: str) -> None:
+    """Held-out ppl during training of every fine-tune run against ``x_key`` (one colour per method)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    for r in results:
+        val = r["curve"]["val"]
+        if not val:
+            continue
+        colour = CURVE_COLOURS[methods.index(r["method"]) % len(CURVE_COLOURS)]
+        style = "-" if r["name"].startswith("ft-") else ":"
+        first = r is next(x for x in results if x["method"] == r["method"] and x["curve"]["val"])
+        ax.plot([p[x_key] for p in val], [p["ppl"] for p in val], style, marker=".", color=colour, lw=1,
+                label=r["label"] if first else None)  # fmt: skip
+    ax.set(xlabel=xlabel, ylabel="held-out perplexity", title=title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def data_to_match(points: list[tuple[float, float]], target: float) -> float | None:
+    """Data factor at which a method's ppl (points: (factor, ppl), one pass each) reaches ``target``,
+    interpolated linearly in log data; None when it does not within the measured range."""
+    points = sorted(points)
+    if not points:
+        return None
+    if points[0][1] <= target:
+        return points[0][0]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if y1 <= target:
+            t = (y0 - target) / (y0 - y1) if y0 != y1 else 1.0
+            return math.exp(math.log(x0) + t * (math.log(x1) - math.log(x0)))
+    return None
+
+
+def write_results(out: Path, md_path: Path, img_dir: Path | None = None) -> Path:
+    """Write ``md_path`` and its PNGs (default: ``img/results`` beside it) from ``out``'s result files."""
+    out, md_path = Path(out), Path(md_path)
+    img_dir = Path(img_dir) if img_dir else md_path.parent / "img" / "results"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    meta, results = load_results(out)
+    plan = meta["plan"]
+    by_name = {r["name"]: r for r in results}
+    rel = lambda p: os.path.relpath(p, md_path.parent)  # noqa: E731
+    paper = plan.get("paper", {})
+    s = plan["sizes"]
+    seeds = plan["seeds"]
+    L: list[str] = []
+    inv = meta["invocations"]
+    total_wall = sum(i.get("wall_s", 0) for i in inv)
+    L += ["# Results: the CYB comparison at small scale", "",
+          "Produced by `python -m cyb_lightning experiment` (plan `conf/experiments/cyb_repro.yaml`, "
+          "docs/experiments.md) and written from its result files by `cyb_lightning/experiments/results.py`. "
+          "Paper numbers: CYB v1 (Gemma-1 2B fine-tuned on C4, read off the paper's figures, "
+          "`shared/method.md` §6). Ours: held-out perplexity of the step mixture (γ = 1, ω = (0,…,0,1); "
+          "ordinary perplexity without pauses) on this corpus, so the absolute values are not comparable "
+          "with C4's; the orderings and relative gaps are.", ""]  # fmt: skip
+    L += ["## How it was run", "", "| | |", "|---|---|"]
+    for i, v in enumerate(inv):
+        L.append(f"| invocation {i + 1} | `{v['command']}` — {v['started']} → {v.get('finished', 'interrupted')}, "
+                 f"{v.get('wall_s', 0) / 60:.1f} min, {len(v['ran'])} runs ran, {len(v['skipped'])} skipped, load average "
+                 f"{v.get('load_average_at_start', ['?'])[0]} at start, {v.get('load_average_now', ['?'])[0]} at the end |")  # fmt: skip
+    L += [f"| commit | {inv[-1]['commit']} |", f"| machine | {inv[-1]['machine']} |",
+          f"| total wall time | {total_wall / 60:.1f} min (all invocations) |",
+          f"| sizes | T = {s['seq_len']} real tokens, batch {s['batch_size']}, pretraining {s['pretrain_steps']} "
+          f"steps, fine-tuning {s['finetune_steps']} steps (1×1), seeds {seeds} |", ""]  # fmt: skip
+    c = meta["corpus"]
+    L += ["Corpus (`OUT/corpus/manifest.json`): " + ", ".join(f"{k}: {v:,} documents" for k, v in c["sources"].items())
+          + f"; BPE of {c['vocab_size']:,} ids trained on the pretraining part.", "",
+          "| part | documents | tokens |", "|---|---|---|"]  # fmt: skip
+    L += [f"| {k} | {v['documents']:,} | {v['tokens']:,} |" for k, v in c["parts"].items()] + [""]
+
+    # -- main comparison -----------------------------------------------------------------------------------
+    L += ["## Main comparison (CYB §6 table)", "",
+          "Every fine-tune starts from the same pretrained decoder and reads the same real tokens in the same "
+          f"number of steps ({s['finetune_steps']}); ppl per seed, then mean and spread (sample std over seeds).",
+          "", "| model | paper C4 ppl | ours: held-out ppl (mean) | spread over seeds | per seed | extra pauses / token "
+          "| real tokens | laid-out tokens | training wall s |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    pre = by_name.get("pretrain")
+    if pre:
+        L.append(f"| pretrained, no finetuning | {_f(paper.get('pretrained'), 2)} | {_f(pre['eval']['ppl'])} | – | – "
+                 f"| 0 | {pre['real_tokens']:,} | {pre['laid_out_tokens']:,} | {pre['train_wall_s']:.1f} |")  # fmt: skip
+    means: dict[str, float] = {}
+    for method, m in plan["methods"].items():
+        runs = [by_name[f"ft-{method}-s{sd}"] for sd in seeds if f"ft-{method}-s{sd}" in by_name]
+        if not runs:
+            continue
+        ppl = [r["eval"]["ppl"] for r in runs]
+        means[method] = statistics.fmean(ppl)
+        L.append(f"| {m['label']} | {_f(m.get('paper'), 2)} | {_f(means[method])} | {_spread(ppl)} | "
+                 + " / ".join(_f(x) for x in ppl) + f" | {statistics.fmean(r['eval']['extra_pauses'] for r in runs):.3f} "
+                 f"| {runs[0]['real_tokens']:,} | {runs[0]['laid_out_tokens']:,} "
+                 f"| {statistics.fmean(r['train_wall_s'] for r in runs):.1f} |")  # fmt: skip
+    L.append("")
+    if "baseline" in means:
+        b = means["baseline"]
+        L += ["Relative to the no-pause baseline (mean ppl; paper: relative to 12.17):", "",
+              "| model | ours Δppl | ours Δ% | paper Δ% |", "|---|---|---|---|"]  # fmt: skip
+        for method, v in means.items():
+            pp = plan["methods"][method].get("paper")
+            paper_rel = f"{100 * (pp / plan['methods']['baseline']['paper'] - 1):+.1f} %" if pp else "–"
+            L.append(f"| {plan['methods'][method]['label']} | {v - b:+.3f} | {100 * (v / b - 1):+.1f} % | {paper_rel} |")
+        L.append("")
+
+    # -- data efficiency --------------------------------------------------------------------------------
+    de = plan.get("data_efficiency") or {}
+    if de.get("methods"):
+        factors = [[1, 1]] + de["factors"]
+        L += ["## Data efficiency (CYB Fig. 6)", "",
+              "E×D: D times the data of 1×1 (disjoint sets A, B, C), E passes over it; the steps grow with both. "
+              "Seed " + str(seeds[0]) + ".", "",
+              "| method | " + " | ".join(f"{e}×{d}" for e, d in factors) + " |", "|---|" + "---|" * len(factors)]  # fmt: skip
+        de_ppl: dict[str, dict[str, float]] = {}
+        for method in de["methods"]:
+            cells = []
+            for e, d in factors:
+                name = f"ft-{method}-s{seeds[0]}" if (e, d) == (1, 1) else f"de-{method}-{e}x{d}-s{seeds[0]}"
+                r = by_name.get(name)
+                key = f"{e}x{d}"
+                pp = (de.get("paper") or {}).get(method, {}).get(key)
+                if r:
+                    de_ppl.setdefault(method, {})[key] = r["eval"]["ppl"]
+                cells.append((_f(r["eval"]["ppl"]) if r else "–") + (f" (paper {pp:.2f})" if pp else ""))
+            L.append(f"| {plan['methods'][method]['label']} | " + " | ".join(cells) + " |")
+        L += ["", "Laid-out tokens (forward positions) and training wall time of the same runs:", "",
+              "| method | " + " | ".join(f"{e}×{d}" for e, d in factors) + " |", "|---|" + "---|" * len(factors)]  # fmt: skip
+        for method in de["methods"]:
+            cells = []
+            for e, d in factors:
+                name = f"ft-{method}-s{seeds[0]}" if (e, d) == (1, 1) else f"de-{method}-{e}x{d}-s{seeds[0]}"
+                r = by_name.get(name)
+                cells.append(f"{r['laid_out_tokens']:,} / {r['train_wall_s']:.0f} s" if r else "–")
+            L.append(f"| {plan['methods'][method]['label']} | " + " | ".join(cells) + " |")
+        L += ["", "How much fresh data (1×D, one pass) each method needs to reach another's 1×1 perplexity "
+              "(interpolated in log data; '> 3×' when not reached):", "",
+              "| method | " + " | ".join(f"to reach {plan['methods'][t]['label']} 1×1" for t in de["methods"]) + " |",
+              "|---|" + "---|" * len(de["methods"])]  # fmt: skip
+        for method in de["methods"]:
+            pts = [(d, v) for key, v in de_ppl.get(method, {}).items() for e, d in [map(int, key.split("x"))] if e == 1]
+            cells = []
+            for target in de["methods"]:
+                goal = de_ppl.get(target, {}).get("1x1")
+                x = data_to_match(pts, goal) if goal is not None else None
+                top = max((p[0] for p in pts), default=1)
+                cells.append("–" if goal is None else (f"{x:.2f}×" if x is not None else f"> {top}×"))
+            L.append(f"| {plan['methods'][method]['label']} | " + " | ".join(cells) + " |")
+        L.append("")
+
+    # -- compute --------------------------------------------------------------------------------------------
+    ft = [r for r in results if r["kind"] == "finetune"]
+    for key, label, fname in (("real_tokens", "real tokens", "ppl_vs_real_tokens.png"),
+                              ("laid_out_tokens", "laid-out tokens (forward positions)", "ppl_vs_laid_out_tokens.png"),
+                              ("train_wall_s", "training wall time (s)", "ppl_vs_wall_time.png")):  # fmt: skip
+        comparison_plot(ft, key, label, img_dir / fname, f"held-out perplexity vs {label}")
+    L += ["## Equal data and equal compute", "",
+          "Held-out perplexity during fine-tuning (every run; solid: main comparison, dotted: data efficiency) "
+          "against real tokens, laid-out tokens (what the decoder computes: K pauses cost K more positions per "
+          "token) and training wall time on this machine:", "",
+          f"![ppl vs real tokens]({rel(img_dir / 'ppl_vs_real_tokens.png')}) "
+          f"![ppl vs laid-out tokens]({rel(img_dir / 'ppl_vs_laid_out_tokens.png')}) "
+          f"![ppl vs wall time]({rel(img_dir / 'ppl_vs_wall_time.png')})", "",
+          "| run | held-out ppl | real tokens | laid-out tokens | training wall s | fit wall s | eval wall s |",
+          "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in results:
+        L.append(f"| {r['name']} | {_f(r['eval']['ppl'])} | {r['real_tokens']:,} | {r['laid_out_tokens']:,} | "
+                 f"{r['train_wall_s']:.1f} | {r['fit_wall_s']:.1f} | {r['eval_wall_s']:.1f} |")  # fmt: skip
+    L.append("")
+
+    # -- latency, calibration, adaptive ------------------------------------------------------------------
+    pause_runs = [r for r in results if r["W"] > 1 and r["eval"].get("dk_rate")]
+    if pause_runs:
+        K = max(r["W"] for r in pause_runs) - 1
+        L += ["## Latency distributions and calibration", "",
+              "P(0 … K extra pauses) = mean stopping distribution s over held-out tokens; calibration = Spearman "
+              "ρ(d_i, t_(i+1) − t_i) per step. Paper (chosen CYB-AP model): P = "
+              + " / ".join(f"{p:.2f}" for p in paper.get("cyb_ap_latency", [])) + ", ρ = "
+              + " / ".join(f"{p:.2f}" for p in paper.get("cyb_ap_calibration", [])) + ".", "",
+              f"| run | P(0…{K} extra pauses) | mean pauses / token | DK rate per step | calibration ρ per step "
+              "| accuracy at readout | greedy reader steps / token |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in pause_runs:
+            e = r["eval"]
+            L.append(f"| {r['name']} | {' / '.join(_f(p) for p in e['p_stop'])} | {_f(e['extra_pauses'])} | "
+                     f"{' / '.join(_f(p) for p in e['dk_rate'])} | "
+                     f"{' / '.join(_f(p) for p in (e['calibration_spearman'] or []))} | {_f(e['accuracy'])} | "
+                     f"{_f(e['readout_steps'])} |")  # fmt: skip
+        L.append("")
+        ad = [r for r in pause_runs if r.get("adaptive")]
+        if ad:
+            L += ["Teacher-forced adaptive inference (compute actually spent; `cyb_lightning.generation`, "
+                  f"{s['adaptive_batches']} held-out batches):", "",
+                  "| run | greedy: ppl / steps per token | fixed K: ppl / steps | no pauses: ppl / steps |",
+                  "|---|---|---|---|"]  # fmt: skip
+            for r in ad:
+                a = r["adaptive"]
+                L.append(f"| {r['name']} | " + " | ".join(
+                    f"{_f(a[k]['ppl'])} / {a[k]['steps_per_token']:.2f}" if k in a else "–"
+                    for k in ("greedy", "fixed", "none")) + " |")  # fmt: skip
+            L.append("")
+        L += ["Latency pictures (from each run's report folder):", ""]
+        for r in pause_runs:
+            src = out / r["report_dir"] / "latency.png"
+            if src.is_file():
+                dst = img_dir / f"latency_{r['name']}.png"
+                dst.write_bytes(src.read_bytes())
+                L.append(f"![latency {r['name']}]({rel(dst)})")
+        L.append("")
+
+    # -- tokens ------------------------------------------------------------------------------------------
+    dk_runs = [r for r in pause_runs if r["method"].startswith("cyb") and r["name"].startswith("ft-")
+               and r["seed"] == seeds[0]]  # fmt: skip
+    if dk_runs:
+        L += ["## Token quadrants (CYB Table 3)", "",
+              "Per vocabulary item (seen ≥ 5 times in the held-out part): median and variance of the expected "
+              "extra pauses after it, split at the medians over tokens; the top tokens of each quadrant. Paper: "
+              "plural nouns pause most, first pieces of contractions almost never, ambiguous tokens vary.", ""]  # fmt: skip
+        for r in dk_runs:
+            L += [f"**{r['name']}** ({r['tokens_analysed']} tokens analysed)", "", "| quadrant | tokens (median, variance) |",
+                  "|---|---|"]  # fmt: skip
+            for q, rows in r["quadrants"].items():
+                toks = ", ".join(f"`{repr(t['text'])[1:-1].replace('`', chr(39)).replace('|', '/')}` "
+                                 f"({t['median']:.2f}, {t['variance']:.2f})" for t in rows[:8])  # fmt: skip
+                L.append(f"| {q.replace('_', ' ')} | {toks or '–'} |")
+            src = out / r["report_dir"] / "token_quadrants.png"
+            if src.is_file():
+                dst = img_dir / f"quadrants_{r['name']}.png"
+                dst.write_bytes(src.read_bytes())
+                L += ["", f"![token quadrants {r['name']}]({rel(dst)})"]
+            L.append("")
+
+    # -- curves and commands ------------------------------------------------------------------------------
+    L += ["## Loss against tokens, every run", ""]
+    for r in results:
+        path = img_dir / f"curve_{r['name']}.png"
+        curve_plot(r, path)
+        L.append(f"![{r['name']}]({rel(path)})")
+    L += ["", "## Exact commands", "", "Each run is this command (run in-process by the experiment script; "
+          "`run.yaml` is the per-run layer it wrote: data folder, tokenizer, steps, seed, `init_from`):", "",
+          "| run | command | finished |", "|---|---|---|"]  # fmt: skip
+    for r in results:
+        L.append(f"| {r['name']} | `{r['command']}` | {r['date']} |")
+    L.append("")
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text("\n".join(L), encoding="utf-8")
+    return md_path

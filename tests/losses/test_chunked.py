@@ -1,0 +1,224 @@
+"""The chunked loss (hidden states + output head, never full logits) against the plain loss on logits.
+
+Values and gradients w.r.t. the hidden states, the head weight and bias agree to ~1e-10 in float64 for
+every loss, several W, with and without the DK prior, at chunk sizes that do and do not divide the batch;
+fp32 and bf16 agree to stated tolerances.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cyb_lightning.losses import CYBAP, CYBDP, CYBVA, CrossEntropy, TBYSPerToken
+from cyb_lightning.losses import functional as F
+from cyb_lightning.losses.chunked import auto_chunk_size, chunked_loss
+from cyb_lightning.metrics import step_statistics
+
+DK = 2
+
+
+def losses_for(W: int) -> dict[str, object]:
+    ramp = [float(i + 1) for i in range(W)]
+    last = [0.0] * (W - 1) + [1.0]
+    return {
+        "ap": CYBAP(omega=last),
+        "ap_uniform_discounted": CYBAP(omega=[1.0] * W, gamma0=0.9),
+        "ap_no_prior": CYBAP(omega=last, psi_dk=None),
+        "va": CYBVA(rho=ramp),
+        "dp": CYBDP(rho=[1.0] + [0.0] * (W - 2) + [1.0] if W > 1 else [1.0], alpha=0.5),
+        "tbys": TBYSPerToken(),
+    }
+
+
+def problem(N: int, W: int, d: int, V: int, dtype=torch.float64, bias: bool = True, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, W, d, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    weight = (torch.randn(V, d, generator=g, dtype=torch.float64) * 0.7).to(dtype).requires_grad_()
+    b = (torch.randn(V, generator=g, dtype=torch.float64)).to(dtype).requires_grad_() if bias else None
+    targets = torch.randint(DK + 1, V, (N,), generator=g)
+    return hidden, weight, b, targets
+
+
+def plain(hidden, weight, bias, targets, loss, weights=None):
+    logits = hidden @ weight.T if bias is None else hidden @ weight.T + bias
+    per_token = loss(logits, targets, DK)
+    (per_token * (1 if weights is None else weights)).sum().backward()
+    grads = [t.grad.clone() if t is not None else None for t in (hidden, weight, bias)]
+    for t in (hidden, weight, bias):
+        if t is not None:
+            t.grad = None
+    return per_token.detach(), grads
+
+
+def chunked(hidden, weight, bias, targets, loss, scale=1.0, **kw):
+    out = chunked_loss(hidden, weight, targets, loss, DK, bias=bias, **kw)
+    (scale * out.total).backward()
+    grads = [t.grad.clone() if t is not None else None for t in (hidden, weight, bias)]
+    for t in (hidden, weight, bias):
+        if t is not None:
+            t.grad = None
+    return out, grads
+
+
+@pytest.mark.parametrize("W", [1, 2, 4])
+@pytest.mark.parametrize("chunk_size", [1, 5, 8, None])
+@pytest.mark.parametrize("name", list(losses_for(4)))
+def test_float64_values_and_gradients_match_the_plain_loss(W, chunk_size, name):
+    loss = losses_for(W)[name]
+    if name == "dp" and W == 1:
+        loss = CYBDP(rho=[1.0], alpha=0.5)
+    hidden, weight, bias, targets = problem(N=7, W=W, d=6, V=37)
+    ref, ref_grads = plain(hidden, weight, bias, targets, loss)
+    # A scaled total: the backward must scale the gradients it stored in the forward pass.
+    out, grads = chunked(hidden, weight, bias, targets, loss, scale=0.3, chunk_size=chunk_size)
+    torch.testing.assert_close(out.per_token, ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(out.total, ref.sum(), rtol=0, atol=1e-10)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, 0.3 * r, rtol=0, atol=1e-10)
+
+
+def test_cross_entropy_baseline_matches_ordinary_cross_entropy():
+    hidden, weight, bias, targets = problem(N=9, W=1, d=5, V=23)
+    ref, ref_grads = plain(hidden, weight, bias, targets, CrossEntropy())
+    out, grads = chunked(hidden, weight, bias, targets, CrossEntropy(), chunk_size=4)
+    torch.testing.assert_close(out.per_token, ref, rtol=0, atol=1e-10)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-10)
+
+
+def test_dk_dominating_and_extreme_logits_stay_exact():
+    # DK logits far above the rest (d ≈ 1 in probability) and large-magnitude logits: the LSE over the
+    # non-DK ids must not cancel, exactly as on the plain path.
+    hidden, weight, bias, targets = problem(N=6, W=4, d=4, V=19)
+    with torch.no_grad():
+        bias[DK] = 60.0
+        weight.mul_(20.0)
+    for loss in losses_for(4).values():
+        ref, ref_grads = plain(hidden, weight, bias, targets, loss)
+        out, grads = chunked(hidden, weight, bias, targets, loss, chunk_size=8)
+        assert torch.isfinite(out.per_token).all()
+        torch.testing.assert_close(out.per_token, ref, rtol=1e-12, atol=1e-9)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-9)
+
+
+def test_masked_targets_only_the_counted_rows_enter():
+    # The module selects the counted tokens (target_mask) before the loss: same rows, same gradients.
+    hidden, weight, _, targets = problem(N=10, W=4, d=6, V=31, bias=False)
+    mask = torch.tensor([1, 1, 0, 1, 0, 0, 1, 1, 1, 0], dtype=torch.bool)
+    loss = CYBAP()
+    ref, ref_grads = plain(hidden[mask].detach().requires_grad_(), weight, None, targets[mask], loss)
+    h = hidden.detach().clone().requires_grad_()
+    out = chunked_loss(h[mask], weight, targets[mask], loss, DK, chunk_size=6)
+    out.total.backward()
+    torch.testing.assert_close(out.per_token, ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(h.grad[mask], ref_grads[0], rtol=0, atol=1e-10)
+    assert (h.grad[~mask] == 0).all()
+    torch.testing.assert_close(weight.grad, ref_grads[1], rtol=0, atol=1e-10)
+
+
+def test_granted_steps_of_variable_pauses_match_the_plain_loss():
+    hidden, weight, bias, targets = problem(N=8, W=4, d=6, V=29)
+    granted = torch.tensor([1, 4, 2, 3, 4, 1, 2, 4])
+    step_mask = torch.arange(4)[None] < granted[:, None]
+    loss = CYBAP()
+    logits = hidden @ weight.T + bias
+    ref = F.granted_steps_loss(logits, targets, DK, step_mask, loss.dk_bias(29))
+    ref.sum().backward()
+    ref_grads = [t.grad.clone() for t in (hidden, weight, bias)]
+    for t in (hidden, weight, bias):
+        t.grad = None
+    out, grads = chunked(hidden, weight, bias, targets, loss, chunk_size=12, step_mask=step_mask)
+    torch.testing.assert_close(out.per_token, ref.detach(), rtol=0, atol=1e-10)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("name", ["ap", "va", "dp", "tbys"])
+def test_low_precision_matches_the_float64_reference(dtype, tol, name):
+    # Both paths in fp32/bf16 against the exact float64 loss: the chunked path is at least as accurate.
+    loss = losses_for(4)[name]
+    h64, w64, _, targets = problem(N=12, W=4, d=16, V=64, bias=False)
+    ref, ref_grads = plain(h64, w64, None, targets, loss)
+    h, w = (t.detach().to(dtype).requires_grad_() for t in (h64, w64))
+    low_plain, low_plain_grads = plain(h, w, None, targets, loss)
+    out, grads = chunked(h, w, None, targets, loss, chunk_size=16)
+    assert out.per_token.dtype == torch.float32
+    scale = ref.abs().max()
+    assert (out.per_token.double() - ref).abs().max() <= tol * scale
+    assert (out.per_token.double() - ref).abs().max() <= 2 * (low_plain.double() - ref).abs().max() + 1e-6 * scale
+    for g, r in zip(grads[:2], ref_grads[:2]):
+        assert g.dtype == dtype
+        assert (g.double() - r).abs().max() <= tol * r.abs().max()
+
+
+def test_statistics_equal_step_statistics_on_the_logits():
+    from cyb_lightning.model import GPTConfig
+    from cyb_lightning.module import CYBModule
+
+    hidden, weight, _, targets = problem(N=9, W=4, d=6, V=40, bias=False)
+    m = CYBModule(GPTConfig(n_layer=1, n_head=2, d_model=8), CYBAP(), vocab_size=40, dk_id=DK, steps_per_token=4)
+    with torch.no_grad():
+        weight[DK] *= 3  # some steps answer, some pause
+        out = chunked_loss(hidden, weight, targets, m.loss_fn, DK, chunk_size=8, with_argmax=True)
+        ref = step_statistics(hidden @ weight.T, targets, DK, m.loss_fn)
+    got = m._stats_from_chunked(out, targets, 40)
+    for field in ("nll", "stop", "log_d", "log_t", "correct", "readout"):
+        torch.testing.assert_close(getattr(got, field), getattr(ref, field).to(getattr(got, field).dtype))
+
+
+def test_no_grad_path_and_last_step_only_skip_work():
+    hidden, weight, _, targets = problem(N=5, W=4, d=6, V=21, bias=False)
+    with torch.no_grad():
+        out = chunked_loss(hidden, weight, targets, TBYSPerToken(), DK)
+        ref = TBYSPerToken()(hidden @ weight.T, targets, DK)
+    assert out.lse_rest.shape == (5, 1)  # only the last step's head was computed
+    assert out.total.grad_fn is None
+    torch.testing.assert_close(out.per_token, ref, rtol=0, atol=1e-10)
+
+
+def test_auto_chunk_size_and_bad_arguments():
+    assert auto_chunk_size(256_000, 4) % 4 == 0 and auto_chunk_size(256_000, 4) * 256_000 <= 1 << 24
+    assert auto_chunk_size(1 << 30, 4) == 4  # at least one token
+    hidden, weight, _, targets = problem(N=3, W=4, d=6, V=21, bias=False)
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunked_loss(hidden, weight, targets, CYBAP(), DK, chunk_size=0)
+    with pytest.raises(ValueError, match=r"weight must be \[V, d=6\]"):
+        chunked_loss(hidden, weight.T, targets, CYBAP(), DK)
+    with pytest.raises(ValueError, match="step_mask"):
+        chunked_loss(hidden, weight, targets, TBYSPerToken(), DK, step_mask=torch.ones(3, 4, dtype=torch.bool))
+
+
+def test_gpt_hidden_states_and_output_head_give_forward():
+    from cyb_lightning.model import GPTConfig
+
+    torch.manual_seed(0)
+    model = GPTConfig(n_layer=2, n_head=2, d_model=16).build(30)
+    ids = torch.randint(0, 30, (2, 8))
+    pos = torch.arange(4).repeat_interleave(2).expand(2, -1)
+    weight, bias = model.output_head()
+    assert bias is None and weight is model.embed.weight  # tied
+    torch.testing.assert_close(model.hidden_states(ids, pos) @ weight.T, model(ids, pos))
+
+
+def test_hf_hidden_states_and_output_head_give_forward_and_refuse_soft_capping():
+    transformers = pytest.importorskip("transformers")
+    from cyb_lightning.losses.chunked import ChunkedLossUnsupported
+    from cyb_lightning.model import HFCausalLM
+
+    lm = dict(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=1, max_position_embeddings=64)
+    ids = torch.randint(0, 48, (2, 8))
+    pos = torch.arange(4).repeat_interleave(2).expand(2, -1)
+    for config in (transformers.LlamaConfig(**lm, tie_word_embeddings=False),
+                   transformers.GPT2Config(vocab_size=48, n_embd=32, n_layer=2, n_head=2, n_positions=64)):
+        torch.manual_seed(0)
+        model = HFCausalLM(transformers.AutoModelForCausalLM.from_config(config)).eval()
+        weight, bias = model.output_head()
+        logits = model.hidden_states(ids, pos) @ weight.T + (0 if bias is None else bias)
+        torch.testing.assert_close(logits, model(ids, pos))
+    gemma2 = HFCausalLM(transformers.AutoModelForCausalLM.from_config(transformers.Gemma2Config(**lm, head_dim=16)))
+    with pytest.raises(ChunkedLossUnsupported, match="final_logit_softcapping"):
+        gemma2.output_head()

@@ -1,0 +1,139 @@
+"""The CYB reproduction (``python -m cyb_lightning experiment``): its plan, its configs, and the reduced run end to end."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cyb_lightning.experiments import reproduce
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "experiments"
+
+
+def test_full_plan_has_every_run_of_the_issue():
+    plan = reproduce.load_plan(reproduce.PLAN)
+    runs = reproduce.plan_runs(plan)
+    names = {r["name"] for r in runs}
+    methods = ["baseline", "tbys1", "tbys2", "tbys3", "cyb_ap", "cyb_ap_g099", "cyb_va", "cyb_dp"]
+    assert len(plan["seeds"]) >= 2
+    assert {f"ft-{m}-s{s}" for m in methods for s in plan["seeds"]} <= names
+    for m in ("baseline", "tbys3", "cyb_ap"):
+        assert {f"de-{m}-2x1-s0", f"de-{m}-1x2-s0", f"de-{m}-1x3-s0"} <= names
+    assert runs[0]["name"] == "pretrain" and len(runs) == 1 + 8 * len(plan["seeds"]) + 9
+    w = {r["method"]: r["W"] for r in runs}
+    assert (w["baseline"], w["tbys1"], w["tbys2"], w["tbys3"], w["cyb_ap"], w["pretrain"]) == (1, 2, 3, 4, 4, 1)
+    main = [r for r in runs if r["name"].startswith("ft-")]
+    assert len({r["steps"] for r in main}) == 1  # same steps (and so the same real tokens) for every method
+
+
+def printed(*configs: Path) -> dict:
+    from cyb_lightning.cli import main
+
+    out = io.StringIO()
+    args = ["fit"] + [a for c in configs for a in ("--config", str(c))] + ["--print_config"]
+    with redirect_stdout(out), pytest.raises(SystemExit):
+        main(args)
+    return yaml.safe_load(out.getvalue())
+
+
+@pytest.mark.parametrize("method", ["baseline", "tbys2", "cyb_ap", "cyb_ap_g099", "cyb_va", "cyb_dp"])
+def test_method_stacks_keep_the_papers_loss_and_layout(method):
+    plan = reproduce.load_plan(reproduce.PLAN)
+    stack = [reproduce._yaml_file(plan, c) for c in plan["methods"][method]["configs"] + plan["layers"]]
+    cfg = printed(*stack)
+    assert cfg["trainer"]["accelerator"] == "cpu" and cfg["data"]["lanes"] == 1
+    loss = cfg["model"]["loss"]
+    if method == "cyb_ap_g099":
+        assert loss["init_args"]["gamma0"] == 0.99 and loss["init_args"]["discount"] == "exponential"
+    if method.startswith("cyb"):
+        assert loss["init_args"]["psi_dk"] == 0.9 and cfg["data"]["layout"] == "cyb"
+    if method == "baseline":
+        assert cfg["data"]["layout"] == "none"
+
+
+def test_budget_estimate_scales_with_steps_and_pauses():
+    plan = reproduce.load_plan(reproduce.PLAN)
+    runs = reproduce.plan_runs(plan)
+    rows = {r["name"]: r["estimate_s"] for r in reproduce.estimate(plan, runs, {1: 4.0, 2: 2.0, 3: 1.5, 4: 1.0})}
+    assert rows["ft-tbys3-s0"] > rows["ft-tbys1-s0"] > rows["ft-baseline-s0"]
+    assert rows["de-cyb_ap-1x3-s0"] > rows["de-cyb_ap-2x1-s0"] > rows["ft-cyb_ap-s0"]
+
+
+def test_missing_python_doc_fails_with_the_install_command(tmp_path):
+    corpus = {"python_doc_dir": str(tmp_path / "nowhere"), "include_topics": False, "include_stdlib": False,
+              "max_doc_chars": 4000, "min_chars": 64}  # fmt: skip
+    with pytest.raises(SystemExit, match="apt-get install -y python3.11-doc"):
+        reproduce.collect_documents(corpus)
+
+
+def test_pieces_cut_at_blank_lines():
+    text = "\n\n".join(["a" * 30] * 10)
+    pieces = reproduce._pieces(text, 100)
+    assert "\n\n".join(pieces) == text and all(len(p) <= 100 for p in pieces)
+
+
+def _numbers(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _numbers(v)
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield obj
+
+
+@pytest.mark.slow
+def test_reduced_experiment_end_to_end_resumes_and_writes_results(tmp_path):
+    out = tmp_path / "exp"
+    reproduce.main(["--reduced", "--out", str(out)])
+    plan = reproduce.load_plan(reproduce.REDUCED_PLAN)
+    runs = reproduce.plan_runs(plan)
+    results = {}
+    for run in runs:
+        path = out / "runs" / run["name"] / "result.json"
+        assert path.is_file(), run["name"]
+        r = json.loads(path.read_text())
+        results[run["name"]] = r
+        e = r["eval"]
+        for key in ("ppl", "loss", "extra_pauses", "accuracy"):
+            assert math.isfinite(e[key]), (run["name"], key)
+        assert all(math.isfinite(x) for x in e["p_stop"]) and abs(sum(e["p_stop"]) - 1) < 1e-4
+        assert r["steps"] == run["steps"] and r["real_tokens"] == run["steps"] * 4 * 16
+        assert r["laid_out_tokens"] == r["real_tokens"] * run["W"]
+        assert r["train_wall_s"] > 0 and r["curve"]["train"]
+        assert [p["step"] for p in r["curve"]["val"]] == list(range(2, run["steps"] + 1, 2))  # every eval_every
+        if run["W"] > 1 and run["method"].startswith("cyb"):
+            assert set(r["adaptive"]) == {"greedy", "fixed", "none"}
+            assert len(e["calibration_spearman"]) == run["W"] - 1
+    main = [r for n, r in results.items() if n.startswith("ft-")]
+    assert len({r["real_tokens"] for r in main}) == 1
+
+    # A second invocation finds every run finished and trains nothing.
+    reproduce.main(["--reduced", "--out", str(out)])
+    meta = json.loads((out / "experiment.json").read_text())
+    assert meta["invocations"][-1]["ran"] == [] and len(meta["invocations"][-1]["skipped"]) == len(runs)
+
+    # The results page: markdown and PNGs, its numbers those of the result files.
+    from cyb_lightning.experiments.results import write_results
+
+    md_path = write_results(out, tmp_path / "docs" / "results.md")
+    md = md_path.read_text()
+    img = tmp_path / "docs" / "img" / "results"
+    for name, r in results.items():
+        assert f"{r['eval']['ppl']:.3f}" in md, name
+        assert f"| {name} | {r['eval']['ppl']:.3f} | {r['real_tokens']:,} | {r['laid_out_tokens']:,} |" in md
+        assert (img / f"curve_{name}.png").stat().st_size > 1000
+        assert r["command"] in md
+    for fig in ("ppl_vs_real_tokens.png", "ppl_vs_laid_out_tokens.png", "ppl_vs_wall_time.png"):
+        assert (img / fig).stat().st_size > 1000
+    cyb = results["ft-cyb_ap-s0"]["eval"]
+    assert " / ".join(f"{p:.3f}" for p in cyb["p_stop"]) in md  # latency distribution
+    assert "11.66" in md and "12.17" in md  # the paper's numbers beside ours
+    assert meta["invocations"][0]["commit"] in md
