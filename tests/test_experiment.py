@@ -25,7 +25,7 @@ def test_full_plan_has_every_run_of_the_issue():
     assert {f"ft-{m}-s{s}" for m in methods for s in plan["seeds"]} <= names
     for m in ("baseline", "tbys3", "cyb_ap"):
         assert {f"de-{m}-2x1-s0", f"de-{m}-1x2-s0", f"de-{m}-1x3-s0"} <= names
-    assert runs[0]["name"] == "pretrain" and len(runs) == 1 + 8 * len(plan["seeds"]) + 9
+    assert runs[0]["name"] == "pretrain" and len(runs) == 1 + len(plan["methods"]) * len(plan["seeds"]) + 9
     w = {r["method"]: r["W"] for r in runs}
     assert (w["baseline"], w["tbys1"], w["tbys2"], w["tbys3"], w["cyb_ap"], w["pretrain"]) == (1, 2, 3, 4, 4, 1)
     main = [r for r in runs if r["name"].startswith("ft-")]
@@ -42,7 +42,7 @@ def printed(*configs: Path) -> dict:
     return yaml.safe_load(out.getvalue())
 
 
-@pytest.mark.parametrize("method", ["baseline", "tbys2", "cyb_ap", "cyb_ap_g099", "cyb_va", "cyb_dp"])
+@pytest.mark.parametrize("method", ["baseline", "tbys2", "cyb_ap", "cyb_ap_g099", "cyb_va", "cyb_dp", "cyb_ap_psi05"])
 def test_method_stacks_keep_the_papers_loss_and_layout(method):
     plan = reproduce.load_plan(reproduce.PLAN)
     stack = [reproduce._yaml_file(plan, c) for c in plan["methods"][method]["configs"] + plan["layers"]]
@@ -51,7 +51,9 @@ def test_method_stacks_keep_the_papers_loss_and_layout(method):
     loss = cfg["model"]["loss"]
     if method == "cyb_ap_g099":
         assert loss["init_args"]["gamma0"] == 0.99 and loss["init_args"]["discount"] == "exponential"
-    if method.startswith("cyb"):
+    if method == "cyb_ap_psi05":
+        assert loss["init_args"]["psi_dk"] == 0.5 and loss["init_args"]["omega"] == [0, 0, 0, 1]
+    elif method.startswith("cyb"):
         assert loss["init_args"]["psi_dk"] == 0.9 and cfg["data"]["layout"] == "cyb"
     if method == "baseline":
         assert cfg["data"]["layout"] == "none"
