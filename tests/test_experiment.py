@@ -25,7 +25,7 @@ def test_full_plan_has_every_run_of_the_issue():
     assert {f"ft-{m}-s{s}" for m in methods for s in plan["seeds"]} <= names
     for m in ("baseline", "tbys3", "cyb_ap"):
         assert {f"de-{m}-2x1-s0", f"de-{m}-1x2-s0", f"de-{m}-1x3-s0"} <= names
-    assert runs[0]["name"] == "pretrain" and len(runs) == 1 + len(plan["methods"]) * len(plan["seeds"]) + 9
+    assert runs[0]["name"] == "pretrain" and len(runs) == 1 + len(plan["methods"]) * len(plan["seeds"]) + 10
     w = {r["method"]: r["W"] for r in runs}
     assert (w["baseline"], w["tbys1"], w["tbys2"], w["tbys3"], w["cyb_ap"], w["pretrain"]) == (1, 2, 3, 4, 4, 1)
     main = [r for r in runs if r["name"].startswith("ft-")]
@@ -137,5 +137,35 @@ def test_reduced_experiment_end_to_end_resumes_and_writes_results(tmp_path):
         assert (img / fig).stat().st_size > 1000
     cyb = results["ft-cyb_ap-s0"]["eval"]
     assert " / ".join(f"{p:.3f}" for p in cyb["p_stop"]) in md  # latency distribution
+    # The answer: the equal-compute row pairs a K = 3 run with the baseline's 4 passes (same laid-out tokens).
+    base4 = results["de-baseline-4x1-s0"]
+    assert base4["laid_out_tokens"] == results["ft-cyb_ap-s0"]["laid_out_tokens"]
+    assert (f"| ft-cyb_ap-s0 | {base4['laid_out_tokens']:,} | {cyb['ppl']:.3f} | de-baseline-4x1-s0 "
+            f"(4 pass(es) over 1× data) | {base4['eval']['ppl']:.3f} | {cyb['ppl'] - base4['eval']['ppl']:+.3f} |") in md
+
+    # Rewriting the page keeps the hand-written discussion block and nothing else of the old page.
+    from cyb_lightning.experiments.results import DISCUSSION_END, DISCUSSION_START
+
+    md_path.write_text(md.replace("## How it was run", f"{DISCUSSION_START}\nOur reading.\n{DISCUSSION_END}\n\n"
+                                  "## How it was run") + "\nstale line\n")  # fmt: skip
+    md2 = write_results(out, md_path).read_text()
+    assert f"{DISCUSSION_START}\nOur reading.\n{DISCUSSION_END}" in md2 and "stale line" not in md2
     assert "11.66" in md and "12.17" in md  # the paper's numbers beside ours
     assert meta["invocations"][0]["commit"] in md
+
+
+def test_compare_calls_a_difference_only_beyond_the_seed_spread():
+    from cyb_lightning.experiments.results import compare
+
+    assert compare([10.0, 10.1], [12.0, 12.1]) == "-2.000: **lower** (std 0.071)"
+    assert compare([12.0, 12.2], [10.0, 10.1]).startswith("+2.050: **higher**")
+    assert "within the seed spread" in compare([10.0, 11.0], [10.5, 11.5])
+    assert compare([10.0], [11.0]) == "-1.000 (1 seed, no spread)"
+
+
+def test_equal_compute_run_of_the_baseline_matches_the_pause_runs_laid_out_tokens():
+    plan = reproduce.load_plan(reproduce.PLAN)
+    runs = {r["name"]: r for r in reproduce.plan_runs(plan)}
+    base4, cyb = runs["de-baseline-4x1-s0"], runs["ft-cyb_ap-s0"]
+    assert base4["steps"] * base4["W"] == cyb["steps"] * cyb["W"] and base4["data"] == cyb["data"] == 1
+    assert "de-cyb_ap-4x1-s0" not in runs  # the extra factor is the baseline's alone

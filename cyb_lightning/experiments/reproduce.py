@@ -115,7 +115,7 @@ def plan_runs(plan: dict) -> list[dict]:
     de = plan.get("data_efficiency") or {}
     for method in de.get("methods", []):
         m = plan["methods"][method]
-        for epochs, data in de["factors"]:
+        for epochs, data in de["factors"] + (de.get("extra") or {}).get(method, []):
             runs.append({"name": f"de-{method}-{epochs}x{data}-s{seeds[0]}", "kind": "finetune", "method": method,
                          "label": m["label"], "configs": m["configs"], "seed": seeds[0], "epochs": epochs,
                          "data": data, "steps": s["finetune_steps"] * epochs * data})  # fmt: skip
@@ -192,7 +192,8 @@ def build_corpus(out: Path, plan: dict) -> dict:
 
     corpus, s = plan["corpus"], plan["sizes"]
     per_set = s["finetune_steps"] * s["batch_size"] * s["seq_len"] + 1
-    sets = max([1] + [d for _, d in (plan.get("data_efficiency") or {}).get("factors", [])])
+    de = plan.get("data_efficiency") or {}
+    sets = max([1] + [d for _, d in de.get("factors", []) + sum((de.get("extra") or {}).values(), [])])
     params = {"format": 1, "corpus": corpus, "per_set_tokens": per_set, "sets": sets, "python": platform.python_version()}
     root = out / "corpus"
     manifest_path = root / "manifest.json"

@@ -104,6 +104,103 @@ def data_to_match(points: list[tuple[float, float]], target: float) -> float | N
     return None
 
 
+DISCUSSION_START = "<!-- discussion: written by hand, kept when this page is rewritten -->"
+DISCUSSION_END = "<!-- /discussion -->"
+
+
+def kept_discussion(md_path: Path) -> str | None:
+    """The hand-written block (between the discussion markers) of an existing page, so that rewriting the
+    page from new result files keeps the author's reading of them."""
+    if not md_path.is_file():
+        return None
+    text = md_path.read_text(encoding="utf-8")
+    start, end = text.find(DISCUSSION_START), text.find(DISCUSSION_END)
+    return text[start:end + len(DISCUSSION_END)] if 0 <= start < end else None
+
+
+def de_factors(de: dict) -> list[list[int]]:
+    """The data-efficiency columns: 1x1, the common factors, then every method's extra ones."""
+    out = [[1, 1]]
+    for f in de.get("factors", []) + sum((de.get("extra") or {}).values(), []):
+        if list(f) not in out:
+            out.append(list(f))
+    return out
+
+
+def compare(a: list[float], b: list[float]) -> str:
+    """'a' against 'b' (ppl per seed): the mean difference and whether it exceeds the seed spread, i.e.
+    |Δ| > 2 × the larger sample std (a crude bar with 2 seeds, and said so on the page)."""
+    d = statistics.fmean(a) - statistics.fmean(b)
+    if len(a) < 2 or len(b) < 2:
+        return f"{d:+.3f} (1 seed, no spread)"
+    noise = max(statistics.stdev(a), statistics.stdev(b))
+    verdict = ("**lower**" if d < 0 else "**higher**") if abs(d) > 2 * noise else "within the seed spread"
+    return f"{d:+.3f}: {verdict} (std {noise:.3f})"
+
+
+def answer_lines(plan: dict, by_name: dict) -> list[str]:
+    """The issue's question, answered from the result files: CYB vs TBYS vs the no-pause baseline at equal
+    data (same real tokens) and at equal compute (same laid-out tokens), and the data CYB saves."""
+    seeds, methods = plan["seeds"], plan["methods"]
+    ppl = {m: [by_name[f"ft-{m}-s{s}"]["eval"]["ppl"] for s in seeds if f"ft-{m}-s{s}" in by_name] for m in methods}
+    ppl = {m: v for m, v in ppl.items() if v}
+    if "baseline" not in ppl:
+        return []
+    label = lambda m: methods[m]["label"]  # noqa: E731
+    cyb = [m for m in ppl if m.startswith("cyb")]
+    tbys = [m for m in ppl if m.startswith("tbys")]
+    L = ["## The answer, from the result files", "",
+         f"**Equal data** (one pass over fine-tuning set A, the same real tokens and steps; mean held-out ppl over "
+         f"seeds {seeds}; 'beyond the seed spread' = |Δ| > 2 × the larger sample std):", ""]  # fmt: skip
+    for m in sorted(ppl, key=lambda m: statistics.fmean(ppl[m])):
+        L.append(f"- {label(m)}: {statistics.fmean(ppl[m]):.3f}")
+    L.append("")
+    others = ["baseline"] + tbys
+    L += ["| CYB run, Δ ppl against → | " + " | ".join(label(o) for o in others) + " |",
+          "|---|" + "---|" * len(others)]  # fmt: skip
+    for c in cyb:
+        L.append(f"| {label(c)} | " + " | ".join(compare(ppl[c], ppl[o]) for o in others) + " |")
+    L += ["", "**Equal compute** (the same laid-out tokens, i.e. forward positions: a run with K pauses per token "
+          "against the no-pause baseline given K + 1 times the steps, on more passes or more data):", "",
+          "| pause run (1×1, seed 0) | laid-out tokens | ppl | baseline run, same laid-out tokens | its ppl | Δ ppl "
+          "| training wall s (pause / baseline) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    base_runs = [r for r in by_name.values() if r["method"] == "baseline" and r["seed"] == seeds[0]]
+    for m in tbys + cyb:
+        r = by_name.get(f"ft-{m}-s{seeds[0]}")
+        if not r:
+            continue
+        same = [b for b in base_runs if b["laid_out_tokens"] == r["laid_out_tokens"]]
+        for b in same or [None]:
+            if b is None:
+                L.append(f"| {r['name']} | {r['laid_out_tokens']:,} | {_f(r['eval']['ppl'])} | – | – | – | – |")
+                continue
+            L.append(f"| {r['name']} | {r['laid_out_tokens']:,} | {_f(r['eval']['ppl'])} | {b['name']} "
+                     f"({b['epochs']} pass(es) over {b['data']}× data) | {_f(b['eval']['ppl'])} "
+                     f"| {r['eval']['ppl'] - b['eval']['ppl']:+.3f} | {r['train_wall_s']:.0f} / {b['train_wall_s']:.0f} |")  # fmt: skip
+    de = plan.get("data_efficiency") or {}
+    pts = lambda m: [(1, by_name[f"ft-{m}-s{seeds[0]}"]["eval"]["ppl"])] + [  # noqa: E731
+        (d, by_name[f"de-{m}-1x{d}-s{seeds[0]}"]["eval"]["ppl"]) for e, d in de_factors(de)[1:]
+        if e == 1 and f"de-{m}-1x{d}-s{seeds[0]}" in by_name]  # fmt: skip
+    lines = []
+    for c in [m for m in de.get("methods", []) if m.startswith("cyb") and f"ft-{m}-s{seeds[0]}" in by_name]:
+        goal = by_name[f"ft-{c}-s{seeds[0]}"]["eval"]["ppl"]
+        for o in [m for m in de.get("methods", []) if not m.startswith("cyb") and f"ft-{m}-s{seeds[0]}" in by_name]:
+            p = pts(o)
+            x = data_to_match(p, goal)
+            if p[0][1] <= goal:
+                lines.append(f"- {label(o)} needs no more data: at 1× it is already at {p[0][1]:.3f} ≤ {label(c)}'s "
+                             f"{goal:.3f}, so {label(c)} saves none.")  # fmt: skip
+            elif x is None:
+                lines.append(f"- {label(o)} does not reach {label(c)}'s 1× ppl {goal:.3f} with up to "
+                             f"{max(d for d, _ in p)}× data: {label(c)} saves more than that.")  # fmt: skip
+            else:
+                lines.append(f"- {label(o)} needs {x:.2f}× the data to reach {label(c)}'s 1× ppl {goal:.3f}: "
+                             f"{label(c)} saves {100 * (1 - 1 / x):.0f} % of the data.")  # fmt: skip
+    if lines:
+        L += ["", f"**Data saved** (fresh data, one pass; seed {seeds[0]}; interpolated in log data):", ""] + lines
+    return L + [""]
+
+
 def write_results(out: Path, md_path: Path, img_dir: Path | None = None) -> Path:
     """Write ``md_path`` and its PNGs (default: ``img/results`` beside it) from ``out``'s result files."""
     out, md_path = Path(out), Path(md_path)
@@ -126,6 +223,10 @@ def write_results(out: Path, md_path: Path, img_dir: Path | None = None) -> Path
           "`shared/method.md` §6). Ours: held-out perplexity of the step mixture (γ = 1, ω = (0,…,0,1); "
           "ordinary perplexity without pauses) on this corpus, so the absolute values are not comparable "
           "with C4's; the orderings and relative gaps are.", ""]  # fmt: skip
+    L += answer_lines(plan, by_name)
+    kept = kept_discussion(md_path)
+    if kept:
+        L += [kept, ""]
     L += ["## How it was run", "", "| | |", "|---|---|"]
     for i, v in enumerate(inv):
         L.append(f"| invocation {i + 1} | `{v['command']}` — {v['started']} → {v.get('finished', 'interrupted')}, "
@@ -176,10 +277,10 @@ def write_results(out: Path, md_path: Path, img_dir: Path | None = None) -> Path
     # -- data efficiency --------------------------------------------------------------------------------
     de = plan.get("data_efficiency") or {}
     if de.get("methods"):
-        factors = [[1, 1]] + de["factors"]
+        factors = de_factors(de)
         L += ["## Data efficiency (CYB Fig. 6)", "",
               "E×D: D times the data of 1×1 (disjoint sets A, B, C), E passes over it; the steps grow with both. "
-              "Seed " + str(seeds[0]) + ".", "",
+              "Seed " + str(seeds[0]) + "; – where the plan has no such run.", "",
               "| method | " + " | ".join(f"{e}×{d}" for e, d in factors) + " |", "|---|" + "---|" * len(factors)]  # fmt: skip
         de_ppl: dict[str, dict[str, float]] = {}
         for method in de["methods"]:
