@@ -30,6 +30,20 @@ def main(argv: list[str] | None = None) -> None:
     from cyb_lightning.cli import main as lightning_main
 
     lightning_main(argv)  # None: LightningCLI reads sys.argv itself
+    _destroy_process_group()
+
+
+def _destroy_process_group() -> None:
+    """End the process group that a multi-process run leaves behind (Lightning does not).
+
+    Left to the interpreter's exit, gloo's worker threads can abort the process (SIGABRT, "terminate called
+    without an active exception") after a successful fit, failing the job. Only on success: after an
+    exception other ranks may still wait in a collective, and destroying the group would hang there.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -116,3 +116,27 @@ def test_variable_pause_layout_trains_from_the_cli_and_validates_with_all_pauses
     metrics = cli.trainer.callback_metrics
     assert math.isfinite(float(metrics["train/loss"])) and math.isfinite(float(metrics["val/ppl"]))
     assert abs(sum(float(metrics[f"val/p_stop/step{i}"]) for i in range(1, 5)) - 1) < 1e-4
+
+
+def test_the_entry_point_ends_the_process_group_after_success_only(tmp_path, monkeypatch):
+    """A process group left to the interpreter's exit can abort a finished gloo job (SIGABRT); after an
+    error it must stay, since destroying it while other ranks wait in a collective would hang them."""
+    import torch.distributed as dist
+
+    import cyb_lightning.__main__ as entry
+    import cyb_lightning.cli
+
+    def fit(argv, fail=False):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store-{fail}", rank=0, world_size=1)
+        if fail:
+            raise RuntimeError("a rank failed")
+
+    monkeypatch.setattr(cyb_lightning.cli, "main", fit)
+    entry.main(["fit"])
+    assert not dist.is_initialized()
+
+    monkeypatch.setattr(cyb_lightning.cli, "main", lambda argv: fit(argv, fail=True))
+    with pytest.raises(RuntimeError, match="a rank failed"):
+        entry.main(["fit"])
+    assert dist.is_initialized()
+    dist.destroy_process_group()

@@ -86,7 +86,8 @@ def _torchrun(tmp_path, mode: str) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["plain", "ac"])
 def test_fsdp2_clipping_gives_the_single_process_update(tmp_path, mode):
-    """Global norm, clipped gradients and AdamW update of the sharded model = those of one process (1e-6)."""
+    """Global norm and clipped gradients of the sharded model = those of one process (1e-6), and AdamW on the
+    sharded parameters and state makes the same weights of them."""
     r = _torchrun(tmp_path, mode)
     assert r["sharded"] and r["keys_equal"]
     assert r["ref_norm"] > 0.05  # clipping is active
