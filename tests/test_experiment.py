@@ -25,7 +25,8 @@ def test_full_plan_has_every_run_of_the_issue():
     assert {f"ft-{m}-s{s}" for m in methods for s in plan["seeds"]} <= names
     for m in ("baseline", "tbys3", "cyb_ap"):
         assert {f"de-{m}-2x1-s0", f"de-{m}-1x2-s0", f"de-{m}-1x3-s0"} <= names
-    assert runs[0]["name"] == "pretrain" and len(runs) == 1 + len(plan["methods"]) * len(plan["seeds"]) + 10
+    sweep = len(plan["lr_sweep"]["methods"]) * len(plan["lr_sweep"]["lrs"])
+    assert runs[0]["name"] == "pretrain" and len(runs) == 1 + len(plan["methods"]) * len(plan["seeds"]) + 10 + sweep
     w = {r["method"]: r["W"] for r in runs}
     assert (w["baseline"], w["tbys1"], w["tbys2"], w["tbys3"], w["cyb_ap"], w["pretrain"]) == (1, 2, 3, 4, 4, 1)
     main = [r for r in runs if r["name"].startswith("ft-")]
@@ -57,6 +58,36 @@ def test_method_stacks_keep_the_papers_loss_and_layout(method):
         assert loss["init_args"]["psi_dk"] == 0.9 and cfg["data"]["layout"] == "cyb"
     if method == "baseline":
         assert cfg["data"]["layout"] == "none"
+
+
+def test_each_stage_trains_at_its_own_learning_rate():
+    """Pretraining at layers/pretrain.yaml's rate, every fine-tune at layers/finetune.yaml's: no later layer
+    of the stack overrides them (an earlier plan's CPU layer silently reset pretraining to the fine-tuning rate)."""
+    plan = reproduce.load_plan(reproduce.PLAN)
+    runs = {r["name"]: r for r in reproduce.plan_runs(plan)}
+    stage = lambda rel: yaml.safe_load(reproduce._yaml_file(plan, rel).read_text())["model"]  # noqa: E731
+    pre, ft = stage("layers/pretrain.yaml"), stage("layers/finetune.yaml")
+    assert ft["lr"] < pre["lr"]
+    for name, expect in (("pretrain", pre), ("ft-cyb_ap_g099-s1", ft), ("de-tbys3-1x3-s0", ft)):
+        cfg = printed(*(reproduce._yaml_file(plan, c) for c in runs[name]["configs"] + plan["layers"]))
+        assert (cfg["model"]["lr"], cfg["model"]["warmup_steps"]) == (expect["lr"], expect["warmup_steps"]), name
+
+
+def test_learning_rate_sweep_runs_differ_from_the_main_run_in_the_rate_only(tmp_path):
+    plan = reproduce.load_plan(reproduce.PLAN)
+    runs = {r["name"]: r for r in reproduce.plan_runs(plan)}
+    sweep = plan["lr_sweep"]
+    corpus = {"params": {}}
+    for method in sweep["methods"]:
+        main = runs[f"ft-{method}-s0"]
+        for lr in sweep["lrs"]:
+            r = runs[f"lr-{method}-{lr:.0e}-s0"]
+            assert (r["configs"], r["steps"], r["data"], r["seed"]) == (main["configs"], main["steps"], 1, 0)
+            layer = reproduce.run_layer(tmp_path, plan, r)
+            assert layer["model"]["lr"] == lr and layer["model"]["init_from"].endswith("pretrain/checkpoints/last.ckpt")
+            a, b = reproduce.run_spec(tmp_path, plan, r, corpus), reproduce.run_spec(tmp_path, plan, main, corpus)
+            assert a["configs"] == b["configs"] and a["layer"]["data"] == b["layer"]["data"]
+            assert reproduce._hash(a) != reproduce._hash(b)
 
 
 def test_budget_estimate_scales_with_steps_and_pauses():
@@ -169,3 +200,15 @@ def test_equal_compute_run_of_the_baseline_matches_the_pause_runs_laid_out_token
     base4, cyb = runs["de-baseline-4x1-s0"], runs["ft-cyb_ap-s0"]
     assert base4["steps"] * base4["W"] == cyb["steps"] * cyb["W"] and base4["data"] == cyb["data"] == 1
     assert "de-cyb_ap-4x1-s0" not in runs  # the extra factor is the baseline's alone
+
+
+def test_learning_rate_table_and_orderings():
+    from cyb_lightning.experiments.results import lr_table, orderings
+
+    plan = {"seeds": [0], "lr_sweep": {"methods": ["a", "b"], "lrs": [1e-4, 1e-3]}}
+    run = lambda lr, ppl: {"lr": lr, "eval": {"ppl": ppl}}  # noqa: E731
+    by_name = {"ft-a-s0": run(3e-4, 10.0), "lr-a-1e-04-s0": run(1e-4, 12.0), "lr-a-1e-03-s0": run(1e-3, 9.0),
+               "ft-b-s0": run(3e-4, 11.0), "lr-b-1e-04-s0": run(1e-4, 11.5)}  # b has no 1e-3 run (yet)
+    table = lr_table(plan, by_name)
+    assert table == {"a": {3e-4: 10.0, 1e-4: 12.0, 1e-3: 9.0}, "b": {3e-4: 11.0, 1e-4: 11.5}}
+    assert orderings(table) == {1e-4: ["b", "a"], 3e-4: ["a", "b"]}  # only rates that every method ran at

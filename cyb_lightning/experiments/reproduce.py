@@ -16,7 +16,8 @@ What it runs (the plan: ``conf/experiments/cyb_repro.yaml``; the paper's numbers
    method: baseline (no pauses), TBYS 1/2/3 pauses, CYB-AP (ω = 0:0:0:1, γ = 1), CYB-AP γ_i = 0.99^(i−1),
    CYB-VA (ρ = 4:1:1:4), CYB-DP (α = 0.01, ρ = 4:1:1:4); every seed of ``seeds``.
 4. **Data efficiency** (CYB Fig. 6): baseline, TBYS-3, CYB-AP at 2×1 (two epochs of A), 1×2 (A∪B),
-   1×3 (A∪B∪C); 1×1 is the main comparison's first seed.
+   1×3 (A∪B∪C); 1×1 is the main comparison's first seed. **Learning-rate sweep**: the same three methods
+   fine-tuned at other learning rates (``lr_sweep``), to see whether the comparison depends on it.
 5. **Evaluation** of every run on the held-out part with the ``report`` code: perplexity of the step
    mixture, latency distribution, DK rate, calibration, token quadrants, teacher-forced adaptive inference
    (DK models); each run records real tokens, laid-out tokens (forward positions) and wall time.
@@ -107,18 +108,26 @@ def plan_runs(plan: dict) -> list[dict]:
     runs = [{"name": "pretrain", "kind": "pretrain", "method": "pretrain", "label": "pretrained, no finetuning",
              "configs": plan["pretrain"]["configs"], "seed": 0, "epochs": 1, "data": 0,
              "steps": s["pretrain_steps"]}]  # fmt: skip
+    stage = (plan.get("finetune") or {}).get("configs", [])  # the fine-tuning layers, after each method's
     for seed in seeds:
         for method, m in plan["methods"].items():
             runs.append({"name": f"ft-{method}-s{seed}", "kind": "finetune", "method": method, "label": m["label"],
-                         "configs": m["configs"], "seed": seed, "epochs": 1, "data": 1,
+                         "configs": m["configs"] + stage, "seed": seed, "epochs": 1, "data": 1,
                          "steps": s["finetune_steps"]})  # fmt: skip
     de = plan.get("data_efficiency") or {}
     for method in de.get("methods", []):
         m = plan["methods"][method]
         for epochs, data in de["factors"] + (de.get("extra") or {}).get(method, []):
             runs.append({"name": f"de-{method}-{epochs}x{data}-s{seeds[0]}", "kind": "finetune", "method": method,
-                         "label": m["label"], "configs": m["configs"], "seed": seeds[0], "epochs": epochs,
+                         "label": m["label"], "configs": m["configs"] + stage, "seed": seeds[0], "epochs": epochs,
                          "data": data, "steps": s["finetune_steps"] * epochs * data})  # fmt: skip
+    sweep = plan.get("lr_sweep") or {}
+    for method in sweep.get("methods", []):
+        m = plan["methods"][method]
+        for lr in sweep["lrs"]:
+            runs.append({"name": f"lr-{method}-{lr:.0e}-s{seeds[0]}", "kind": "finetune", "method": method,
+                         "label": m["label"], "configs": m["configs"] + stage, "seed": seeds[0], "epochs": 1,
+                         "data": 1, "steps": s["finetune_steps"], "lr": float(lr)})  # fmt: skip
     for r in runs:
         r["W"] = steps_per_token(plan, r["configs"])
     return runs
@@ -294,6 +303,8 @@ def run_layer(out: Path, plan: dict, run: dict) -> dict:
     }  # fmt: skip
     if run["kind"] == "finetune":
         layer["model"] = {"init_from": str((out / "runs" / "pretrain" / "checkpoints" / "last.ckpt").resolve())}
+    if "lr" in run:  # the learning-rate sweep: this run's rate instead of the fine-tuning layer's
+        layer.setdefault("model", {})["lr"] = run["lr"]
     return layer
 
 
@@ -301,7 +312,7 @@ def run_spec(out: Path, plan: dict, run: dict, corpus: dict) -> dict:
     """What decides a run's result: its configs (parsed, comments ignored), its layer, the corpus."""
     configs = {rel: yaml.safe_load(_yaml_file(plan, rel).read_text()) for rel in run["configs"] + plan["layers"]}
     layer = run_layer(out, plan, run)
-    return {"run": {k: run[k] for k in ("name", "kind", "method", "seed", "epochs", "data", "steps", "W")},
+    return {"run": {k: run[k] for k in ("name", "kind", "method", "seed", "epochs", "data", "steps", "W", "lr") if k in run},
             "configs": configs, "layer": layer, "corpus": corpus["params"]}  # fmt: skip
 
 
@@ -364,13 +375,14 @@ def execute(out: Path, plan: dict, run: dict, corpus: dict, force: bool = False)
     if curve["steps"] != run["steps"] or not ckpt.is_file():
         # e.g. Lightning's graceful shutdown on Ctrl-C returns normally: never record a partial run
         raise SystemExit(f"experiment: {run['name']} stopped at step {curve['steps']} of {run['steps']}; rerun to redo it")
+    lr = (yaml.safe_load((rdir / "config.yaml").read_text()).get("model") or {}).get("lr")  # as the fit resolved it
     t1 = time.time()
     report = evaluate_run(rdir, ckpt, run, plan)
     eval_s = time.time() - t1
     a = report["token_analysis"]
     result = {
         "name": run["name"], "kind": run["kind"], "method": run["method"], "label": run["label"],
-        "seed": run["seed"], "epochs": run["epochs"], "data": run["data"], "steps": curve["steps"],
+        "seed": run["seed"], "epochs": run["epochs"], "data": run["data"], "steps": curve["steps"], "lr": lr,
         "W": run["W"], "num_pauses": run["W"] - 1,
         "real_tokens": curve["real_tokens"], "laid_out_tokens": curve["laid_out_tokens"],
         "train_wall_s": curve["train_wall_s"], "fit_wall_s": round(fit_s, 2), "eval_wall_s": round(eval_s, 2),

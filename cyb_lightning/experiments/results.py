@@ -138,6 +138,23 @@ def compare(a: list[float], b: list[float]) -> str:
     return f"{d:+.3f}: {verdict} (std {noise:.3f})"
 
 
+def lr_table(plan: dict, by_name: dict) -> dict[str, dict[float, float]]:
+    """Held-out ppl per method and fine-tuning learning rate: the sweep's runs and the main run (first seed)."""
+    sweep, seed = plan.get("lr_sweep") or {}, plan["seeds"][0]
+    table: dict[str, dict[float, float]] = {}
+    for method in sweep.get("methods", []):
+        names = [f"ft-{method}-s{seed}"] + [f"lr-{method}-{lr:.0e}-s{seed}" for lr in sweep["lrs"]]
+        for r in (by_name[n] for n in names if n in by_name and by_name[n].get("lr") is not None):
+            table.setdefault(method, {})[float(r["lr"])] = r["eval"]["ppl"]
+    return table
+
+
+def orderings(table: dict[str, dict[float, float]]) -> dict[float, list[str]]:
+    """Per learning rate that every method of ``table`` ran at: the methods from best to worst ppl."""
+    rates = set.intersection(*(set(v) for v in table.values())) if table else set()
+    return {lr: sorted(table, key=lambda m: table[m][lr]) for lr in sorted(rates)}
+
+
 def answer_lines(plan: dict, by_name: dict) -> list[str]:
     """The issue's question, answered from the result files: CYB vs TBYS vs the no-pause baseline at equal
     data (same real tokens) and at equal compute (same laid-out tokens), and the data CYB saves."""
@@ -198,6 +215,14 @@ def answer_lines(plan: dict, by_name: dict) -> list[str]:
                              f"{label(c)} saves {100 * (1 - 1 / x):.0f} % of the data.")  # fmt: skip
     if lines:
         L += ["", f"**Data saved** (fresh data, one pass; seed {seeds[0]}; interpolated in log data):", ""] + lines
+    order = orderings(lr_table(plan, by_name))
+    if len(order) > 1:
+        text = lambda o: " < ".join(label(m) for m in o)  # noqa: E731
+        same = len({tuple(o) for o in order.values()}) == 1
+        L += ["", f"**Learning rate** (the 1×1 fine-tune at {len(order)} rates, seed {seeds[0]}): "
+              + (f"the same ordering at every rate: {text(next(iter(order.values())))} (held-out ppl)." if same else
+                 "the ordering depends on the rate: " + "; ".join(f"lr {lr:g}: {text(o)}" for lr, o in order.items())
+                 + " (held-out ppl).")]  # fmt: skip
     return L + [""]
 
 
@@ -318,8 +343,26 @@ def write_results(out: Path, md_path: Path, img_dir: Path | None = None) -> Path
             L.append(f"| {plan['methods'][method]['label']} | " + " | ".join(cells) + " |")
         L.append("")
 
+    # -- learning rate ------------------------------------------------------------------------------------
+    table = lr_table(plan, by_name)
+    if table:
+        rates = sorted({lr for v in table.values() for lr in v})
+        main_lr = next((by_name[f"ft-{m}-s{seeds[0]}"].get("lr") for m in table if f"ft-{m}-s{seeds[0]}" in by_name), None)
+        L += ["## Fine-tuning learning rate", "",
+              f"The main comparison fine-tunes at lr {main_lr:g} (`conf/experiments/layers/finetune.yaml`; "
+              "pretraining: `layers/pretrain.yaml`"
+              + (f", lr {pre['lr']:g}" if pre and pre.get("lr") else "") + "; both warm up, then decay "
+              "along a cosine to 1 %). The same 1×1 fine-tune at other rates "
+              f"(seed {seeds[0]}; held-out ppl; the pretrained model before fine-tuning: "
+              f"{_f(pre['eval']['ppl']) if pre else '–'}):", "",
+              "| method | " + " | ".join(f"lr {lr:g}" + (" (main)" if lr == main_lr else "") for lr in rates) + " |",
+              "|---|" + "---|" * len(rates)]  # fmt: skip
+        for method, row in table.items():
+            L.append(f"| {plan['methods'][method]['label']} | " + " | ".join(_f(row.get(lr)) for lr in rates) + " |")
+        L.append("")
+
     # -- compute --------------------------------------------------------------------------------------------
-    ft = [r for r in results if r["kind"] == "finetune"]
+    ft = [r for r in results if r["kind"] == "finetune" and not r["name"].startswith("lr-")]
     for key, label, fname in (("real_tokens", "real tokens", "ppl_vs_real_tokens.png"),
                               ("laid_out_tokens", "laid-out tokens (forward positions)", "ppl_vs_laid_out_tokens.png"),
                               ("train_wall_s", "training wall time (s)", "ppl_vs_wall_time.png")):  # fmt: skip
