@@ -1,6 +1,7 @@
 """Cost of the CYB losses vs cross-entropy, model throughput vs litgpt, adaptive generation speed (issue 7 B).
 
     python bench/loss_bench.py loss         # head + loss step time and peak memory, V = 32k and 256k, K = 3
+    python bench/loss_bench.py step         # a whole training step (decoder + loss + AdamW) per loss, same batch
     python bench/loss_bench.py model        # training tokens/s: our no-pause baseline vs litgpt's GPT
     python bench/loss_bench.py generation   # adaptive generation tokens/s vs fixed-K pausing vs no KV cache
     python bench/loss_bench.py all --out docs/benchmarks.md   # all three, tables appended to the file
@@ -15,6 +16,13 @@ The reference is the usual TBYS cross-entropy: full logits ``[N·W, V]`` = ``hid
 logits, ``PauseLoss.forward``) and chunked (``cyb_lightning.losses.chunked``). Peak memory: each case runs
 in a fresh subprocess, and we report its ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` high-water mark
 minus the RSS measured once the inputs exist (so: what the step itself adds, gradients included).
+
+**step** — the same comparison as **loss**, but over a whole training step of our decoder (4 layers, d =
+256 by default) on one CYB-laid-out batch (B rows × T real tokens × W = K + 1): forward, loss, backward and
+AdamW. The reference is again TBYS cross-entropy as usually written: the decoder's full logits ``[B, T·W,
+V]`` and ``F.cross_entropy`` with ``ignore_index`` on the pause steps. The other cases are
+``CYBModule.training_step`` with each loss (chunked, the default; ``*_plain``: ``chunked_loss=False``).
+Peak memory added includes AdamW's state (two fp32 copies of the parameters), the same in every case.
 
 **model** — optimizer steps (forward, loss, backward, AdamW) of the same architecture (RMSNorm, RoPE,
 SwiGLU, untied head, no biases) on the same random batch, fp32: our ``CYBModule`` with ``CrossEntropy``
@@ -53,6 +61,7 @@ sys.path.insert(0, str(ROOT))
 
 LOSS_METHODS = ["ce", "tbys_plain", "tbys_chunked", "ap_plain", "ap_chunked", "va_plain", "va_chunked",
                 "dp_plain", "dp_chunked"]  # fmt: skip
+STEP_METHODS = ["ce", "tbys_chunked", "ap_plain", "ap_chunked", "va_chunked", "dp_chunked"]
 LABELS = {"ce": "TBYS cross-entropy (F.cross_entropy, full logits)", "tbys": "TBYS CE (ours)", "ap": "CYB-AP",
           "va": "CYB-VA", "dp": "CYB-DP"}  # fmt: skip
 
@@ -149,30 +158,31 @@ def merge_rounds(rows: list[dict]) -> list[dict]:
     return list(merged.values())
 
 
-def run_loss(args) -> str:
-    rows = []
-    methods = args.methods or LOSS_METHODS
+def run_cases(args, case: str, methods: list[str]) -> list[dict]:
+    """Every (vocabulary, method) in a fresh process (``case``: ``_loss_case`` or ``_step_case``), CE first."""
     if "ce" not in methods:
         methods = ["ce", *methods]  # every ratio is against it
+    rows = []
     # Rounds interleave the cases, so that a change of machine load hits every case alike.
     for _, V, method in itertools.product(range(args.rounds), args.vocabs, methods):
-        cmd = [sys.executable, __file__, "_loss_case", "--vocab", str(V), "--method", method,
+        cmd = [sys.executable, __file__, case, "--vocab", str(V), "--method", method,
                "--tokens", str(args.tokens), "--d-model", str(args.d_model), "--pauses", str(args.pauses),
                "--warmup", str(args.warmup), "--steps", str(args.steps), "--threads", str(args.threads),
-               "--chunk-size", str(args.chunk_size)]  # fmt: skip
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        r = json.loads(out.strip().splitlines()[-1])
+               "--chunk-size", str(args.chunk_size), "--batch", str(args.batch), "--seq-len", str(args.seq_len),
+               "--layers", str(args.layers), "--heads", str(args.heads), "--model-d", str(args.model_d)]  # fmt: skip
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode:
+            print(res.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"{case} {method} at V = {V} failed (see above)")
+        r = json.loads(res.stdout.strip().splitlines()[-1])
         print(json.dumps(r), flush=True)
         rows.append(r)
-    rows = merge_rounds(rows)
-    W = args.pauses + 1
-    lines = [
-        f"### Head + loss step, N = {args.tokens} real tokens × W = {W} ({args.tokens * W} laid-out rows), "
-        f"d = {args.d_model}, fp32; {args.rounds} round(s) × {args.steps} timed steps per case",
-        "",
-        "| V | loss | path | step time median (min–max) | × CE time | peak memory added | × CE memory |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    return merge_rounds(rows)
+
+
+def ratio_rows(args, rows: list[dict]) -> list[str]:
+    """Table rows: each case's median step time and peak memory, and both as a multiple of CE's."""
+    lines = []
     for V in args.vocabs:
         ce = next(r for r in rows if r["vocab"] == V and r["method"] == "ce")
         for r in (r for r in rows if r["vocab"] == V):
@@ -182,7 +192,88 @@ def run_loss(args) -> str:
                 f"({r['min'] * 1e3:,.0f}–{r['max'] * 1e3:,.0f}) | {r['median'] / ce['median']:.2f} | "
                 f"{r['peak_mib']:,.0f} MiB | {r['peak_mib'] / ce['peak_mib']:.2f} |"
             )
-    return "\n".join(lines)
+    return lines
+
+
+TABLE_HEAD = ["| V | loss | path | step time median (min–max) | × CE time | peak memory added | × CE memory |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+
+
+def run_loss(args) -> str:
+    rows = run_cases(args, "_loss_case", args.methods or LOSS_METHODS)
+    W = args.pauses + 1
+    return "\n".join([
+        f"### Head + loss step, N = {args.tokens} real tokens × W = {W} ({args.tokens * W} laid-out rows), "
+        f"d = {args.d_model}, fp32; {args.rounds} round(s) × {args.steps} timed steps per case", "",
+        *TABLE_HEAD, *ratio_rows(args, rows)])  # fmt: skip
+
+
+def step_case(args) -> dict:
+    """One (vocabulary, method) training step of the whole model, in this (fresh) process."""
+    import torch
+    import torch.nn.functional as TF
+
+    from cyb_lightning.losses import CYBAP, CYBDP, CYBVA, TBYSPerToken
+    from cyb_lightning.model import GPTConfig
+    from cyb_lightning.module import CYBModule
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    B, T, K, V, dk = args.batch, args.seq_len, args.pauses, args.vocab, 2
+    W = K + 1
+    pause_ids = list(range(3, 3 + K))
+    real = torch.randint(3 + K, V, (B, T + 1))
+    groups = torch.empty(B, T, W, dtype=torch.long)
+    groups[..., 0], groups[..., 1:] = real[:, :-1], torch.tensor(pause_ids)
+    batch = {"input_ids": groups.view(B, -1), "position_ids": torch.arange(T).repeat_interleave(W).expand(B, -1),
+             "targets": real[:, 1:].contiguous(), "target_mask": torch.ones(B, T, dtype=torch.bool)}  # fmt: skip
+    kind, _, how = args.method.partition("_")
+    loss = {"tbys": TBYSPerToken(), "ap": CYBAP(), "va": CYBVA(), "dp": CYBDP()}.get(kind, TBYSPerToken())
+    spec = GPTConfig(n_layer=args.layers, n_head=args.heads, d_model=args.model_d, max_position=T,
+                     tie_embeddings=False)  # fmt: skip
+    m = CYBModule(spec, loss, vocab_size=V, dk_id=dk, steps_per_token=W, seq_len=T, chunked_loss=how == "chunked",
+                  loss_chunk_size=args.chunk_size)  # fmt: skip
+    m.configure_model()
+    m.log = lambda *a, **k: None  # no trainer here
+    m._logging_step = lambda: False
+    labels = batch["targets"][..., None].repeat(1, 1, W)
+    labels[..., :-1] = -100  # TBYS: only the last step of each group is scored
+
+    def loss_fn():
+        if kind == "ce":
+            logits = m(batch["input_ids"], batch["position_ids"])
+            return TF.cross_entropy(logits.view(-1, V), labels.view(-1), ignore_index=-100)
+        return m.training_step(batch, 0)["loss"]
+
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        value = loss_fn()
+        value.backward()
+        opt.step()
+        return value.detach()
+
+    base = rss_kib()
+    first = float(step())  # the loss of the initial weights: every case's objective on the same model and batch
+    times = timed(step, args.warmup, args.steps)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    n_params = sum(p.numel() for p in m.parameters())
+    return {"method": args.method, "vocab": V, **summary(times), "times": times, "peak_mib": (peak - base) / 1024,
+            "params": n_params, "first_loss": first}  # fmt: skip
+
+
+def run_step(args) -> str:
+    rows = run_cases(args, "_step_case", args.methods or STEP_METHODS)
+    W = args.pauses + 1
+    n = args.batch * args.seq_len
+    params = ", ".join(f"{V // 1000}k: {next(r['params'] for r in rows if r['vocab'] == V) / 1e6:.1f}M"
+                       for V in args.vocabs)  # fmt: skip
+    return "\n".join([
+        f"### Training step (decoder + loss + backward + AdamW), {args.layers} layers, d = {args.model_d}, batch "
+        f"{args.batch} × {args.seq_len} real tokens × W = {W} ({n * W} laid-out positions), fp32; parameters "
+        f"{params}; {args.rounds} round(s) × {args.steps} timed steps per case", "",
+        *TABLE_HEAD, *ratio_rows(args, rows)])  # fmt: skip
 
 
 # -- model throughput ----------------------------------------------------------------------------
@@ -343,7 +434,8 @@ def run_generation(args) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["loss", "model", "generation", "all", "_loss_case", "_model_case"])
+    p.add_argument("what", choices=["loss", "step", "model", "generation", "all", "_loss_case", "_step_case",
+                                    "_model_case"])  # fmt: skip
     p.add_argument("--out", help="append the tables (with machine, date, load, command) to this Markdown file")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--warmup", type=int, default=1)
@@ -354,14 +446,15 @@ def main() -> None:
     p.add_argument("--pauses", type=int, default=3)
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--chunk-size", type=int, default=0, help="logit rows per chunk (0: automatic, the default)")
-    p.add_argument("--methods", nargs="+", choices=LOSS_METHODS, help="a subset of the loss cases (default: all)")
+    p.add_argument("--methods", nargs="+", choices=LOSS_METHODS,
+                   help="a subset of the loss or step cases (default: all of loss; step: " + " ".join(STEP_METHODS) + ")")
     p.add_argument("--rounds", type=int, default=1, help="repeat the loss cases, interleaved, and pool the steps")
     p.add_argument("--vocab", type=int)
     p.add_argument("--method", choices=LOSS_METHODS)
     # model
     p.add_argument("--impl", choices=["ours_chunked", "ours_plain", "litgpt"])
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch", type=int, default=None, help="rows per batch (model: 8; step: 4)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per row (model: 256; step: 64 real tokens)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--model-d", type=int, default=256)
@@ -373,11 +466,12 @@ def main() -> None:
     p.add_argument("--warmup-gen", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    if args.what == "_loss_case":
-        print(json.dumps(loss_case(args)))
-        return
-    if args.what == "_model_case":
-        print(json.dumps(model_case(args)))
+    step_sizes = args.what in ("step", "_step_case")  # laid out: T real tokens become T·W positions
+    args.batch = args.batch or (4 if step_sizes else 8)
+    args.seq_len = args.seq_len or (64 if step_sizes else 256)
+    cases = {"_loss_case": loss_case, "_step_case": step_case, "_model_case": model_case}
+    if args.what in cases:
+        print(json.dumps(cases[args.what](args)))
         return
     info = machine()
     header = (f"Machine: {info['cpu']}, {info['cores']} cores; {info['date']}; load average (1 min) before: "
@@ -387,6 +481,8 @@ def main() -> None:
     tables = []
     if args.what in ("loss", "all"):
         tables.append(run_loss(args))
+    if args.what == "step":  # not in "all": its batch and sequence defaults differ from the model case's
+        tables.append(run_step(args))
     if args.what in ("model", "all"):
         tables.append(run_model(args))
     if args.what in ("generation", "all"):

@@ -68,10 +68,14 @@ def curve_plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def comparison_plot(results: list[dict], x_key: str, xlabel: str, path: Path, title: str) -> None:
-    """Held-out ppl during training of every fine-tune run against ``x_key`` (one colour per method)."""
+def comparison_plot(results: list[dict], x_key: str, xlabel: str, path: Path, title: str,
+                    start: float | None = None) -> None:
+    """Held-out ppl during training of every fine-tune run against ``x_key`` (one colour per method);
+    ``start``: the pretrained model's ppl, where every fine-tune begins (a dashed line)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    if start is not None:
+        ax.axhline(start, color="black", lw=0.8, ls="--", label=f"pretrained, before fine-tuning ({start:.1f})")
     methods = list(dict.fromkeys(r["method"] for r in results))
     for r in results:
         val = r["curve"]["val"]
@@ -366,7 +370,8 @@ def write_results(out: Path, md_path: Path, img_dir: Path | None = None) -> Path
     for key, label, fname in (("real_tokens", "real tokens", "ppl_vs_real_tokens.png"),
                               ("laid_out_tokens", "laid-out tokens (forward positions)", "ppl_vs_laid_out_tokens.png"),
                               ("train_wall_s", "training wall time (s)", "ppl_vs_wall_time.png")):  # fmt: skip
-        comparison_plot(ft, key, label, img_dir / fname, f"held-out perplexity vs {label}")
+        comparison_plot(ft, key, label, img_dir / fname, f"held-out perplexity vs {label}",
+                        pre["eval"]["ppl"] if pre else None)  # fmt: skip
     L += ["## Equal data and equal compute", "",
           "Held-out perplexity during fine-tuning (every run; solid: main comparison, dotted: data efficiency) "
           "against real tokens, laid-out tokens (what the decoder computes: K pauses cost K more positions per "
