@@ -18,7 +18,8 @@ import os
 import statistics
 from pathlib import Path
 
-CURVE_COLOURS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666")
+CURVE_COLOURS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666", "#1f78b4",
+                 "#b2182b")
 
 
 def load_results(out: Path) -> tuple[dict, list[dict]]:
