@@ -354,7 +354,8 @@ def write_results(out: Path, md_path: Path, img_dir: Path | None = None) -> Path
         rates = sorted({lr for v in table.values() for lr in v})
         main_lr = next((by_name[f"ft-{m}-s{seeds[0]}"].get("lr") for m in table if f"ft-{m}-s{seeds[0]}" in by_name), None)
         L += ["## Fine-tuning learning rate", "",
-              f"The main comparison fine-tunes at lr {main_lr:g} (`conf/experiments/layers/finetune.yaml`; "
+              "The main comparison fine-tunes at " + (f"lr {main_lr:g}" if main_lr else "the rate of")
+              + " (`conf/experiments/layers/finetune.yaml`; "
               "pretraining: `layers/pretrain.yaml`"
               + (f", lr {pre['lr']:g}" if pre and pre.get("lr") else "") + "; both warm up, then decay "
               "along a cosine to 1 %). The same 1×1 fine-tune at other rates "
