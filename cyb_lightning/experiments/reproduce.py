@@ -102,32 +102,30 @@ def steps_per_token(plan: dict, configs: list[str]) -> int:
 
 
 def plan_runs(plan: dict) -> list[dict]:
-    """Every run, in the order they run: pretrain, the main comparison (seed by seed), data efficiency."""
+    """Every run, in the order they run: pretrain, the main comparison (seed by seed), data efficiency, the
+    learning-rate sweep."""
     s = plan["sizes"]
     seeds = list(plan["seeds"])
     runs = [{"name": "pretrain", "kind": "pretrain", "method": "pretrain", "label": "pretrained, no finetuning",
              "configs": plan["pretrain"]["configs"], "seed": 0, "epochs": 1, "data": 0,
              "steps": s["pretrain_steps"]}]  # fmt: skip
     stage = (plan.get("finetune") or {}).get("configs", [])  # the fine-tuning layers, after each method's
+
+    def finetune(name: str, method: str, seed: int, epochs: int = 1, data: int = 1, **extra) -> dict:
+        m = plan["methods"][method]
+        return {"name": name, "kind": "finetune", "method": method, "label": m["label"],
+                "configs": m["configs"] + stage, "seed": seed, "epochs": epochs, "data": data,
+                "steps": s["finetune_steps"] * epochs * data, **extra}  # fmt: skip
+
     for seed in seeds:
-        for method, m in plan["methods"].items():
-            runs.append({"name": f"ft-{method}-s{seed}", "kind": "finetune", "method": method, "label": m["label"],
-                         "configs": m["configs"] + stage, "seed": seed, "epochs": 1, "data": 1,
-                         "steps": s["finetune_steps"]})  # fmt: skip
+        runs += [finetune(f"ft-{method}-s{seed}", method, seed) for method in plan["methods"]]
     de = plan.get("data_efficiency") or {}
     for method in de.get("methods", []):
-        m = plan["methods"][method]
         for epochs, data in de["factors"] + (de.get("extra") or {}).get(method, []):
-            runs.append({"name": f"de-{method}-{epochs}x{data}-s{seeds[0]}", "kind": "finetune", "method": method,
-                         "label": m["label"], "configs": m["configs"] + stage, "seed": seeds[0], "epochs": epochs,
-                         "data": data, "steps": s["finetune_steps"] * epochs * data})  # fmt: skip
+            runs.append(finetune(f"de-{method}-{epochs}x{data}-s{seeds[0]}", method, seeds[0], epochs, data))
     sweep = plan.get("lr_sweep") or {}
     for method in sweep.get("methods", []):
-        m = plan["methods"][method]
-        for lr in sweep["lrs"]:
-            runs.append({"name": f"lr-{method}-{lr:.0e}-s{seeds[0]}", "kind": "finetune", "method": method,
-                         "label": m["label"], "configs": m["configs"] + stage, "seed": seeds[0], "epochs": 1,
-                         "data": 1, "steps": s["finetune_steps"], "lr": float(lr)})  # fmt: skip
+        runs += [finetune(f"lr-{method}-{lr:.0e}-s{seeds[0]}", method, seeds[0], lr=float(lr)) for lr in sweep["lrs"]]
     for r in runs:
         r["W"] = steps_per_token(plan, r["configs"])
     return runs
