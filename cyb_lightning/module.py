@@ -22,7 +22,7 @@ from torchmetrics import MeanMetric
 from cyb_lightning.losses import PauseLoss
 from cyb_lightning.losses import functional as LF
 from cyb_lightning.losses.chunked import ChunkedLossUnsupported, chunked_loss
-from cyb_lightning.metrics import CalibrationSpearman, ReadoutAccuracy, StoppingStats, step_statistics
+from cyb_lightning.metrics import CalibrationSpearman, ReadoutAccuracy, StoppingStats, step_statistics, token_stats
 from cyb_lightning.metrics.stopping import TokenStats
 from cyb_lightning.model import DecoderSpec
 
@@ -220,25 +220,16 @@ class CYBModule(L.LightningModule):
         out = chunked_loss(hidden, weight, targets, self.loss_fn, self.hparams.dk_id, bias=bias,
                            chunk_size=self.hparams.get("loss_chunk_size", 0) or None, step_mask=step_mask,
                            with_argmax=with_stats)  # fmt: skip
-        stats = self._stats_from_chunked(out, targets, weight.shape[0]) if with_stats else None
+        stats = self._stats_from_chunked(out, targets, weight.shape[0], step_mask) if with_stats else None
         return out.total, out.per_token, stats
 
-    def _stats_from_chunked(self, out, targets: Tensor, vocab_size: int) -> TokenStats:
+    def _stats_from_chunked(self, out, targets: Tensor, vocab_size: int, step_mask: Tensor | None = None) -> TokenStats:
         """``metrics.step_statistics`` from the chunked quantities instead of the logits (same numbers)."""
         correct = out.best_id == targets[:, None]
-        steps = out.lse_rest.shape[1]
         if not self.loss_fn.uses_dk:
-            stop = torch.zeros_like(out.lse_rest)
-            stop[:, -1] = 1.0
-            readout = torch.full_like(targets, steps - 1)
-            return TokenStats(nll=out.per_token.float(), stop=stop, log_d=None, correct=correct, readout=readout)
-        bias = self.loss_fn.dk_bias(vocab_size)
-        log_d, log_1md, log_t = LF.log_probs_from_stats(out.lse_rest, out.z_y, out.z_dk, bias)
-        log_s = LF.halting_log_probs(log_d, log_1md)
-        answers = out.z_dk + bias <= out.best_rest  # the greedy reader answers where DK is not the argmax
-        answers[:, -1] = True
-        return TokenStats(nll=-torch.logsumexp(log_s + log_t, -1), stop=log_s.exp(), log_d=log_d, log_t=log_t,
-                          correct=correct, readout=answers.int().argmax(-1))  # fmt: skip
+            return token_stats(None, correct, nll=out.per_token.float())
+        steps = LF.log_probs_from_stats(out.lse_rest, out.z_y, out.z_dk, self.loss_fn.dk_bias(vocab_size))
+        return token_stats(steps, correct, step_mask=step_mask)
 
     # -- steps ---------------------------------------------------------------------------------
     def reduce_tokens(self, per_token: Tensor) -> Tensor:
@@ -260,7 +251,9 @@ class CYBModule(L.LightningModule):
         else:
             logits, targets = self.grouped_logits(batch)
             loss = self.reduce_tokens(self.token_loss(logits, targets, batch))
-            stats = step_statistics(logits.detach(), targets, self.hparams.dk_id, self.loss_fn) if logging else None
+            step_mask = batch["step_mask"][batch["target_mask"]] if "step_mask" in batch else None
+            stats = (step_statistics(logits.detach(), targets, self.hparams.dk_id, self.loss_fn, step_mask)
+                     if logging else None)  # fmt: skip
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         out: dict[str, Tensor | TokenStats] = {"loss": loss}
         if stats is not None:
@@ -295,7 +288,8 @@ class CYBModule(L.LightningModule):
         else:
             logits, targets = self.grouped_logits(batch)
             per_token = self.token_loss(logits, targets, batch)
-            stats = step_statistics(logits, targets, self.hparams.dk_id, self.loss_fn)
+            step_mask = batch["step_mask"][batch["target_mask"]] if "step_mask" in batch else None
+            stats = step_statistics(logits, targets, self.hparams.dk_id, self.loss_fn, step_mask)
         stats.inputs = self.group_inputs(batch)
         return per_token, stats
 

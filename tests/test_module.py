@@ -187,3 +187,25 @@ def test_training_step_chunked_equals_plain_with_masked_targets():
     torch.testing.assert_close(chunked, plain)
     for g, p in zip(grads, m.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_variable_layout_statistics_count_only_granted_pauses(chunked):
+    """``train/extra_pauses`` and the stopping histograms of a variable-pause batch are bounded by the
+    pauses the world granted each token (the W-step rule would put mass on steps that do not exist)."""
+    from cyb_lightning.data.layout import layout_variable
+    from cyb_lightning.data.tokenizer import standard_vocab
+
+    m = module(CYBAP(psi_dk=0.9), chunked_loss=chunked)  # a strong DK prior: the model wants every step
+    vocab = standard_vocab(V - standard_vocab().num_reserved)
+    rows = [layout_variable(torch.randint(11, V, (9,)).numpy(), 8, vocab.pause_ids[:3], vocab.pad_id,
+                            (0.4, 0.3, 0.2, 0.1), seed=0, index=i) for i in range(4)]  # fmt: skip
+    batch = {k: torch.stack([torch.as_tensor(r[k]) for r in rows]) for k in rows[0]}
+    with torch.no_grad():
+        stats = m.training_step(batch, 0)["stats"]
+    granted = batch["step_mask"][batch["target_mask"]]
+    assert not bool((stats.stop[~granted] > 0).any())  # no stopping mass on steps never granted
+    torch.testing.assert_close(stats.stop.sum(-1), torch.ones(len(stats.stop)))
+    assert bool((stats.extra_pauses <= granted.sum(-1) - 1 + 1e-6).all())
+    assert float(stats.extra_pauses.mean()) <= float((granted.sum(-1) - 1).float().mean()) + 1e-6
+    assert bool((stats.readout <= granted.sum(-1) - 1).all())

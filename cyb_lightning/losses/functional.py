@@ -269,9 +269,19 @@ def granted_steps_loss(
 def granted_steps_loss_from(steps: tuple[Tensor, Tensor, Tensor], step_mask: Tensor) -> Tensor:
     """:func:`granted_steps_loss` from ``steps`` = (log d, log(1 − d), log t) ``[N, W]``."""
     log_d, log_1md, log_t = steps
+    return -torch.logsumexp(granted_halting_log_probs(log_d, log_1md, step_mask) + log_t, dim=-1)
+
+
+def granted_halting_log_probs(log_d: Tensor, log_1md: Tensor, step_mask: Tensor | None) -> Tensor:
+    """log s ``[N, W]`` when token n may use only its granted steps (``step_mask``, a prefix; None: all W).
+
+    d is forced to 0 at the last granted step g: s_i = (1 − d_i) Π_{j<i} d_j for i < g, s_g = Π_{j<g} d_j,
+    and s_i = 0 (log −inf) for the steps after g, which the world never granted.
+    """
+    if step_mask is None:
+        return halting_log_probs(log_d, log_1md)
     mask = step_mask.bool()
     last = mask & ~torch.nn.functional.pad(mask[:, 1:], (0, 1), value=False)  # the last granted step
     survive = torch.nn.functional.pad(torch.cumsum(log_d[:, :-1], dim=-1), (1, 0))
     log_s = survive + torch.where(last, 0.0, log_1md)
-    log_s = torch.where(mask, log_s, -math.inf)
-    return -torch.logsumexp(log_s + log_t, dim=-1)
+    return torch.where(mask, log_s, -math.inf)

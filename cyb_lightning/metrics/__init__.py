@@ -1,7 +1,13 @@
 """torchmetrics Metrics, so every statistic reduces correctly across ranks."""
 
 from cyb_lightning.metrics.evaluation import CalibrationSpearman, ReadoutAccuracy, TokenPauseStats, token_table
-from cyb_lightning.metrics.stopping import StoppingStats, TokenStats, greedy_readout, step_statistics
+from cyb_lightning.metrics.stopping import (
+    StoppingStats,
+    TokenStats,
+    step_statistics,
+    stopping_readout,
+    token_stats,
+)
 
 __all__ = [
     "CalibrationSpearman",
@@ -9,7 +15,8 @@ __all__ = [
     "StoppingStats",
     "TokenPauseStats",
     "TokenStats",
-    "greedy_readout",
     "step_statistics",
+    "stopping_readout",
+    "token_stats",
     "token_table",
 ]

@@ -80,10 +80,12 @@ def _cat(x: list[Tensor] | Tensor) -> Tensor:
 
 
 class ReadoutAccuracy(Metric):
-    """Next-token accuracy at the readout step (the greedy-on-DK answer), and at every step.
+    """Next-token accuracy of the trained stopping rule, and at every step.
 
-    ``compute``: ``accuracy`` (argmax over non-DK ids at the readout step is the target), ``per_step``
-    ``[W]``, and ``readout_steps``: the mean number of forward steps the greedy reader spends per token.
+    ``compute``: ``accuracy`` (argmax over non-DK ids at the readout step, the first with d_i < 0.5, is the
+    target), ``sampled_accuracy`` (Σ_i s_i · correct_i: a reader that stops with probability 1 − d_i, as the
+    loss trains), ``per_step`` ``[W]``, and ``readout_steps``: the mean number of forward steps the trained
+    rule spends per token (1 … W).
     """
 
     full_state_update = False
@@ -92,6 +94,7 @@ class ReadoutAccuracy(Metric):
         super().__init__(**kwargs)
         self.steps = steps
         self.add_state("correct", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("sampled_correct", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("step_correct", torch.zeros(steps, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("readout_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
@@ -100,13 +103,15 @@ class ReadoutAccuracy(Metric):
         if stats.correct is None or stats.readout is None:
             raise ValueError("TokenStats without correct/readout: build them with metrics.step_statistics")
         self.correct += stats.correct.gather(1, stats.readout.long()[:, None]).double().sum()
+        self.sampled_correct += (stats.stop.double() * stats.correct.double()).sum()
         self.step_correct += stats.correct.double().sum(0)
         self.readout_sum += (stats.readout.double() + 1).sum()
         self.count += stats.correct.shape[0]
 
     def compute(self) -> dict[str, Tensor]:
         n = self.count.clamp_min(1)
-        return {"accuracy": self.correct / n, "per_step": self.step_correct / n, "readout_steps": self.readout_sum / n}
+        return {"accuracy": self.correct / n, "sampled_accuracy": self.sampled_correct / n,
+                "per_step": self.step_correct / n, "readout_steps": self.readout_sum / n}  # fmt: skip
 
 
 class TokenPauseStats(_Sampled):

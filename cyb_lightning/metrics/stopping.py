@@ -7,6 +7,7 @@ exact whatever the split of tokens between ranks.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,7 @@ class TokenStats:
     log_d: Tensor | None  # [N, W]: log p_i(DK), prior included
     log_t: Tensor | None = None  # [N, W]: log t_i = log p_i(y | not DK)
     correct: Tensor | None = None  # [N, W] bool: argmax over the non-DK ids is the target, per step
-    readout: Tensor | None = None  # [N] long: 0-based step where a greedy reader answers (first non-DK argmax)
+    readout: Tensor | None = None  # [N] long: 0-based step where the trained rule answers (first d_i < 0.5)
     inputs: Tensor | None = None  # [N] long: the real input token x_t of each group (set by the caller)
 
     @property
@@ -35,37 +36,64 @@ class TokenStats:
         return self.stop @ torch.arange(self.stop.shape[-1], dtype=self.stop.dtype, device=self.stop.device)
 
 
+STOP_THRESHOLD = 0.5
+"""τ of the trained stopping rule read deterministically: answer at the first step where d_i < τ."""
+
+
 @torch.no_grad()
-def step_statistics(logits: Tensor, targets: Tensor, dk_id: int, loss: PauseLoss) -> TokenStats:
-    """``logits [N, W, V]`` of real tokens → their evaluation quantities under ``loss``'s DK prior."""
-    steps = logits.shape[1]
-    z = logits.float()
-    top2 = z.topk(2, dim=-1).indices  # the best non-DK id without copying the vocabulary
-    pred = torch.where(top2[..., 0] == dk_id, top2[..., 1], top2[..., 0])
-    correct = pred == targets[:, None]
-    if not loss.uses_dk:
-        stop = torch.zeros(logits.shape[:2], device=logits.device)
-        stop[:, -1] = 1.0
-        readout = torch.full_like(targets, steps - 1)
-        return TokenStats(nll=loss(logits, targets, dk_id).float(), stop=stop, log_d=None, correct=correct,
-                          readout=readout)  # fmt: skip
-    bias = loss.dk_bias(logits.shape[-1])
-    log_d, log_1md, log_t = F.step_log_probs(logits, targets, dk_id, bias)
-    log_s = F.halting_log_probs(log_d, log_1md)
-    return TokenStats(nll=-torch.logsumexp(log_s + log_t, -1), stop=log_s.exp(), log_d=log_d, log_t=log_t,
-                      correct=correct, readout=greedy_readout(z, dk_id, bias))  # fmt: skip
+def step_statistics(
+    logits: Tensor, targets: Tensor, dk_id: int, loss: PauseLoss, step_mask: Tensor | None = None
+) -> TokenStats:
+    """``logits [N, W, V]`` of real tokens → their evaluation quantities under ``loss``'s DK prior.
 
-
-def greedy_readout(logits: Tensor, dk_id: int, dk_bias: float) -> Tensor:
-    """``[N, W]`` logits → ``[N]`` 0-based step of the first output whose argmax is not DK (W − 1 if none).
-
-    This is where the greedy-on-DK policy of adaptive generation answers (d_W := 0 caps it at W − 1).
+    ``step_mask [N, W]`` (variable pauses): the steps the world granted each token; s is then the
+    distribution over those steps only (d forced to 0 at the last granted one), as the loss trains it.
     """
     z = logits.float()
-    top2 = z.topk(2, dim=-1)
-    others = torch.where(top2.indices[..., 0] == dk_id, top2.values[..., 1], top2.values[..., 0])
-    answers = z[..., dk_id] + dk_bias <= others
-    answers[:, -1] = True
+    top2 = z.topk(2, dim=-1).indices  # the best non-DK id without copying the vocabulary
+    correct = torch.where(top2[..., 0] == dk_id, top2[..., 1], top2[..., 0]) == targets[:, None]
+    if not loss.uses_dk:
+        return token_stats(None, correct, nll=loss(logits, targets, dk_id).float())
+    steps = F.step_log_probs(logits, targets, dk_id, loss.dk_bias(logits.shape[-1]))
+    return token_stats(steps, correct, step_mask=step_mask)
+
+
+def token_stats(
+    steps: tuple[Tensor, Tensor, Tensor] | None,
+    correct: Tensor,
+    nll: Tensor | None = None,
+    step_mask: Tensor | None = None,
+) -> TokenStats:
+    """:class:`TokenStats` from (log d, log(1 − d), log t) ``[N, W]`` (DK prior applied) and ``correct``.
+
+    ``steps`` None: a loss without DK, whose answer is read at the last step (``nll`` its own loss).
+    """
+    if steps is None:
+        stop = torch.zeros(correct.shape, device=correct.device)
+        stop[:, -1] = 1.0
+        readout = torch.full(correct.shape[:1], correct.shape[1] - 1, dtype=torch.long, device=correct.device)
+        return TokenStats(nll=nll, stop=stop, log_d=None, correct=correct, readout=readout)
+    log_d, log_1md, log_t = steps
+    log_s = F.granted_halting_log_probs(log_d, log_1md, step_mask)
+    return TokenStats(nll=-torch.logsumexp(log_s + log_t, -1), stop=log_s.exp(), log_d=log_d, log_t=log_t,
+                      correct=correct, readout=stopping_readout(log_d, step_mask))  # fmt: skip
+
+
+def stopping_readout(log_d: Tensor, step_mask: Tensor | None = None, threshold: float = STOP_THRESHOLD) -> Tensor:
+    """``[N, W]`` log d → ``[N]`` 0-based step where the trained rule answers: the first with d_i < τ.
+
+    The losses train s_i = (1 − d_i) Π_{j<i} d_j: at step i the model answers with probability 1 − d_i,
+    so with τ = 0.5 it answers where answering is more likely than not (spec §5). The last (granted) step
+    always answers (d_W := 0). Not the greedy rule "pause while DK is the argmax over the vocabulary",
+    which pauses at d ≈ 0.05 on high-entropy tokens and reads steps the loss never weighted.
+    """
+    answers = log_d < math.log(threshold)
+    if step_mask is None:
+        answers[:, -1] = True
+    else:
+        mask = step_mask.bool()
+        last = mask & ~torch.nn.functional.pad(mask[:, 1:], (0, 1), value=False)
+        answers = (answers & mask) | last
     return answers.int().argmax(-1)
 
 

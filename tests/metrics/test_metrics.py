@@ -14,8 +14,8 @@ from cyb_lightning.metrics import (
     ReadoutAccuracy,
     StoppingStats,
     TokenPauseStats,
-    greedy_readout,
     step_statistics,
+    stopping_readout,
     token_table,
 )
 
@@ -103,21 +103,38 @@ def test_calibration_spearman_sign(sign):
     assert -1 <= float(rho[1]) <= 1
 
 
-def test_readout_accuracy_at_the_greedy_step():
+def test_readout_accuracy_follows_the_trained_stopping_rule():
     z = torch.zeros(3, 3, V)
-    # token 0: DK wins step 1, step 2 answers 4 (correct); token 1: answers at step 1 with 5 (wrong: y = 4);
-    # token 2: DK everywhere → capped at the last step, which answers 4 (correct).
+    # token 0: d_1 ≈ 0.97 → pauses; step 2 (d ≈ 0.01) answers 4 (correct). token 1: d_1 ≈ 0.01, answers 5 at
+    # step 1 (wrong: y = 4). token 2: DK dominates every step → capped at the last step, which answers 4.
     z[0, 0, DK], z[0, 1, 4] = 5.0, 3.0
     z[1, 0, 5] = 3.0
     z[2, :, DK] = 5.0
     z[2, 2, 4] = 1.0
     y = torch.tensor([4, 4, 4])
-    assert greedy_readout(z, DK, 0.0).tolist() == [1, 0, 2]
+    stats = step_statistics(z, y, DK, CYBAP([0, 0, 1], psi_dk=None))
+    assert stats.readout.tolist() == [1, 0, 2]
     metric = ReadoutAccuracy(3)
-    metric.update(step_statistics(z, y, DK, CYBAP([0, 0, 1], psi_dk=None)))
+    metric.update(stats)
     out = metric.compute()
     assert math.isclose(float(out["accuracy"]), 2 / 3)
     assert math.isclose(float(out["readout_steps"]), (2 + 1 + 3) / 3)
+    expected = sum(float((stats.stop[n] * stats.correct[n].double()).sum()) for n in range(3)) / 3
+    assert math.isclose(float(out["sampled_accuracy"]), expected, rel_tol=1e-9)
+
+
+def test_the_readout_answers_where_answering_is_more_likely_than_not_not_where_dk_is_the_argmax():
+    """A high-entropy step: DK is the single most likely id (p = 0.2) but the model answers with p = 0.8.
+
+    The loss trains s_1 = 1 − d_1 = 0.8 here; the old greedy rule (pause while DK is the argmax) paused.
+    """
+    d = [[0.2, 0.1, 0.1], [0.6, 0.3, 0.1], [0.6, 0.7, 0.1]]
+    t = [[0.05, 0.9, 0.9]] * 3
+    stats = step_statistics(hand_logits(d, t, [4] * 3), torch.tensor([4] * 3), DK, CYBAP([0, 0, 1], psi_dk=None))
+    assert stats.readout.tolist() == [0, 1, 2]
+    # With granted steps (variable pauses) the last granted step answers whatever d says.
+    granted = torch.tensor([[True, True, True], [True, False, False], [True, True, False]])
+    assert stopping_readout(stats.log_d, granted).tolist() == [0, 0, 1]
 
 
 def test_token_table_and_quadrants():
