@@ -234,11 +234,11 @@ class HFCausalLM(nn.Module):
     new inputs are passed and the cache grows in place; ``key_mask`` (bool ``[B, L]``, cache only) hides
     inputs from every later query (adaptive generation's rows that wait while another row pauses).
 
-    Shared positions are never read as sequence boundaries. transformers infers packed sequences from
-    position ids that do not count up by one (the CYB layout's ``0,0,0,1,1,1,…``) whenever it has no
-    attention mask: always, under FlashAttention, when the mask is all ones (it drops such a mask). So every
-    call passes an explicit mask, and under FlashAttention also the sequence boundaries themselves (one
-    sequence per row), which transformers then uses instead of guessing from the positions.
+    Shared positions are never read as sequence boundaries. Without an attention mask transformers infers
+    packed sequences from position ids that do not count up by one (the CYB layout's ``0,0,0,1,1,1,…``),
+    and FlashAttention drops an all-ones mask. So every call passes an explicit mask, and under
+    FlashAttention also the sequence boundaries themselves (one sequence per row), which transformers then
+    uses instead of guessing them from the positions.
     """
 
     def __init__(self, model: nn.Module) -> None:

@@ -57,6 +57,11 @@ def test_generated_text_drops_reserved_ids_by_role_not_by_range(tmp_path):
     assert text_of(tok, ids) == PROMPT  # BOS, EOS, padding, DK and pauses dropped; '#$!' kept
 
 
+def test_our_tokenizer_roles_are_its_reserved_block(tiny_tokenizer):
+    # Our BPE puts pad, eot, DK and the 8 pauses in front: the roles are exactly ids 0 … R − 1.
+    assert tiny_tokenizer.role_ids == frozenset(range(tiny_tokenizer.num_reserved))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["greedy", "threshold", "sample"])
 def test_generate_on_an_hf_checkpoint_with_and_without_the_cache(hf_run, policy, capsys):
