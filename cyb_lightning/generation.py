@@ -107,7 +107,8 @@ class AdaptiveRunner:
     """Runs a decoder over real tokens, pausing by ``policy`` (see the module docstring).
 
     Args:
-        decoder: a :class:`~cyb_lightning.model.gpt.GPT` (``new_cache`` + ``forward(..., cache, key_mask)``).
+        decoder: a :class:`~cyb_lightning.model.gpt.GPT` or :class:`~cyb_lightning.model.hf.HFCausalLM`
+            (``new_cache`` + ``forward(..., cache, key_mask)``).
         dk_id, pause_ids: the output DK id and the K pause input ids ``P1..PK``.
         dk_bias: the DK logit prior of the loss the model was trained with (``loss.dk_bias(V)``).
         use_cache: False recomputes the whole sequence for every step (the reference; batch size 1 only).
@@ -128,7 +129,7 @@ class AdaptiveRunner:
         if use_cache and not hasattr(decoder, "new_cache"):
             raise ValueError(
                 f"{type(decoder).__name__} has no KV cache (new_cache()); adaptive generation with a cache needs "
-                "cyb_lightning.model.GPT; use_cache=False recomputes the sequence with any decoder (slow)"
+                "cyb_lightning.model.GPT or HFCausalLM; use_cache=False recomputes the sequence with any decoder (slow)"
             )
         self.decoder = decoder
         self.dk_id, self.pad_id, self.dk_bias = dk_id, pad_id, dk_bias
@@ -285,6 +286,20 @@ def runner_for(module, policy: PausePolicy, sampling: Sampling | None = None, pa
 # -- command ------------------------------------------------------------------------------------
 
 
+def text_of(tokenizer, ids: Sequence[int]) -> str:
+    """The text of generated ids, without the ids that stand for a role (padding, end of text, DK, pauses)."""
+    roles = tokenizer.role_ids
+    return tokenizer.decode([i for i in ids if i not in roles])
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("true", "yes", "1"):
+        return True
+    if text.lower() in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m cyb_lightning generate --ckpt_path RUN/checkpoints/last.ckpt --prompt "..."``."""
     parser = argparse.ArgumentParser(prog="python -m cyb_lightning generate", description=main.__doc__)
@@ -298,6 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top_k", type=int, default=0)
     parser.add_argument("--top_p", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--use_cache", type=_boolean, default=True, help="false: recompute everything at every step")
     parser.add_argument("--compare", action="store_true", help="also run fixed-K and no-pause decoding")
     parser.add_argument("--html", help="write the text coloured by pauses spent to this HTML file")
     args, overrides = parser.parse_known_args(argv)
@@ -311,7 +327,8 @@ def main(argv: list[str] | None = None) -> None:
     kinds = [args.policy] + ([k for k in ("fixed", "none") if k != args.policy] if args.compare else [])
     for kind in kinds:
         gen = torch.Generator().manual_seed(args.seed)
-        runner = runner_for(module, PausePolicy(kind, args.threshold), sampling, datamodule.pause_ids, generator=gen)
+        runner = runner_for(module, PausePolicy(kind, args.threshold), sampling, datamodule.pause_ids,
+                            use_cache=args.use_cache, generator=gen)  # fmt: skip
         trace = runner.generate(prompt, args.max_new_tokens, stop_ids=[datamodule.eot_id])
         ids = trace.tokens[0].tolist()
         new = ids[len(prompt) :]
@@ -320,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
         spent = sum(gen_steps) / max(1, len(gen_steps))
         print(f"=== policy {kind}: {len(new)} new tokens, {spent:.2f} forward steps per token "
               f"(fixed-K: {len(runner.pause_ids) + 1}; {trace.forward_calls} decoder calls)")  # fmt: skip
-        print(tok.decode([i for i in ids[1:] if i >= tok.num_reserved]))
+        print(text_of(tok, ids))
         if args.html and kind == args.policy:
             from cyb_lightning.evaluation.render import token_pieces, write_html
 

@@ -171,6 +171,11 @@ class HFTokenizer(TextTokenizer):
             out.append(ids)
         return out
 
+    @property
+    def role_ids(self) -> frozenset[int]:
+        """Padding, end of text (EOS), DK, the pauses, and BOS when ``add_bos`` prepends it."""
+        return super().role_ids | ({self.bos_id} if self.bos_id is not None else set())
+
     def reserved_name(self, i: int) -> str | None:
         return self._names.get(i)
 

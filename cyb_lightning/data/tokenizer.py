@@ -85,6 +85,15 @@ class TextTokenizer:
     def num_reserved(self) -> int:
         raise NotImplementedError
 
+    @property
+    def role_ids(self) -> frozenset[int]:
+        """The ids that stand for a role, not for text: padding, end of text, DK and every pause id.
+
+        Select reserved ids by this, never by an id range: an HF vocabulary's added ids sit at its end.
+        """
+        v = self.vocab
+        return frozenset((v.pad_id, v.eot_id, v.dk_id, *v.pause_ids))
+
     def encode_batch_np(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Token ids of each text as int64 arrays (what the stream packs)."""
         raise NotImplementedError

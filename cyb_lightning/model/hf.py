@@ -18,10 +18,16 @@ honour ``position_ids``. ``build`` refuses families whose forward has no ``posit
 positions come from token distances (ALiBi: BLOOM, MPT, Falcon-ALiBi), and probes every other family
 once: the same tokens at shared and at consecutive positions must give different outputs.
 
-Attention: we always pass an all-ones ``attention_mask``. Without one, ``transformers`` reads
-non-increasing ``position_ids`` as *packed sequences* and masks attention block-diagonally, which would
-hide every earlier token from a CYB group. With it, attention is plain causal attention over the laid-out
-sequence (sdpa still takes its ``is_causal`` fast path).
+Attention: without an attention mask, ``transformers`` reads position ids that do not count up by one
+(the CYB layout's shared positions) as *packed sequences* and masks attention block-diagonally, which
+would hide every earlier token from a CYB group. So we always pass an all-ones ``attention_mask`` (sdpa
+still takes its ``is_causal`` fast path), and under FlashAttention, which drops an all-ones mask and
+guesses the boundaries from the positions at batch size 1, also the boundaries themselves: one sequence
+per row (:class:`HFCausalLM`).
+
+Adaptive generation (:mod:`cyb_lightning.generation`): :meth:`HFCausalLM.new_cache` gives transformers'
+own ``DynamicCache`` plus the 2-D mask that hides the inputs a waiting batch row fed; explicit
+``position_ids`` put every pause at its token's position, as in training.
 
 Sharded training: ``block_types()`` returns the family's decoder-layer classes (its
 ``_no_split_modules``) for FSDP2 and activation checkpointing. Pretrained weights are always loaded into
@@ -206,8 +212,34 @@ class HFDecoder(DecoderSpec):
         return wrapped
 
 
+class HFCache:
+    """An :class:`HFCausalLM` KV cache: transformers' own ``DynamicCache`` plus the 2-D mask of which cached
+    inputs later queries may attend (``visible [B, S]``), passed as ``attention_mask`` on every call."""
+
+    def __init__(self, config) -> None:
+        from transformers import DynamicCache
+
+        self.past = DynamicCache(config=config)
+        self.visible: Tensor | None = None
+
+    def __len__(self) -> int:
+        """S: inputs cached so far (visible or not)."""
+        return 0 if self.visible is None else self.visible.shape[1]
+
+
 class HFCausalLM(nn.Module):
-    """``(input_ids, position_ids) → logits [B, L, V]`` around a ``transformers`` causal LM."""
+    """``(input_ids, position_ids) → logits [B, L, V]`` around a ``transformers`` causal LM.
+
+    The same contract as :class:`~cyb_lightning.model.gpt.GPT`: with a cache from :meth:`new_cache` only the
+    new inputs are passed and the cache grows in place; ``key_mask`` (bool ``[B, L]``, cache only) hides
+    inputs from every later query (adaptive generation's rows that wait while another row pauses).
+
+    Shared positions are never read as sequence boundaries. Without an attention mask transformers infers
+    packed sequences from position ids that do not count up by one (the CYB layout's ``0,0,0,1,1,1,…``),
+    and FlashAttention drops an all-ones mask. So every call passes an explicit mask, and under
+    FlashAttention also the sequence boundaries themselves (one sequence per row), which transformers then
+    uses instead of guessing them from the positions.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -218,39 +250,66 @@ class HFCausalLM(nn.Module):
             )
         self.model = model
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
-        if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        # An explicit all-ones mask: without it transformers treats repeated positions as packed sequences.
-        out = self.model(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=torch.ones_like(input_ids),
-            use_cache=False,
-            return_dict=True,
-        )
-        return out.logits
+    def new_cache(self) -> HFCache:
+        return HFCache(self.model.config)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor | None = None,
+        cache: HFCache | None = None,
+        key_mask: Tensor | None = None,
+    ) -> Tensor:
+        return self.model(**self._inputs(input_ids, position_ids, cache, key_mask)).logits
 
     def hidden_states(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
         """The last hidden states ``[B, L, d]`` (after the final norm): the output layer's input.
 
         Requires a family whose logits are exactly ``lm_head(hidden)`` (see :meth:`output_head`).
         """
-        if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
         if base is None:
             raise ChunkedLossUnsupported(
                 f"{type(self.model).__name__} exposes no base decoder (get_decoder()); set model.chunked_loss: false"
             )
-        out = base(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=torch.ones_like(input_ids),
-            use_cache=False,
-            return_dict=True,
-        )
-        return out.last_hidden_state
+        return base(**self._inputs(input_ids, position_ids)).last_hidden_state
+
+    def _inputs(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor | None,
+        cache: HFCache | None = None,
+        key_mask: Tensor | None = None,
+    ) -> dict[str, Any]:
+        """The keyword arguments of the transformers forward (see the class docstring on masks)."""
+        B, L = input_ids.shape
+        if key_mask is not None and cache is None:
+            raise ValueError("key_mask hides inputs from later queries; it needs a cache (use new_cache())")
+        if position_ids is None:
+            start = 0 if cache is None else len(cache)
+            position_ids = torch.arange(start, start + L, device=input_ids.device).expand_as(input_ids)
+        visible = torch.ones_like(input_ids, dtype=torch.bool) if key_mask is None else key_mask.bool()
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "position_ids": position_ids, "return_dict": True}
+        # transformers' own test for flash attention (utils.generic.is_flash_attention_requested): FA2, FA3,
+        # hub kernels.
+        config = getattr(self.model, "config", None)
+        flash = "flash" in (getattr(config, "_attn_implementation", None) or "")
+        if cache is None:
+            kwargs.update(attention_mask=visible, use_cache=False)
+            if flash:
+                bounds = torch.arange(0, (B + 1) * L, L, dtype=torch.int32, device=input_ids.device)
+                kwargs.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=L, max_length_k=L)
+            return kwargs
+        if flash and L > 1:
+            # With a cache transformers guesses boundaries from the new inputs' positions alone (and gives keys
+            # the queries' boundaries): only one new input per call is safe.
+            raise ValueError(
+                "under flash attention an HFCausalLM cache takes one input per call (several at once would have "
+                "their shared positions read as sequence boundaries); feed them one by one, or use sdpa"
+            )
+        cache.visible = visible if cache.visible is None else torch.cat((cache.visible, visible), 1)
+        kwargs.update(attention_mask=cache.visible, past_key_values=cache.past, use_cache=True)
+        return kwargs
 
     def output_head(self) -> tuple[Tensor, Tensor | None]:
         """(weight ``[V, d]``, bias or None) of the output layer, when logits = hidden @ weight.T + bias.

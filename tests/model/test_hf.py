@@ -233,3 +233,178 @@ def test_cpu_fit_cyb_ap_checkpoint_reload_identical_logits(tmp_path, tiny_source
     fresh = HFDecoder(path).build(n + K).eval()
     with torch.no_grad():
         assert not torch.allclose(fresh(batch["input_ids"], batch["position_ids"]), a)
+
+
+# -- adaptive generation with transformers' KV cache (the runner of cyb_lightning.generation) ------------
+
+DK, PAUSES = V, tuple(range(V + 1, V + 1 + K))  # added ids at the end of the vocabulary, as HFTokenizer adds them
+GEN_FAMILIES = ["llama", "gemma", "qwen2", "gpt2"]
+GEN_CASES = [("greedy", 0.5), ("threshold", 0.5), ("threshold", 0.2), ("sample", 0.5), ("fixed", 0.5), ("none", 0.5)]
+PROMPT = [1, 7, 8, 9, 13, 21]
+
+
+@pytest.fixture
+def one_thread():
+    """Step-by-step decoding of a tiny model is latency-bound: one thread avoids pool contention on shared CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pausing(saved):
+    """(decoder, DK prior) per family: a random DK output row large enough that d depends on the context, and
+    the prior that puts the median d at 1/2, so the policies under test pause some tokens and not others."""
+    cache: dict[str, tuple] = {}
+
+    def get(family: str):
+        if family not in cache:
+            decoder = HFDecoder(saved(family)).build(V + 1 + K).eval()
+            g = torch.Generator().manual_seed(3)
+            with torch.no_grad():
+                head = decoder.model.get_output_embeddings().weight
+                head[DK] = torch.randn(head.shape[1], generator=g) * head.std() * 8
+                z = decoder(torch.randint(0, V, (1, 32), generator=g)).float()[0]
+            log_odds = z[:, DK] - torch.cat((z[:, :DK], z[:, DK + 1 :]), -1).logsumexp(-1)
+            cache[family] = decoder, -float(log_odds.median())
+        return cache[family]
+
+    return get
+
+
+def gen_runner(pausing, family, kind, threshold=0.5, use_cache=True, seed=1):
+    from cyb_lightning.generation import AdaptiveRunner, PausePolicy, Sampling
+
+    decoder, bias = pausing(family)
+    return AdaptiveRunner(decoder, DK, PAUSES, 0, bias, PausePolicy(kind, threshold), Sampling(0.0),
+                          use_cache=use_cache, generator=torch.Generator().manual_seed(seed))  # fmt: skip
+
+
+@pytest.mark.parametrize("family", GEN_FAMILIES)
+def test_kv_cache_generation_equals_full_recomputation_per_family(pausing, family, one_thread):
+    """Every policy (sample with a fixed seed): the same tokens, pauses and answer NLLs as recomputing it all."""
+    spent = []
+    for kind, threshold in GEN_CASES:
+        cached = gen_runner(pausing, family, kind, threshold).generate(PROMPT, 12)
+        full = gen_runner(pausing, family, kind, threshold, use_cache=False).generate(PROMPT, 12)
+        assert cached.tokens.tolist() == full.tokens.tolist(), kind
+        assert cached.steps.tolist() == full.steps.tolist(), kind
+        torch.testing.assert_close(cached.nll, full.nll, rtol=1e-4, atol=1e-4)
+        assert cached.tokens.shape[1] == len(PROMPT) + 12 and DK not in cached.tokens[0].tolist()
+        spent.append(cached.steps[0])
+    # The adaptive policies did pause some tokens and not others; fixed-K always pauses K times, none never.
+    for adaptive in (spent[1], spent[3]):  # threshold 0.5, sample
+        assert (adaptive == 1).any() and (adaptive > 1).any()
+    assert (spent[4] == K + 1).all() and (spent[5] == 1).all()
+
+
+@pytest.mark.parametrize("family", GEN_FAMILIES)
+def test_batch_rows_pausing_differently_each_see_their_own_context(pausing, family, one_thread):
+    # Rows that wait while another pauses feed inputs that the attention mask hides: each row = run alone.
+    real = torch.randint(0, V, (3, 10), generator=torch.Generator().manual_seed(4))
+    together = gen_runner(pausing, family, "threshold", 0.5).run(real, length=9)
+    assert (together.steps[0] != together.steps[1]).any() or (together.steps[0] != together.steps[2]).any()
+    for b in range(3):
+        alone = gen_runner(pausing, family, "threshold", 0.5, use_cache=False).run(real[b : b + 1], length=9)
+        assert alone.steps.tolist() == together.steps[b : b + 1].tolist()
+        torch.testing.assert_close(alone.nll, together.nll[b : b + 1], rtol=1e-4, atol=1e-4)
+
+
+def test_hf_cache_chunks_and_hidden_inputs(saved):
+    """The cache contract of our GPT: chunks continue the cached inputs; a hidden input is as if never fed."""
+    decoder = HFDecoder(saved("llama")).build(V).eval()
+    ids = torch.randint(0, V, (2, 11), generator=torch.Generator().manual_seed(6))
+    pos = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 3, 4, 5]).expand(2, -1)  # shared positions, as the layout has
+    with torch.no_grad():
+        full = decoder(ids, pos)
+        cache = decoder.new_cache()
+        parts = [decoder(ids[:, a:b], pos[:, a:b], cache=cache) for a, b in ((0, 4), (4, 5), (5, 11))]
+        assert len(cache) == 11
+        torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+        cache = decoder.new_cache()
+        decoder(ids[:, :5], pos[:, :5], cache=cache)
+        decoder(torch.zeros(2, 1, dtype=torch.long), pos[:, 5:6], cache=cache,
+                key_mask=torch.tensor([[False], [True]]))  # fmt: skip
+        rest = decoder(ids[:, 5:], pos[:, 5:], cache=cache)
+        torch.testing.assert_close(rest[0], full[0, 5:], rtol=1e-5, atol=1e-5)  # row 0 never saw it
+        assert not torch.allclose(rest[1], full[1, 5:], atol=1e-4)  # row 1 did
+    with pytest.raises(ValueError, match="needs a cache"):
+        decoder(ids, pos, key_mask=torch.ones(2, 11, dtype=torch.bool))
+
+
+# -- FlashAttention: shared positions are never read as sequence boundaries -------------------------------
+
+
+class FlashKernels:
+    """Stand-ins for the flash-attn kernels (pure torch, same signatures) that record the sequence boundaries
+    transformers hands them: transformers' own dispatch (``_flash_attention_forward``) runs unchanged."""
+
+    def __init__(self):
+        self.boundaries: list[list[int] | None] = []
+
+    @staticmethod
+    def attend(q, k, v, causal, scale):  # [B, L, H, D]; causal is aligned bottom-right, as in flash-attn >= 2.1
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+        Lq, Lk = q.shape[2], k.shape[2]
+        mask = torch.ones(Lq, Lk, dtype=torch.bool).tril(Lk - Lq) if causal else None
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        return out.transpose(1, 2)
+
+    def flash(self, q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
+        self.boundaries.append(None)
+        return self.attend(q, k, v, causal, softmax_scale)
+
+    def varlen(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, dropout_p=0.0,
+               softmax_scale=None, causal=False):  # fmt: skip
+        self.boundaries.append(cu_seqlens_q.tolist())
+        bounds = zip(cu_seqlens_q[:-1], cu_seqlens_q[1:], cu_seqlens_k[:-1], cu_seqlens_k[1:])
+        return torch.cat([self.attend(q[None, a:b], k[None, c:d], v[None, c:d], causal, softmax_scale)[0]
+                          for a, b, c, d in bounds])  # fmt: skip
+
+
+@pytest.fixture
+def flash(monkeypatch):
+    fa = pytest.importorskip("transformers.modeling_flash_attention_utils")
+    kernels = FlashKernels()
+    monkeypatch.setattr(fa, "_lazy_imports", lambda *a, **k: (kernels.flash, kernels.varlen, None, fa._pad_input,
+                                                              fa._unpad_input))  # fmt: skip
+    monkeypatch.setattr(fa, "_loaded_implementation", None)
+    return kernels
+
+
+@pytest.mark.parametrize("family", GEN_FAMILIES)
+def test_flash_attention_at_batch_one_never_reads_shared_positions_as_boundaries(saved, flash, family, monkeypatch):
+    from transformers.modeling_flash_attention_utils import _is_packed_sequence, prepare_fa_kwargs_from_position_ids
+
+    decoder = HFDecoder(saved(family), dtype="bfloat16").build(V + K).eval()  # flash attention runs in half precision
+    real = torch.randint(0, V, (5,), generator=torch.Generator().manual_seed(7))
+    ids, pos = batch_of(layout_cyb(real, 4, tuple(range(V, V + K)), pad_id=0))  # 16 inputs, positions 0,0,0,0,1,…
+    # The hazard: transformers' own detection reads the CYB positions of one row as four packed sequences.
+    assert bool(_is_packed_sequence(pos, batch_size=1))
+    assert prepare_fa_kwargs_from_position_ids(pos)[0][0].tolist() == [0, 1, 2, 3, 16]
+    with torch.no_grad():
+        sdpa = decoder(ids, pos).float()
+        monkeypatch.setattr(decoder.model.config, "_attn_implementation", "flash_attention_2")
+        ours = decoder(ids, pos).float()
+        hidden = decoder.hidden_states(ids, pos)  # the chunked loss's path
+    layers = decoder.model.config.get_text_config().num_hidden_layers
+    # Every layer of both calls attended over one 16-input sequence, so the logits are SDPA's.
+    assert flash.boundaries == [[0, 16]] * (2 * layers)
+    assert hidden.shape == (1, 16, decoder.model.get_input_embeddings().weight.shape[1])
+    torch.testing.assert_close(ours, sdpa, rtol=2e-2, atol=2e-2)
+
+
+def test_flash_attention_cache_takes_one_input_per_call_and_generates_like_sdpa(pausing, flash, one_thread,
+                                                                              monkeypatch):  # fmt: skip
+    decoder = pausing("llama")[0]
+    real = torch.randint(0, V, (3, 10), generator=torch.Generator().manual_seed(4))
+    sdpa = gen_runner(pausing, "llama", "threshold", 0.5).run(real, length=9)
+    monkeypatch.setattr(decoder.model.config, "_attn_implementation", "flash_attention_2")
+    ours = gen_runner(pausing, "llama", "threshold", 0.5).run(real, length=9)
+    # Rows paused differently (hidden inputs: the masked kernel path) and together (the mask-free one).
+    assert None in flash.boundaries and any(b is not None for b in flash.boundaries)
+    assert ours.steps.tolist() == sdpa.steps.tolist()
+    torch.testing.assert_close(ours.nll, sdpa.nll, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="one input per call"):
+        decoder(real, cache=decoder.new_cache())
