@@ -34,6 +34,16 @@ def summary(trainer) -> str:
     if p_stop:
         dist = " / ".join(f"{p:.2f}" for p in p_stop)
         lines.append(f"P(0..{len(p_stop) - 1} extra pauses) = {dist}; mean {metrics['val/extra_pauses']:.2f} per token")
+    levels = sorted({int(k.split("/")[2]) for k in metrics if k.startswith("val/difficulty/") and k.count("/") == 3})
+    if levels:  # data that labels the difficulty of its targets (the synthetic tasks)
+        lines += ["per difficulty level (validation; accuracy of the trained rule, answering at the first d < 0.5):",
+                  "  level   accuracy   expected pauses   forward steps"]  # fmt: skip
+        for k in levels:
+            m = {key: metrics[f"val/difficulty/{k}/{key}"] for key in ("accuracy", "extra_pauses", "readout_steps")}
+            lines.append(f"  {k:5d}   {100 * m['accuracy']:7.1f} %   {m['extra_pauses']:15.2f}   {m['readout_steps']:13.2f}")
+        if "val/difficulty/spearman_pauses" in metrics:
+            lines.append(f"Spearman(difficulty, expected pauses) = {metrics['val/difficulty/spearman_pauses']:.2f}; "
+                         f"histograms per level: val/pauses_by_difficulty/<level>/stop_step")  # fmt: skip
     return "\n".join(lines)
 
 

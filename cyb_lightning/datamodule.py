@@ -163,6 +163,11 @@ class CYBDataModule(L.LightningDataModule):
             raise ValueError(f"bpe_vocab_size must be >= 256, one id per byte; got {bpe_vocab_size}")
 
         self.source = source if source is not None else QuickstartCorpus()
+        if hasattr(self.source, "target_difficulty") and layout == "tbys_random":
+            raise ValueError(
+                f"{type(self.source).__name__} labels each target with its difficulty, which needs targets aligned "
+                "with the chunk's tokens; tbys_random moves them. Use layout none, cyb or variable"
+            )
         if tokenizer is not None:
             self.tokenizer, self.tokenizer_dir, manifest = tokenizer, tokenizer.name_or_path, {}
         else:

@@ -4,9 +4,13 @@ After each real token x_t the decoder is run one step at a time with a KV cache.
 own output decides, through a :class:`PausePolicy`, whether the next input is the pause ``P_i`` (at x_t's
 position, as in training) or the next real token; at most K pauses (d_W := 0). Policies:
 
-- ``greedy``: pause while DK is the argmax of the step's output (DK prior included);
-- ``threshold``: pause while d_i > τ (τ = 1: never; τ = 0: always, i.e. fixed-K);
-- ``sample``: pause with probability d_i;
+- ``threshold`` (the default): pause while d_i > τ, τ = 0.5 by default: answer where answering is more
+  likely than not (τ = 1: never; τ = 0: always, i.e. fixed-K). The trained rule read deterministically;
+- ``sample``: pause with probability d_i, i.e. stop at step i with probability s_i = (1 − d_i) Π_{j<i} d_j:
+  exactly the stopping distribution the CYB losses train;
+- ``greedy``: pause while DK is the argmax of the step's output over the whole vocabulary (DK prior
+  included). *Not* the trained rule: on high-entropy tokens it pauses at d ≈ 0.05, reading steps the
+  loss never weighted. Kept for comparison;
 - ``fixed``: always K pauses (CYB v1 / TBYS inference), ``none``: never pause (plain decoding).
 
 The answer at the answering step is drawn from the output without DK (temperature / top-k / top-p;
@@ -29,14 +33,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-POLICIES = ("greedy", "threshold", "sample", "fixed", "none")
+POLICIES = ("threshold", "sample", "greedy", "fixed", "none")
+DEFAULT_POLICY = "threshold"  # the trained rule (spec §5); ``greedy`` is not
 
 
 @dataclass(frozen=True)
 class PausePolicy:
     """When to feed another pause. ``threshold`` is τ for the ``threshold`` policy."""
 
-    kind: str = "greedy"
+    kind: str = DEFAULT_POLICY
     threshold: float = 0.5
 
     def __post_init__(self) -> None:
@@ -100,7 +105,8 @@ class Trace:
     tokens: Tensor  # [B, n + new]: the real tokens (prompt or text, then generated)
     steps: Tensor  # [B, T]: forward steps spent on real token t (1 … W)
     nll: Tensor  # [B, T]: −log p(next token | not DK) at the answering step (the drawn one when generating)
-    forward_calls: int = 0  # decoder calls (batched); compute is Σ steps over rows
+    correct: Tensor  # [B, T] bool: the answering step's argmax over non-DK ids is the next token
+    forward_calls: int = 0  # decoder calls (batched): rows run in lockstep, so a batch computes calls × B steps
 
 
 class AdaptiveRunner:
@@ -162,6 +168,7 @@ class AdaptiveRunner:
         out = torch.cat((tokens, torch.full((B, max(0, length + 1 - n)), self.pad_id, device=device)), 1)
         steps = torch.zeros(B, length, dtype=torch.long, device=device)
         nll = torch.zeros(B, length, dtype=torch.float64, device=device)
+        correct = torch.zeros(B, length, dtype=torch.bool, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         stop_ids = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
         calls = 0
@@ -202,10 +209,12 @@ class AdaptiveRunner:
                 out[:, t + 1] = nxt
                 done |= torch.isin(nxt, stop_ids)
             nll[:, t] = answer_nll(answer, nxt, self.dk_id)
+            correct[:, t] = Sampling(0.0).draw(answer, self.dk_id, None) == nxt
             if t + 1 >= forced and bool(done.all()):
                 length = t + 1
                 break
-        return Trace(tokens=out[:, : length + 1], steps=steps[:, :length], nll=nll[:, :length], forward_calls=calls)
+        return Trace(tokens=out[:, : length + 1], steps=steps[:, :length], nll=nll[:, :length],
+                     correct=correct[:, :length], forward_calls=calls)  # fmt: skip
 
     def generate(self, prompt: Sequence[int], max_new_tokens: int, stop_ids: Iterable[int] = ()) -> Trace:
         """One prompt (a list of real token ids) → prompt + up to ``max_new_tokens`` new tokens."""
@@ -227,13 +236,17 @@ def answer_nll(logits: Tensor, targets: Tensor, dk_id: int) -> Tensor:
 def adaptive_evaluate(runner: AdaptiveRunner, batches: Iterable[dict[str, Tensor]], max_batches: int | None = None):
     """Teacher-forced adaptive evaluation over laid-out batches (any layout: only their real tokens are read).
 
-    Returns a dict: ``ppl`` at the answering step, ``steps_per_token`` actually spent (1 … W),
-    ``fixed_steps`` (W, what fixed-K pausing spends), ``compute_saved`` = 1 − steps/W, ``p_pauses``
-    (share of tokens with 0 … K pauses) and ``tokens``.
+    Returns a dict: ``ppl`` and ``accuracy`` at the answering step, ``steps_per_token`` actually spent per
+    token (1 … W), ``batch_steps_per_token`` (what a batch really computes per token: its rows run in
+    lockstep, so a row that has answered waits while another pauses), ``fixed_steps`` (W, what fixed-K
+    pausing spends), ``compute_saved`` = 1 − steps/W, ``p_pauses`` (share of tokens with 0 … K pauses),
+    ``tokens``, and, when the batches carry a per-target ``difficulty`` (the synthetic tasks),
+    ``by_difficulty``: {level: {tokens, accuracy, steps_per_token}} over the levels ≥ 0.
     """
     W = len(runner.pause_ids) + 1
-    nll_sum = steps_sum = count = 0.0
+    nll_sum = steps_sum = correct_sum = count = computed = positions = 0.0
     hist = torch.zeros(W, dtype=torch.float64)
+    levels: dict[int, list[float]] = {}  # level → [tokens, correct, steps]
     for b, batch in enumerate(batches):
         if max_batches is not None and b >= max_batches:
             break
@@ -243,20 +256,41 @@ def adaptive_evaluate(runner: AdaptiveRunner, batches: Iterable[dict[str, Tensor
         trace = runner.run(real, real.shape[1] - 1)
         nll_sum += float(trace.nll[mask].sum())
         steps_sum += float(trace.steps[mask].sum())
+        correct_sum += float(trace.correct[mask].sum())
         count += float(mask.sum())
+        computed += trace.forward_calls * real.shape[0]
+        positions += real.shape[0] * trace.steps.shape[1]
         hist += torch.bincount(trace.steps[mask].cpu() - 1, minlength=W).double()
+        if "difficulty" in batch:
+            difficulty = batch["difficulty"].to(device)
+            for level in difficulty[mask].unique().tolist():
+                if level < 0:
+                    continue
+                sel = mask & (difficulty == level)
+                acc = levels.setdefault(int(level), [0.0, 0.0, 0.0])
+                acc[0] += float(sel.sum())
+                acc[1] += float(trace.correct[sel].sum())
+                acc[2] += float(trace.steps[sel].sum())
     n = max(count, 1.0)
     steps = steps_sum / n
-    return {
+    out = {
         "policy": runner.policy.kind,
         "ppl": math.exp(nll_sum / n),
         "nll": nll_sum / n,
+        "accuracy": correct_sum / n,
         "steps_per_token": steps,
+        "batch_steps_per_token": computed / max(positions, 1.0),
         "fixed_steps": float(W),
         "compute_saved": 1.0 - steps / W,
         "p_pauses": (hist / n).tolist(),
         "tokens": int(count),
     }
+    if levels:
+        out["by_difficulty"] = {
+            level: {"tokens": int(t), "accuracy": c / t, "steps_per_token": st / t}
+            for level, (t, c, st) in sorted(levels.items())
+        }
+    return out
 
 
 def real_tokens(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -307,7 +341,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", help="the run's config.yaml (default: next to the checkpoint's run)")
     parser.add_argument("--prompt", default="")
     parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--policy", choices=POLICIES, default="greedy")
+    parser.add_argument("--policy", choices=POLICIES, default=DEFAULT_POLICY,
+                        help="when to pause: threshold (d_i > τ) and sample (with probability d_i) follow the rule the "
+                        "CYB losses train; greedy (DK is the argmax) does not")
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top_k", type=int, default=0)

@@ -22,7 +22,14 @@ from torchmetrics import MeanMetric
 from cyb_lightning.losses import PauseLoss
 from cyb_lightning.losses import functional as LF
 from cyb_lightning.losses.chunked import ChunkedLossUnsupported, chunked_loss
-from cyb_lightning.metrics import CalibrationSpearman, ReadoutAccuracy, StoppingStats, step_statistics, token_stats
+from cyb_lightning.metrics import (
+    CalibrationSpearman,
+    DifficultyStats,
+    ReadoutAccuracy,
+    StoppingStats,
+    step_statistics,
+    token_stats,
+)
 from cyb_lightning.metrics.stopping import TokenStats
 from cyb_lightning.model import DecoderSpec
 
@@ -106,6 +113,9 @@ class CYBModule(L.LightningModule):
         self.test_stats = StoppingStats(steps_per_token)
         self.test_loss = MeanMetric()
         self.test_accuracy = ReadoutAccuracy(steps_per_token)
+        # Per difficulty level, for data that labels its targets (the synthetic tasks); idle otherwise.
+        self.val_difficulty = DifficultyStats(steps_per_token)
+        self.test_difficulty = DifficultyStats(steps_per_token)
         calibrated = loss.uses_dk and steps_per_token > 1
         self.val_calibration = CalibrationSpearman(steps_per_token) if calibrated else None
         self.test_calibration = CalibrationSpearman(steps_per_token) if calibrated else None
@@ -303,7 +313,11 @@ class CYBModule(L.LightningModule):
         loss_metric = getattr(self, f"{stage}_loss")
         loss_metric.update(per_token)  # a torchmetrics mean: exact token weighting across batches and ranks
         self.log(f"{stage}/loss", loss_metric)
-        return {"stats": stats}
+        if "difficulty" not in batch:
+            return {"stats": stats}
+        difficulty = batch["difficulty"][batch["target_mask"]]
+        getattr(self, f"{stage}_difficulty").update(stats, difficulty)
+        return {"stats": stats, "difficulty": difficulty}
 
     def _evaluation_epoch_end(self, stage: str) -> None:
         """Log the reduced metrics (torchmetrics syncs across ranks in ``compute``; no second sync here)."""
@@ -321,12 +335,26 @@ class CYBModule(L.LightningModule):
             self.log(f"{stage}/p_stop/step{i + 1}", p_stop[i].float(), sync_dist=False)
             if self.loss_fn.uses_dk:
                 self.log(f"{stage}/dk_rate/step{i + 1}", dk_rate[i].float(), sync_dist=False)
+        self._log_difficulty(stage)
         calibration = getattr(self, f"{stage}_calibration")
         if calibration is not None:
             rho = calibration.compute()
             calibration.reset()
             for i, r in enumerate(rho):
                 self.log(f"{stage}/calibration/step{i + 1}", r.float(), sync_dist=False)
+
+    def _log_difficulty(self, stage: str) -> None:
+        """``<stage>/difficulty/<level>/*`` scalars and the Spearman of pauses vs difficulty (synthetic tasks)."""
+        metric = getattr(self, f"{stage}_difficulty")
+        if metric.update_count == 0:  # the data labels no difficulty (every rank reads the same data kind)
+            return
+        result = metric.compute()
+        metric.reset()
+        for level in torch.nonzero(result["tokens"] > 0).flatten().tolist():
+            for key in ("accuracy", "sampled_accuracy", "last_step_accuracy", "extra_pauses", "readout_steps"):
+                self.log(f"{stage}/difficulty/{level}/{key}", result[key][level].float(), sync_dist=False)
+        if not torch.isnan(result["spearman"]):
+            self.log(f"{stage}/difficulty/spearman_pauses", result["spearman"].float(), sync_dist=False)
 
     # -- optimisation ------------------------------------------------------------------------
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:

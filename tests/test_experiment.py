@@ -143,7 +143,7 @@ def test_reduced_experiment_end_to_end_resumes_and_writes_results(tmp_path):
         assert r["train_wall_s"] > 0 and r["curve"]["train"]
         assert [p["step"] for p in r["curve"]["val"]] == list(range(2, run["steps"] + 1, 2))  # every eval_every
         if run["W"] > 1 and run["method"].startswith("cyb"):
-            assert set(r["adaptive"]) == {"greedy", "fixed", "none"}
+            assert set(r["adaptive"]) == {"threshold", "sample", "fixed", "none"}
             assert len(e["calibration_spearman"]) == run["W"] - 1
     main = [r for n, r in results.items() if n.startswith("ft-")]
     assert len({r["real_tokens"] for r in main}) == 1

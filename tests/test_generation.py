@@ -130,6 +130,34 @@ def test_adaptive_evaluation_reports_compute_against_fixed_k(decoder):
     assert fixed["steps_per_token"] == K + 1 and fixed["compute_saved"] == 0.0
     assert math.isclose(greedy["compute_saved"], 1 - greedy["steps_per_token"] / (K + 1))
     assert math.isclose(sum(greedy["p_pauses"]), 1.0)
+    assert math.isclose(greedy["accuracy"], float(trace.correct[mask].double().mean()))
+    # Rows run in lockstep: a batch computes every row at every decoder call (waiting rows included).
+    assert math.isclose(greedy["batch_steps_per_token"], trace.forward_calls / 11)
+    assert greedy["batch_steps_per_token"] >= greedy["steps_per_token"]
+    assert fixed["batch_steps_per_token"] == K + 1
+
+
+def test_adaptive_evaluation_by_difficulty(decoder):
+    real = torch.randint(6, V, (2, 12), generator=torch.Generator().manual_seed(5))
+    batch = cyb_layout(real)
+    batch["difficulty"] = torch.tensor([[0, 1, 2, -1] * 2 + [1, 1, 1], [2] * 11])
+    out = adaptive_evaluate(runner(decoder, "threshold"), [batch])
+    trace = runner(decoder, "threshold").run(real, length=11)
+    assert sorted(out["by_difficulty"]) == [0, 1, 2]  # level −1 (not a task target) is left out
+    for level, r in out["by_difficulty"].items():
+        sel = batch["difficulty"] == level
+        assert r["tokens"] == int(sel.sum())
+        assert math.isclose(r["steps_per_token"], float(trace.steps[sel].double().mean()))
+        assert math.isclose(r["accuracy"], float(trace.correct[sel].double().mean()))
+
+
+def test_the_default_policy_is_the_trained_rule():
+    assert PausePolicy().kind == "threshold" and PausePolicy().threshold == 0.5
+    # d = 0.3 while DK is the single most likely id: greedy pauses, the trained rule (τ = 0.5) answers.
+    z = torch.full((1, V), -10.0)
+    z[0, DK], z[0, 6:] = math.log(0.3), math.log(0.7 / (V - 6))
+    assert PausePolicy().pause(z, DK, 0.0, None).tolist() == [False]
+    assert PausePolicy("greedy").pause(z, DK, 0.0, None).tolist() == [True]
 
 
 def test_sampling_options():

@@ -4,6 +4,8 @@ Two views, for training (every ``every_n_steps``) and for each validation run:
 - ``<stage>/pauses/expected_per_token``: expected extra pauses per real token, Σ_i (i − 1) s_i;
 - ``<stage>/pauses/stop_step``: P(answer after k extra pauses), k = 0…K, as a histogram whose bucket
   k holds the summed probability mass (so its shape is the latency distribution).
+When the data labels each target with a difficulty (the synthetic tasks), validation also writes
+``val/pauses_by_difficulty/<level>/stop_step``: the latency distribution of each level.
 The module computes per-token statistics on logging steps (``trainer.log_every_n_steps``) and for every
 validation batch; this callback only accumulates and writes them.
 """
@@ -19,6 +21,9 @@ from torch import Tensor
 from cyb_lightning.metrics.stopping import TokenStats
 
 
+MAX_LEVEL = 15  # difficulty levels 0 … 15 get a histogram of their own
+
+
 class _Window:
     """Stopping statistics accumulated on one rank since the last write."""
 
@@ -30,10 +35,16 @@ class _Window:
         self.pauses: list[Tensor] = []
         self.kept = 0
         self.stop_sum: Tensor | None = None
+        self.level_stop: Tensor | None = None  # [MAX_LEVEL + 1, W]: Σ s per difficulty level
 
-    def add(self, stats: TokenStats) -> None:
+    def add(self, stats: TokenStats, difficulty: Tensor | None = None) -> None:
         stop = stats.stop.detach().double().sum(0).cpu()
         self.stop_sum = stop if self.stop_sum is None else self.stop_sum + stop
+        if difficulty is not None:
+            if self.level_stop is None:
+                self.level_stop = torch.zeros(MAX_LEVEL + 1, stop.numel(), dtype=torch.float64)
+            keep = (difficulty >= 0) & (difficulty <= MAX_LEVEL)
+            self.level_stop.index_add_(0, difficulty[keep].long().cpu(), stats.stop.detach()[keep].double().cpu())
         room = self.max_tokens - self.kept
         if room > 0:
             # A per-rank cap bounds memory; a prefix of each batch is an unbiased sample of its tokens.
@@ -60,7 +71,7 @@ class StoppingTimeHistograms(L.Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if isinstance(outputs, dict) and isinstance(outputs.get("stats"), TokenStats):
-            self._windows["val"].add(outputs["stats"])
+            self._windows["val"].add(outputs["stats"], outputs.get("difficulty"))
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
@@ -73,6 +84,8 @@ class StoppingTimeHistograms(L.Callback):
         steps = pl_module.hparams.steps_per_token
         # Every rank takes part in the collectives, even one with nothing accumulated.
         stop_sum = window.stop_sum if window.stop_sum is not None else torch.zeros(steps, dtype=torch.float64)
+        labelled = window.level_stop is not None  # the same on every rank: all read the same kind of data
+        level_stop = window.level_stop
         padded = torch.full((self.max_tokens,), float("nan"))
         if window.pauses:
             values = torch.cat(window.pauses)
@@ -80,6 +93,8 @@ class StoppingTimeHistograms(L.Callback):
         window.clear()
         device = pl_module.device
         stop_sum = trainer.strategy.reduce(stop_sum.to(device), reduce_op="sum").cpu()
+        if labelled:
+            level_stop = trainer.strategy.reduce(level_stop.to(device), reduce_op="sum").cpu()
         gathered = pl_module.all_gather(padded.to(device)).flatten().cpu()
         pauses = gathered[~gathered.isnan()]
         if not trainer.is_global_zero or pauses.numel() == 0:
@@ -87,6 +102,10 @@ class StoppingTimeHistograms(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 write_histograms(logger.experiment, stage, pauses, stop_sum, trainer.global_step)
+                if labelled:
+                    for level in torch.nonzero(level_stop.sum(1) > 0).flatten().tolist():
+                        write_stop_histogram(logger.experiment, f"{stage}/pauses_by_difficulty/{level}/stop_step",
+                                             level_stop[level], trainer.global_step)  # fmt: skip
 
 
 def write_histograms(writer, stage: str, pauses: Tensor, stop_sum: Tensor, step: int) -> None:
@@ -94,10 +113,16 @@ def write_histograms(writer, stage: str, pauses: Tensor, stop_sum: Tensor, step:
     steps = stop_sum.numel()
     edges = np.linspace(-0.5, steps - 0.5, 8 * steps + 1)  # 8 bins per pause count: fine but readable
     writer.add_histogram(f"{stage}/pauses/expected_per_token", pauses.numpy(), step, bins=edges)
+    write_stop_histogram(writer, f"{stage}/pauses/stop_step", stop_sum, step)
+
+
+def write_stop_histogram(writer, tag: str, stop_sum: Tensor, step: int) -> None:
+    """The latency distribution as a histogram: bucket k holds P(k extra pauses) (Σ s normalised)."""
+    steps = stop_sum.numel()
     probs = (stop_sum / stop_sum.sum().clamp_min(1e-12)).numpy()
     k = np.arange(steps, dtype=np.float64)
     writer.add_histogram_raw(
-        f"{stage}/pauses/stop_step",
+        tag,
         min=0.0,
         max=float(steps - 1),
         num=float(probs.sum()),

@@ -393,7 +393,22 @@ class PackedStream(torch.utils.data.IterableDataset):
     def _tensors(self, tokens: np.ndarray, cur: dict) -> dict[str, torch.Tensor]:
         key = example_key(cur["epoch"], cur["sid"], cur["doc"], cur["offset"])
         example = self.layout(tokens, key)
+        if self.scores_difficulty:
+            example = self._with_difficulty(example, self.source.target_difficulty(tokens, self.tokenizer))
         return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in example.items()}
+
+    @property
+    def scores_difficulty(self) -> bool:
+        """Whether the source labels every target with a difficulty (the synthetic tasks)."""
+        return hasattr(self.source, "target_difficulty")
+
+    def _with_difficulty(self, example: dict, difficulty: np.ndarray | None) -> dict:
+        """Adds ``difficulty`` long ``[T]`` (−1: not a task target) and scores only targets with a level ≥ 0."""
+        d = np.full(self.layout.seq_len, -1, dtype=np.int64)
+        if difficulty is not None:
+            n = min(d.size, difficulty.size)
+            d[:n] = difficulty[:n]
+        return {**example, "difficulty": d, "target_mask": example["target_mask"] & (d >= 0)}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         # Training continues from where the last pass stopped; a finite pass always replays from its start
@@ -437,4 +452,7 @@ class PackedStream(torch.utils.data.IterableDataset):
         for i in range(i, per_rank):
             if (i // bs - b0) % num_workers == worker:
                 self._state["index"] = i + 1
-                yield {k: torch.from_numpy(v) for k, v in self.layout.empty_example().items()}
+                empty = self.layout.empty_example()
+                if self.scores_difficulty:
+                    empty = self._with_difficulty(empty, None)
+                yield {k: torch.from_numpy(v) for k, v in empty.items()}

@@ -425,8 +425,9 @@ def evaluate_run(rdir: Path, ckpt: Path, run: dict, plan: dict) -> dict:
     }  # fmt: skip
     if run["W"] > 1 and module.loss_fn.uses_dk:
         with torch.no_grad():
-            for kind in ("greedy", "fixed", "none"):
-                runner = runner_for(module, PausePolicy(kind), Sampling(0.0), dm.pause_ids)
+            for kind in ("threshold", "sample", "fixed", "none"):  # the trained rule, then the comparators
+                runner = runner_for(module, PausePolicy(kind), Sampling(0.0), dm.pause_ids,
+                                    generator=torch.Generator().manual_seed(0))  # fmt: skip
                 out["adaptive"][kind] = adaptive_evaluate(runner, dm.val_dataloader(), plan["sizes"]["adaptive_batches"])
     R.write_report(rdir / "report", out, result, dm.tokenizer)
     return out

@@ -398,7 +398,7 @@ def write_results(out: Path, md_path: Path, img_dir: Path | None = None) -> Path
               + " / ".join(f"{p:.2f}" for p in paper.get("cyb_ap_latency", [])) + ", ρ = "
               + " / ".join(f"{p:.2f}" for p in paper.get("cyb_ap_calibration", [])) + ".", "",
               f"| run | P(0…{K} extra pauses) | mean pauses / token | DK rate per step | calibration ρ per step "
-              "| accuracy at readout | greedy reader steps / token |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+              "| accuracy at readout | readout steps / token |", "|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in pause_runs:
             e = r["eval"]
             L.append(f"| {r['name']} | {' / '.join(_f(p) for p in e['p_stop'])} | {_f(e['extra_pauses'])} | "
@@ -410,13 +410,13 @@ def write_results(out: Path, md_path: Path, img_dir: Path | None = None) -> Path
         if ad:
             L += ["Teacher-forced adaptive inference (compute actually spent; `cyb_lightning.generation`, "
                   f"{s['adaptive_batches']} held-out batches):", "",
-                  "| run | greedy: ppl / steps per token | fixed K: ppl / steps | no pauses: ppl / steps |",
-                  "|---|---|---|---|"]  # fmt: skip
+                  "| run | trained rule (d < 0.5): ppl / steps per token | greedy on DK (not the trained rule) "
+                  "| fixed K: ppl / steps | no pauses: ppl / steps |", "|---|---|---|---|---|"]  # fmt: skip
             for r in ad:
                 a = r["adaptive"]
                 L.append(f"| {r['name']} | " + " | ".join(
-                    f"{_f(a[k]['ppl'])} / {a[k]['steps_per_token']:.2f}" if k in a else "–"
-                    for k in ("greedy", "fixed", "none")) + " |")  # fmt: skip
+                    f"{_f(a[k]['ppl'])} / {a[k]['steps_per_token']:.2f}" if k in a else "not measured"
+                    for k in ("threshold", "greedy", "fixed", "none")) + " |")  # fmt: skip
             L.append("")
         L += ["Latency pictures (from each run's report folder):", ""]
         for r in pause_runs:

@@ -1,6 +1,12 @@
 """torchmetrics Metrics, so every statistic reduces correctly across ranks."""
 
-from cyb_lightning.metrics.evaluation import CalibrationSpearman, ReadoutAccuracy, TokenPauseStats, token_table
+from cyb_lightning.metrics.evaluation import (
+    CalibrationSpearman,
+    DifficultyStats,
+    ReadoutAccuracy,
+    TokenPauseStats,
+    token_table,
+)
 from cyb_lightning.metrics.stopping import (
     StoppingStats,
     TokenStats,
@@ -11,6 +17,7 @@ from cyb_lightning.metrics.stopping import (
 
 __all__ = [
     "CalibrationSpearman",
+    "DifficultyStats",
     "ReadoutAccuracy",
     "StoppingStats",
     "TokenPauseStats",

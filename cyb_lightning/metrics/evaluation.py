@@ -167,3 +167,59 @@ def token_table(ids: Tensor, values: Tensor, min_count: int) -> dict[str, Tensor
     }
     order = torch.argsort(-table["count"], stable=True)
     return {k: v[order] for k, v in table.items()}
+
+
+class DifficultyStats(_Sampled):
+    """Per difficulty level of the targets (the synthetic tasks label each one): how well and how long.
+
+    ``update(stats, difficulty)`` with ``difficulty [N]`` long (levels 0 … ``max_level``; negative ones are
+    skipped). ``compute`` returns, per level ``[max_level + 1]`` (NaN where a level has no token):
+    ``tokens``; ``accuracy`` of the trained rule's readout (first d_i < 0.5), ``sampled_accuracy``
+    (Σ_i s_i · correct_i), ``first_step_accuracy`` (no pause) and ``last_step_accuracy`` (fixed K);
+    ``extra_pauses`` (expected, Σ_i (i − 1) s_i); ``readout_steps`` (forward steps of the trained rule);
+    ``p_stop`` ``[levels, W]``; and ``spearman``: Spearman ρ between a token's difficulty and its expected
+    pauses over the sampled tokens (NaN when either is constant).
+    """
+
+    def __init__(self, steps: int, max_level: int = 15, max_tokens: int | None = 1_000_000, **kwargs) -> None:
+        super().__init__(max_tokens, **kwargs)
+        self.steps, self.levels = steps, max_level + 1
+        for name in ("count", "correct", "sampled_correct", "first_correct", "last_correct", "pauses", "readout"):
+            self.add_state(name, torch.zeros(self.levels, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("stop_sum", torch.zeros(self.levels, steps, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("sample_level", [], dist_reduce_fx="cat")
+        self.add_state("sample_pauses", [], dist_reduce_fx="cat")
+
+    def update(self, stats: TokenStats, difficulty: Tensor) -> None:
+        keep = (difficulty >= 0) & (difficulty < self.levels)
+        level = difficulty[keep].long()
+        correct = stats.correct[keep].double()
+        stop = stats.stop[keep].double()
+        pauses = stats.extra_pauses[keep].double()
+        readout = stats.readout[keep].long()
+
+        def add(state: Tensor, values: Tensor) -> None:
+            state.index_add_(0, level, values)
+
+        add(self.count, torch.ones_like(pauses))
+        add(self.correct, correct.gather(1, readout[:, None]).squeeze(1))
+        add(self.sampled_correct, (stop * correct).sum(1))
+        add(self.first_correct, correct[:, 0])
+        add(self.last_correct, correct[:, -1])
+        add(self.pauses, pauses)
+        add(self.readout, readout.double() + 1)
+        self.stop_sum.index_add_(0, level, stop)
+        room = self._room(level.numel())
+        self.sample_level.append(level[:room].double())
+        self.sample_pauses.append(pauses[:room])
+
+    def compute(self) -> dict[str, Tensor]:
+        n = self.count
+        per = {name: getattr(self, state) / n for name, state in (
+            ("accuracy", "correct"), ("sampled_accuracy", "sampled_correct"), ("first_step_accuracy", "first_correct"),
+            ("last_step_accuracy", "last_correct"), ("extra_pauses", "pauses"), ("readout_steps", "readout"))}  # fmt: skip
+        level, pauses = _cat(self.sample_level).double(), _cat(self.sample_pauses).double()
+        rho = torch.tensor(float("nan"), dtype=torch.float64)
+        if level.numel() > 1 and level.unique().numel() > 1 and pauses.unique().numel() > 1:
+            rho = spearman_corrcoef(pauses, level).double()
+        return {"tokens": n, **per, "p_stop": self.stop_sum / n[:, None], "spearman": rho}

@@ -15,7 +15,7 @@ def test_generate_command_prints_every_policy(tiny_run, tmp_path, capsys):
           "--temperature", "0", "--compare", "--html", str(html)])  # fmt: skip
     torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    for kind in ("greedy", "fixed", "none"):
+    for kind in ("threshold", "fixed", "none"):  # the default policy is the trained rule, τ = 0.5
         assert f"=== policy {kind}:" in out
     assert "3.00 forward steps per token" in out and "1.00 forward steps per token" in out
     assert html.is_file() and "<span" in html.read_text()

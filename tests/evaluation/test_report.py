@@ -64,8 +64,11 @@ def test_report_numbers_match_the_validation_metrics(report, tiny_run):
     # Adaptive runs: fixed-K spends exactly W steps per token, no-pause exactly 1.
     assert data["adaptive"]["fixed"]["steps_per_token"] == 3.0
     assert data["adaptive"]["none"]["steps_per_token"] == 1.0
-    assert 1.0 <= data["adaptive"]["greedy"]["steps_per_token"] <= 3.0
-    assert torch.isfinite(torch.tensor(data["adaptive"]["greedy"]["ppl"]))
+    for kind in ("threshold", "sample", "greedy"):  # every policy by default, the trained rules first
+        assert 1.0 <= data["adaptive"][kind]["steps_per_token"] <= 3.0
+        assert data["adaptive"][kind]["batch_steps_per_token"] >= data["adaptive"][kind]["steps_per_token"]
+        assert torch.isfinite(torch.tensor(data["adaptive"][kind]["ppl"]))
+    assert list(data["adaptive"])[0] == "threshold"
 
 
 def test_fit_logs_the_token_views_and_evaluation_metrics_to_tensorboard(tiny_run):
