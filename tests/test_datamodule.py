@@ -49,7 +49,9 @@ def test_batch_contract(tiny_source, layout, k):
         assert batch["target_mask"].dtype == torch.bool
         if layout == "tbys_random":
             assert torch.equal(batch["position_ids"], torch.arange(T).expand(bs, T))
-            assert torch.equal(batch["target_mask"], batch["targets"] != dm.vocab.pause_ids[0])
+            # Scored: real targets after the first real input (the chunk's context, scored by the chunk before).
+            first = (batch["input_ids"] != dm.vocab.pause_ids[0]).int().argmax(1, keepdim=True)
+            assert torch.equal(batch["target_mask"], (batch["targets"] != dm.vocab.pause_ids[0]) & (torch.arange(T) >= first))
         else:
             assert torch.equal(batch["position_ids"], torch.arange(T).repeat_interleave(w).expand(bs, -1))
             assert batch["target_mask"].all()

@@ -99,11 +99,14 @@ def layout_tbys_random(
     if n < real_slots.size:  # a short final chunk: everything after its last real token is padding
         valid[real_slots[n - 1] + 1 :] = False
         seq[~valid] = pad_id
+    # The first real token is the chunk's context, never a target: the previous chunk scored it (chunks
+    # overlap by one token), and from slot 0 being a pause it would be predicted from pauses alone.
+    after_first = np.arange(1, t_len + 1) > real_slots[0]
     return {
         "input_ids": seq[:t_len].copy(),
         "position_ids": np.arange(t_len, dtype=np.int64),
         "targets": seq[1:].copy(),
-        "target_mask": ~is_pause[1:] & valid[1:],
+        "target_mask": ~is_pause[1:] & valid[1:] & after_first,
     }
 
 

@@ -56,8 +56,18 @@ def test_tbys_by_hand():
         seq = [10, 11, 12, 13]
         seq.insert(slot, P1)
         ex = layout_tbys_random([10, 11, 12, 13], 4, P1, PAD, num_pauses=1, seed=7, index=index)
+        # Scored: every real target but the first real token (the context; the previous chunk scored it).
         _eq(ex, input_ids=seq[:4], position_ids=[0, 1, 2, 3], targets=seq[1:],
-            target_mask=[t != P1 for t in seq[1:]])  # fmt: skip
+            target_mask=[t not in (P1, 10) for t in seq[1:]])  # fmt: skip
+
+
+def test_tbys_pause_in_slot_0_does_not_score_the_first_token_again():
+    # Slot 0 a pause: [P1 10 11 12 13]. Token 10 opens the chunk (the previous chunk's last target); the
+    # output at P1 would predict it from a context of pauses only, and score it a second time.
+    index = next(i for i in range(100) if random_pause_slots(4, 1, seed=7, index=i)[0])
+    ex = layout_tbys_random([10, 11, 12, 13], 4, P1, PAD, num_pauses=1, seed=7, index=index)
+    _eq(ex, input_ids=[P1, 10, 11, 12], position_ids=[0, 1, 2, 3], targets=[10, 11, 12, 13],
+        target_mask=[0, 1, 1, 1])  # fmt: skip
 
 
 def test_tbys_trims_extra_tokens_and_pads_short_chunks():
@@ -72,7 +82,8 @@ def test_tbys_trims_extra_tokens_and_pads_short_chunks():
     last = np.flatnonzero(~slots)[2]  # the slot of the last real token
     np.testing.assert_array_equal(laid[: last + 1][~slots[: last + 1]], [10, 11, 12])
     assert (laid[last + 1 :] == PAD).all()
-    np.testing.assert_array_equal(short["target_mask"], ~slots[1:] & (np.arange(1, 7) <= last))
+    first = np.flatnonzero(~slots)[0]  # the slot of the first real token: context, not a target
+    np.testing.assert_array_equal(short["target_mask"], ~slots[1:] & (np.arange(1, 7) <= last) & (np.arange(1, 7) > first))
 
 
 def test_tbys_deterministic_fraction_and_mask():
@@ -85,7 +96,7 @@ def test_tbys_deterministic_fraction_and_mask():
     laid = np.append(a["input_ids"], a["targets"][-1])
     assert (laid == P1).sum() == 10  # exactly the fraction, and no real token lost
     np.testing.assert_array_equal(laid[laid != P1], tokens)
-    np.testing.assert_array_equal(a["target_mask"], a["targets"] != P1)
+    np.testing.assert_array_equal(a["target_mask"], (a["targets"] != P1) & (a["targets"] != tokens[0]))
     np.testing.assert_array_equal(a["position_ids"], np.arange(100))
     assert not np.array_equal(lay(tokens, 43)["input_ids"], a["input_ids"])
     other_seed = make_layout("tbys_random", 100, VOCAB, pause_fraction=0.1, seed=6)
