@@ -96,15 +96,18 @@ class CYBDataModule(L.LightningDataModule):
         bpe_vocab_size: BPE size to train (text ids). The attribute ``vocab_size`` is the total number
             of ids, reserved ones included (what the embedding needs).
         layout: ``none`` (baseline), ``cyb`` (K pauses after every token), ``tbys_random`` (TBYS pause
-            pretraining), ``variable`` (CYB "recipe 2": each token is granted 0 … K pauses drawn from
-            ``omega``; validation and test then grant all K, so the model's own DK decides, as at inference).
-        num_pauses: K for ``cyb`` and ``variable`` (0 … 8; CYB uses 3). Ignored by the other layouts.
+            pretraining), ``pause_groups`` (pause pretraining with the K distinct pauses at shared positions
+            that CYB fine-tuning reads, after ``pause_fraction`` of the tokens), ``variable`` (CYB "recipe 2":
+            each token is granted 0 … K pauses drawn from ``omega``; validation and test then grant all K, so
+            the model's own DK decides, as at inference).
+        num_pauses: K for ``cyb``, ``pause_groups`` and ``variable`` (0 … 8; CYB uses 3). Ignored by the others.
         omega: ``variable`` only: the world's distribution over granted steps 1 … K+1 (None: uniform).
-        pause_fraction: share of ``tbys_random``'s sequence that is pauses (TBYS: 0.1).
+        pause_fraction: share of ``tbys_random``'s sequence that is pauses (TBYS: 0.1); share of the real
+            tokens that a ``pause_groups`` group follows.
         seq_len: T, real tokens per example (inputs are T·W long).
         batch_size / val_batch_size: per-device batch sizes (val defaults to batch_size).
         num_workers: DataLoader workers per device.
-        seed: shard order per epoch and ``tbys_random`` pause slots.
+        seed: shard order per epoch and the random pause slots (``tbys_random``, ``pause_groups``, ``variable``).
         val_documents: size of the fixed validation set (first documents of the validation split);
             None → all of it.
         tokenizer_train_documents: how many training documents train the BPE (None → all).
@@ -123,7 +126,7 @@ class CYBDataModule(L.LightningDataModule):
         source: TextSource | None = None,
         tokenizer_dir: str | None = None,
         bpe_vocab_size: int = 8192,
-        layout: Literal["none", "cyb", "tbys_random", "variable"] = "cyb",
+        layout: Literal["none", "cyb", "tbys_random", "pause_groups", "variable"] = "cyb",
         num_pauses: int = 3,
         pause_fraction: float = 0.1,
         omega: list[float] | None = None,

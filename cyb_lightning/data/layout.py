@@ -21,6 +21,11 @@ id (always a valid index) and must not count in any loss or metric.
   first token (``stream.example_key``); so resuming needs no RNG state, and the slots do not depend on
   ranks, lanes or workers. TBYS inserts then trims back to length; here the stream hands this
   layout exactly T + 1 − M real tokens so the trim drops nothing (given more, it trims the tail).
+- ``pause_groups`` (pause pretraining for CYB fine-tuning): after a random fraction of the real tokens
+  (10 % by default) a group of the K distinct pauses ``P1..PK``, every pause at its real token's position
+  (as in ``cyb``), W = 1; real tokens take consecutive positions; a target that is a pause is masked, so
+  the token after a group is predicted from ``PK``. The grouped tokens are a function of (seed, index) as
+  in ``tbys_random``; the stream hands exactly the real tokens a full example holds.
 - ``variable`` (CYB "recipe 2"): token x_t gets k_t pauses, k_t + 1 ~ ω, groups packed back to back;
   two extra keys ``step_index``/``step_mask`` ``[T, W]`` map the packed inputs onto the group grid
   (see :func:`layout_variable`, at the end of this file).
@@ -40,7 +45,7 @@ import numpy as np
 from ..losses.functional import check_weights
 from .tokenizer import Vocab
 
-LAYOUTS = ("none", "cyb", "tbys_random", "variable")
+LAYOUTS = ("none", "cyb", "tbys_random", "pause_groups", "variable")
 
 Example = dict[str, np.ndarray]
 
@@ -110,6 +115,46 @@ def layout_tbys_random(
     }
 
 
+def pause_group_tokens(num_real: int, num_groups: int, seed: int, index: int) -> np.ndarray:
+    """Bool ``[num_real]``: which real tokens a group of pauses follows in example ``index`` (never the
+    last one, whose group would predict nothing); the same for the same (seed, index)."""
+    rng = np.random.default_rng([seed, index, 0x6A05])  # a stream of its own, apart from the other layouts'
+    grouped = np.zeros(num_real, dtype=bool)
+    grouped[rng.choice(num_real - 1, size=num_groups, replace=False)] = True
+    return grouped
+
+
+def layout_pause_groups(
+    tokens, seq_len: int, pause_ids: Sequence[int], pad_id: int, num_groups: int, seed: int, index: int
+) -> Example:
+    """``num_groups`` groups ``P1..PK`` after random real tokens, each pause at its token's position.
+
+    ``tokens`` holds up to T + 1 − num_groups·K real tokens (more: the tail is trimmed).
+    """
+    t_len, k = seq_len, len(pause_ids)
+    num_real = t_len + 1 - num_groups * k
+    chunk = _as_chunk(tokens, num_real)
+    n = chunk.size
+    grouped = pause_group_tokens(num_real, num_groups, seed, index)[:n]
+    grouped[n - 1] = False  # a short final chunk: nothing follows its last real token
+    starts = np.concatenate(([0], np.cumsum(1 + k * grouped)[:-1]))  # laid-out slot of each real token
+    used = int(starts[-1]) + 1
+    seq = np.full(t_len + 1, pad_id, dtype=np.int64)
+    seq[starts] = chunk
+    pause_slots = (starts[grouped, None] + 1 + np.arange(k)).reshape(-1)
+    seq[pause_slots] = np.tile(np.asarray(pause_ids, dtype=np.int64), int(grouped.sum()))
+    positions = np.arange(t_len + 1, dtype=np.int64) - (used - n)  # the padded tail continues after the last token
+    positions[:used] = np.repeat(np.arange(n, dtype=np.int64), 1 + k * grouped)
+    is_real = np.zeros(t_len + 1, dtype=bool)
+    is_real[starts] = True
+    return {
+        "input_ids": seq[:t_len].copy(),
+        "position_ids": positions[:t_len].copy(),
+        "targets": seq[1:].copy(),
+        "target_mask": is_real[1:].copy(),
+    }
+
+
 @dataclass(frozen=True)
 class Layout:
     """A layout with its parameters bound (picklable, so DataLoader workers get a copy).
@@ -122,7 +167,7 @@ class Layout:
     seq_len: int
     pad_id: int
     pause_ids: tuple[int, ...] = ()
-    num_random_pauses: int = 0
+    num_random_pauses: int = 0  # ``tbys_random``/``pause_groups``: pauses inserted per example
     seed: int = 0
     omega: tuple[float, ...] = ()  # ``variable``: the world distribution over granted steps 1 … W
 
@@ -137,7 +182,7 @@ class Layout:
 
     @property
     def real_tokens(self) -> int:
-        return self.seq_len + 1 - (self.num_random_pauses if self.name == "tbys_random" else 0)
+        return self.seq_len + 1 - (self.num_random_pauses if self.name in ("tbys_random", "pause_groups") else 0)
 
     def __call__(self, tokens, index: int) -> Example:
         """Example number ``index`` (the global example index: it seeds ``tbys_random``)."""
@@ -147,6 +192,9 @@ class Layout:
             return layout_none(tokens, self.seq_len, self.pad_id)
         if self.name == "variable":
             return layout_variable(tokens, self.seq_len, self.pause_ids, self.pad_id, self.omega, self.seed, index)
+        if self.name == "pause_groups":
+            groups = self.num_random_pauses // len(self.pause_ids)
+            return layout_pause_groups(tokens, self.seq_len, self.pause_ids, self.pad_id, groups, self.seed, index)
         return layout_tbys_random(
             tokens, self.seq_len, self.pause_ids[0], self.pad_id, self.num_random_pauses, self.seed, index
         )
@@ -193,6 +241,8 @@ def make_layout(
         return Layout(name, seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:num_pauses])
     if name == "variable":
         return _make_variable(seq_len, vocab, num_pauses, seed, omega)
+    if name == "pause_groups":
+        return _make_pause_groups(seq_len, vocab, num_pauses, pause_fraction, seed)
     if not vocab.pause_ids:
         raise ValueError("tbys_random needs a pause id, but the tokenizer reserves none (max_pauses=0)")
     if not 0.0 <= pause_fraction < 1.0:
@@ -204,6 +254,23 @@ def make_layout(
             "lower pause_fraction or raise seq_len"
         )
     return Layout(name, seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:1], num_random_pauses=m, seed=seed)
+
+
+def _make_pause_groups(seq_len: int, vocab: Vocab, num_pauses: int, pause_fraction: float, seed: int) -> Layout:
+    if not 1 <= num_pauses <= vocab.max_pauses:
+        raise ValueError(f"pause_groups needs 1 <= num_pauses <= {vocab.max_pauses} (K per group), got {num_pauses}")
+    if not 0.0 <= pause_fraction < 1.0:
+        raise ValueError(f"pause_fraction must lie in [0, 1), got {pause_fraction}")
+    # G groups among N = T + 1 − G·K real tokens, G ≈ fraction · N.
+    groups = round(pause_fraction * (seq_len + 1) / (1 + pause_fraction * num_pauses))
+    if groups + 1 > seq_len + 1 - groups * num_pauses:  # every group needs a real token before and after
+        raise ValueError(
+            f"pause_fraction={pause_fraction} with num_pauses={num_pauses} does not fit {seq_len + 1} slots "
+            f"({groups} groups need {groups + 1} real tokens besides their {groups * num_pauses} pauses); "
+            "lower pause_fraction or num_pauses, or raise seq_len"
+        )
+    return Layout("pause_groups", seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:num_pauses],
+                  num_random_pauses=groups * num_pauses, seed=seed)  # fmt: skip
 
 
 # -- variable pauses ("recipe 2" of CYB: proposed there, never run) -------------------------------------

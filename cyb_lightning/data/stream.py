@@ -32,9 +32,9 @@ document, re-tokenizes that one document and drops its first ``offset`` tokens: 
 With DataLoader workers each worker's copy reports its own state; :meth:`PackedStream.merge_states`
 folds them into one state that any number of workers can resume from.
 
-The ``tbys_random`` pause slots of an example are a function of (seed, document key, token offset) of
-its first token (a 63-bit hash handed to the layout as the example ``index``), so no RNG state is saved
-and they do not depend on ranks, lanes or workers.
+The random pause slots (``tbys_random``, ``pause_groups``, ``variable``) of an example are a function of
+(seed, document key, token offset) of its first token (a 63-bit hash handed to the layout as the example
+``index``), so no RNG state is saved and they do not depend on ranks, lanes or workers.
 
 Long documents are tokenized in pieces of at most ``max_document_chars`` characters cut before a space
 (memory stays bounded for a 100 MB document; the tokens equal the whole document's up to the cut points,
