@@ -25,7 +25,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from .data.hf_tokenizer import HFTokenizer
 from .data.layout import make_layout
 from .data.sources import QuickstartCorpus, TextSource, source_tokenizer
-from .data.stream import PackedStream
+from .data.stream import PackedStream, check_pairs
 from .data.tokenizer import standard_vocab
 
 
@@ -99,8 +99,11 @@ class CYBDataModule(L.LightningDataModule):
             pretraining), ``pause_groups`` (pause pretraining with the K distinct pauses at shared positions
             that CYB fine-tuning reads, after ``pause_fraction`` of the tokens), ``variable`` (CYB "recipe 2":
             each token is granted 0 … K pauses drawn from ``omega``; validation and test then grant all K, so
-            the model's own DK decides, as at inference).
-        num_pauses: K for ``cyb``, ``pause_groups`` and ``variable`` (0 … 8; CYB uses 3). Ignored by the others.
+            the model's own DK decides, as at inference), ``tbys_finetune`` (TBYS pause fine-tuning on the
+            prompt/completion pairs of a ``PromptCompletionSource``: M_ft pauses after the prompt, loss on
+            the completion).
+        num_pauses: K for ``cyb``, ``pause_groups`` and ``variable`` (0 … 8; CYB uses 3); M_ft, the pauses
+            appended after each prompt, for ``tbys_finetune`` (TBYS: 10 or 50). Ignored by the others.
         omega: ``variable`` only: the world's distribution over granted steps 1 … K+1 (None: uniform).
         pause_fraction: share of ``tbys_random``'s sequence that is pauses (TBYS: 0.1); share of the real
             tokens that a ``pause_groups`` group follows.
@@ -126,7 +129,7 @@ class CYBDataModule(L.LightningDataModule):
         source: TextSource | None = None,
         tokenizer_dir: str | None = None,
         bpe_vocab_size: int = 8192,
-        layout: Literal["none", "cyb", "tbys_random", "pause_groups", "variable"] = "cyb",
+        layout: Literal["none", "cyb", "tbys_random", "pause_groups", "tbys_finetune", "variable"] = "cyb",
         num_pauses: int = 3,
         pause_fraction: float = 0.1,
         omega: list[float] | None = None,
@@ -146,7 +149,9 @@ class CYBDataModule(L.LightningDataModule):
         self.save_hyperparameters(ignore=["source", "tokenizer"])  # objects; the CLI saves their config
         # Check the layout config against the standard reserved ids before any (slow) build.
         check_vocab = standard_vocab() if tokenizer is None else tokenizer.vocab
-        make_layout(layout, seq_len, check_vocab, num_pauses=num_pauses, pause_fraction=pause_fraction, omega=omega)
+        checked = make_layout(
+            layout, seq_len, check_vocab, num_pauses=num_pauses, pause_fraction=pause_fraction, omega=omega
+        )
         for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("tokenize_batch", tokenize_batch)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -166,6 +171,7 @@ class CYBDataModule(L.LightningDataModule):
             raise ValueError(f"bpe_vocab_size must be >= 256, one id per byte; got {bpe_vocab_size}")
 
         self.source = source if source is not None else QuickstartCorpus()
+        check_pairs(self.source, checked)
         if tokenizer is not None:
             self.tokenizer, self.tokenizer_dir, manifest = tokenizer, tokenizer.name_or_path, {}
         else:

@@ -26,6 +26,10 @@ id (always a valid index) and must not count in any loss or metric.
   (as in ``cyb``), W = 1; real tokens take consecutive positions; a target that is a pause is masked, so
   the token after a group is predicted from ``PK``. The grouped tokens are a function of (seed, index) as
   in ``tbys_random``; the stream hands exactly the real tokens a full example holds.
+- ``tbys_finetune`` (TBYS pause fine-tuning): one prompt/completion pair per example,
+  ``prompt P1…P1 completion`` with M = ``num_pauses`` copies of ``<pause1>`` appended after the prompt,
+  consecutive positions, W = 1; outputs before the last pause are ignored, the loss is on the completion
+  only. Its ``tokens`` are a pair (prompt ids, completion ids), from a prompt/completion source.
 - ``variable`` (CYB "recipe 2"): token x_t gets k_t pauses, k_t + 1 ~ ω, groups packed back to back;
   two extra keys ``step_index``/``step_mask`` ``[T, W]`` map the packed inputs onto the group grid
   (see :func:`layout_variable`, at the end of this file).
@@ -45,7 +49,7 @@ import numpy as np
 from ..losses.functional import check_weights
 from .tokenizer import Vocab
 
-LAYOUTS = ("none", "cyb", "tbys_random", "pause_groups", "variable")
+LAYOUTS = ("none", "cyb", "tbys_random", "pause_groups", "tbys_finetune", "variable")
 
 Example = dict[str, np.ndarray]
 
@@ -155,6 +159,35 @@ def layout_pause_groups(
     }
 
 
+def layout_tbys_finetune(prompt, completion, seq_len: int, pause_id: int, num_pauses: int, pad_id: int) -> Example:
+    """TBYS pause fine-tuning: ``prompt`` + ``num_pauses`` × ``pause_id`` + ``completion``, padded to T + 1.
+
+    The output at the last pause predicts the first completion token; earlier outputs are not scored.
+    A pair longer than T + 1 loses prompt tokens at its start (one is kept), then completion tokens at
+    its end.
+    """
+    t_len = seq_len
+    prompt, completion = _as_chunk(prompt, t_len + 1), _as_chunk(completion, t_len + 1)
+    room = t_len + 1 - num_pauses  # slots for prompt and completion
+    if room < 2:
+        raise ValueError(f"{num_pauses} pauses leave no room for a prompt and a completion in {t_len + 1} slots")
+    prompt = prompt[prompt.size - min(prompt.size, max(1, room - completion.size)) :]
+    completion = completion[: room - prompt.size]
+    first = prompt.size + num_pauses  # slot of the first completion token
+    end = first + completion.size
+    seq = np.full(t_len + 1, pad_id, dtype=np.int64)
+    seq[: prompt.size] = prompt
+    seq[prompt.size : first] = pause_id
+    seq[first:end] = completion
+    slot = np.arange(1, t_len + 1)  # the slot of each target
+    return {
+        "input_ids": seq[:t_len].copy(),
+        "position_ids": np.arange(t_len, dtype=np.int64),
+        "targets": seq[1:].copy(),
+        "target_mask": (slot >= first) & (slot < end),
+    }
+
+
 @dataclass(frozen=True)
 class Layout:
     """A layout with its parameters bound (picklable, so DataLoader workers get a copy).
@@ -167,7 +200,7 @@ class Layout:
     seq_len: int
     pad_id: int
     pause_ids: tuple[int, ...] = ()
-    num_random_pauses: int = 0  # ``tbys_random``/``pause_groups``: pauses inserted per example
+    num_random_pauses: int = 0  # ``tbys_random``/``pause_groups``/``tbys_finetune``: pauses per example
     seed: int = 0
     omega: tuple[float, ...] = ()  # ``variable``: the world distribution over granted steps 1 … W
 
@@ -182,7 +215,13 @@ class Layout:
 
     @property
     def real_tokens(self) -> int:
-        return self.seq_len + 1 - (self.num_random_pauses if self.name in ("tbys_random", "pause_groups") else 0)
+        inserted = self.name in ("tbys_random", "pause_groups", "tbys_finetune")
+        return self.seq_len + 1 - (self.num_random_pauses if inserted else 0)
+
+    @property
+    def pairs(self) -> bool:
+        """True when an example is one prompt/completion pair (``tokens`` = (prompt ids, completion ids))."""
+        return self.name == "tbys_finetune"
 
     def __call__(self, tokens, index: int) -> Example:
         """Example number ``index`` (the global example index: it seeds ``tbys_random``)."""
@@ -192,6 +231,11 @@ class Layout:
             return layout_none(tokens, self.seq_len, self.pad_id)
         if self.name == "variable":
             return layout_variable(tokens, self.seq_len, self.pause_ids, self.pad_id, self.omega, self.seed, index)
+        if self.name == "tbys_finetune":
+            prompt, completion = tokens
+            return layout_tbys_finetune(
+                prompt, completion, self.seq_len, self.pause_ids[0], self.num_random_pauses, self.pad_id
+            )
         if self.name == "pause_groups":
             groups = self.num_random_pauses // len(self.pause_ids)
             return layout_pause_groups(tokens, self.seq_len, self.pause_ids, self.pad_id, groups, self.seed, index)
@@ -243,6 +287,15 @@ def make_layout(
         return _make_variable(seq_len, vocab, num_pauses, seed, omega)
     if name == "pause_groups":
         return _make_pause_groups(seq_len, vocab, num_pauses, pause_fraction, seed)
+    if name == "tbys_finetune":
+        if not vocab.pause_ids:
+            raise ValueError("tbys_finetune needs a pause id, but the tokenizer reserves none (max_pauses=0)")
+        if not 1 <= num_pauses <= seq_len - 1:
+            raise ValueError(
+                f"tbys_finetune appends num_pauses={num_pauses} pauses (M_ft) after each prompt; choose "
+                f"1 <= num_pauses <= seq_len - 1 = {seq_len - 1} (TBYS uses 10 or 50)"
+            )
+        return Layout(name, seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:1], num_random_pauses=num_pauses)
     if not vocab.pause_ids:
         raise ValueError("tbys_random needs a pause id, but the tokenizer reserves none (max_pauses=0)")
     if not 0.0 <= pause_fraction < 1.0:
