@@ -176,3 +176,44 @@ def test_no_tokenizer_is_trained_on_pairs(pair_dir, tmp_path):
         CYBDataModule(LocalPromptCompletion(str(pair_dir)), tokenizer_dir=str(tmp_path / "none"),
                       layout="tbys_finetune", num_pauses=3)  # fmt: skip
 
+
+def test_fit_from_the_config_learns_the_completions_and_generate_appends_the_same_pauses(
+    pair_dir, tiny_quickstart, tmp_path, capsys
+):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cyb_lightning.cli import main
+    from cyb_lightning.generation import main as generate
+    from cyb_lightning.generation import prompt_ids
+
+    source = {"class_path": "cyb_lightning.data.sources.LocalPromptCompletion", "init_args": {"path": str(pair_dir)}}
+    cli = main([
+        "fit", "--config", "conf/tbys_pause_finetune.yaml", "--trainer", "conf/trainer/cpu.yaml",
+        "--model.decoder", "conf/decoder/gpt_tiny.yaml", "--model.lr", "1e-2", "--model.warmup_steps", "5",
+        "--data.source", json.dumps(source), "--data.tokenizer_dir", str(tiny_quickstart.tokenizer_dir),
+        "--data.seq_len", "24", "--data.num_pauses", "4", "--data.batch_size", "3", "--data.lanes", "1",
+        "--data.val_documents", "2", "--trainer.max_steps", "80", "--trainer.val_check_interval", "80",
+        "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "1",
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+    ])  # fmt: skip
+    acc = EventAccumulator(cli.trainer.log_dir, size_guidance={"scalars": 0}).Reload()
+    loss = [e.value for e in acc.Scalars("train/loss")]
+    assert len(loss) >= 20 and np.mean(loss[-5:]) < 0.25 * np.mean(loss[:5]), loss  # six pairs, learned
+
+    dm = cli.datamodule
+    assert dm.layout_spec.num_random_pauses == 4 and dm.pause_ids == (dm.vocab.pause_ids[0],)
+    batch = next(iter(dm.val_dataloader()))
+    prompt = prompt_ids(dm, PAIRS[0]["prompt"])  # generate's input: the training prompt and its M pauses
+    assert prompt[-4:] == [dm.vocab.pause_ids[0]] * 4
+    assert batch["input_ids"][0, : len(prompt)].tolist() == prompt
+    assert prompt_ids(dm, PAIRS[0]["prompt"], 0) == prompt[:-4]
+
+    ckpt = tmp_path / "last.ckpt"
+    cli.trainer.save_checkpoint(ckpt)
+    capsys.readouterr()
+    generate(["--ckpt_path", str(ckpt), "--config", str(Path(cli.trainer.log_dir) / "config.yaml"),
+              "--prompt", PAIRS[0]["prompt"], "--max_new_tokens", "6", "--temperature", "0"])  # fmt: skip
+    out = capsys.readouterr().out
+    # One step per token (W = 1: the prompt's pauses are its only ones), and the training completion.
+    assert "1.00 forward steps per token (fixed-K: 1;" in out.splitlines()[0]
+    assert out.splitlines()[1] == PAIRS[0]["prompt"] + PAIRS[0]["completion"]
