@@ -194,6 +194,7 @@ class CYBDataModule(L.LightningDataModule):
         self.bpe_vocab_size = bpe_vocab_size
         self.pad_id, self.eot_id, self.dk_id = self.vocab.pad_id, self.vocab.eot_id, self.vocab.dk_id
         self.pause_ids = self.layout_spec.pause_ids  # the pause ids this layout inserts (vocab has them all)
+        self.reserved_ids = (self.dk_id, *self.vocab.pause_ids)  # never text, never a target in pretraining
         self.steps_per_token = self.layout_spec.steps_per_token
 
         self.layout, self.num_pauses, self.pause_fraction = layout, num_pauses, pause_fraction

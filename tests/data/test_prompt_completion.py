@@ -202,6 +202,8 @@ def test_fit_from_the_config_learns_the_completions_and_generate_appends_the_sam
 
     dm = cli.datamodule
     assert dm.layout_spec.num_random_pauses == 4 and dm.pause_ids == (dm.vocab.pause_ids[0],)
+    hp = cli.model.hparams  # linked by the CLI: what init_from needs to know about the reserved rows
+    assert tuple(hp.pause_ids) == dm.pause_ids and tuple(hp.reserved_ids) == (dm.dk_id, *dm.vocab.pause_ids)
     batch = next(iter(dm.val_dataloader()))
     prompt = prompt_ids(dm, PAIRS[0]["prompt"])  # generate's input: the training prompt and its M pauses
     assert prompt[-4:] == [dm.vocab.pause_ids[0]] * 4
