@@ -14,7 +14,7 @@ from cyb_lightning.module import CYBModule
 
 class CYBLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        for name in ("vocab_size", "dk_id", "steps_per_token"):
+        for name in ("vocab_size", "dk_id", "steps_per_token", "pause_ids", "reserved_ids"):
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
         parser.link_arguments("data.seq_len", "model.seq_len")
 

@@ -25,7 +25,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from .data.hf_tokenizer import HFTokenizer
 from .data.layout import make_layout
 from .data.sources import QuickstartCorpus, TextSource, source_tokenizer
-from .data.stream import PackedStream
+from .data.stream import PackedStream, check_pairs
 from .data.tokenizer import standard_vocab
 
 
@@ -96,15 +96,21 @@ class CYBDataModule(L.LightningDataModule):
         bpe_vocab_size: BPE size to train (text ids). The attribute ``vocab_size`` is the total number
             of ids, reserved ones included (what the embedding needs).
         layout: ``none`` (baseline), ``cyb`` (K pauses after every token), ``tbys_random`` (TBYS pause
-            pretraining), ``variable`` (CYB "recipe 2": each token is granted 0 … K pauses drawn from
-            ``omega``; validation and test then grant all K, so the model's own DK decides, as at inference).
-        num_pauses: K for ``cyb`` and ``variable`` (0 … 8; CYB uses 3). Ignored by the other layouts.
+            pretraining), ``pause_groups`` (pause pretraining with the K distinct pauses at shared positions
+            that CYB fine-tuning reads, after ``pause_fraction`` of the tokens), ``variable`` (CYB "recipe 2":
+            each token is granted 0 … K pauses drawn from ``omega``; validation and test then grant all K, so
+            the model's own DK decides, as at inference), ``tbys_finetune`` (TBYS pause fine-tuning on the
+            prompt/completion pairs of a ``PromptCompletionSource``: M_ft pauses after the prompt, loss on
+            the completion).
+        num_pauses: K for ``cyb``, ``pause_groups`` and ``variable`` (0 … 8; CYB uses 3); M_ft, the pauses
+            appended after each prompt, for ``tbys_finetune`` (TBYS: 10 or 50). Ignored by the others.
         omega: ``variable`` only: the world's distribution over granted steps 1 … K+1 (None: uniform).
-        pause_fraction: share of ``tbys_random``'s sequence that is pauses (TBYS: 0.1).
+        pause_fraction: share of ``tbys_random``'s sequence that is pauses (TBYS: 0.1); share of the real
+            tokens that a ``pause_groups`` group follows.
         seq_len: T, real tokens per example (inputs are T·W long).
         batch_size / val_batch_size: per-device batch sizes (val defaults to batch_size).
         num_workers: DataLoader workers per device.
-        seed: shard order per epoch and ``tbys_random`` pause slots.
+        seed: shard order per epoch and the random pause slots (``tbys_random``, ``pause_groups``, ``variable``).
         val_documents: size of the fixed validation set (first documents of the validation split);
             None → all of it.
         tokenizer_train_documents: how many training documents train the BPE (None → all).
@@ -123,7 +129,7 @@ class CYBDataModule(L.LightningDataModule):
         source: TextSource | None = None,
         tokenizer_dir: str | None = None,
         bpe_vocab_size: int = 8192,
-        layout: Literal["none", "cyb", "tbys_random", "variable"] = "cyb",
+        layout: Literal["none", "cyb", "tbys_random", "pause_groups", "tbys_finetune", "variable"] = "cyb",
         num_pauses: int = 3,
         pause_fraction: float = 0.1,
         omega: list[float] | None = None,
@@ -143,7 +149,9 @@ class CYBDataModule(L.LightningDataModule):
         self.save_hyperparameters(ignore=["source", "tokenizer"])  # objects; the CLI saves their config
         # Check the layout config against the standard reserved ids before any (slow) build.
         check_vocab = standard_vocab() if tokenizer is None else tokenizer.vocab
-        make_layout(layout, seq_len, check_vocab, num_pauses=num_pauses, pause_fraction=pause_fraction, omega=omega)
+        checked = make_layout(
+            layout, seq_len, check_vocab, num_pauses=num_pauses, pause_fraction=pause_fraction, omega=omega
+        )
         for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("tokenize_batch", tokenize_batch)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -163,11 +171,12 @@ class CYBDataModule(L.LightningDataModule):
             raise ValueError(f"bpe_vocab_size must be >= 256, one id per byte; got {bpe_vocab_size}")
 
         self.source = source if source is not None else QuickstartCorpus()
-        if hasattr(self.source, "target_difficulty") and layout == "tbys_random":
+        if hasattr(self.source, "target_difficulty") and layout not in ("none", "cyb", "variable"):
             raise ValueError(
                 f"{type(self.source).__name__} labels each target with its difficulty, which needs targets aligned "
-                "with the chunk's tokens; tbys_random moves them. Use layout none, cyb or variable"
+                f"with the chunk's tokens; {layout} moves them. Use layout none, cyb or variable"
             )
+        check_pairs(self.source, checked)
         if tokenizer is not None:
             self.tokenizer, self.tokenizer_dir, manifest = tokenizer, tokenizer.name_or_path, {}
         else:
@@ -190,6 +199,7 @@ class CYBDataModule(L.LightningDataModule):
         self.bpe_vocab_size = bpe_vocab_size
         self.pad_id, self.eot_id, self.dk_id = self.vocab.pad_id, self.vocab.eot_id, self.vocab.dk_id
         self.pause_ids = self.layout_spec.pause_ids  # the pause ids this layout inserts (vocab has them all)
+        self.reserved_ids = (self.dk_id, *self.vocab.pause_ids)  # never text, never a target in pretraining
         self.steps_per_token = self.layout_spec.steps_per_token
 
         self.layout, self.num_pauses, self.pause_fraction = layout, num_pauses, pause_fraction

@@ -310,7 +310,8 @@ def runner_for(module, policy: PausePolicy, sampling: Sampling | None = None, pa
     if pause_ids is None:
         from cyb_lightning.data.tokenizer import standard_vocab
 
-        pause_ids = standard_vocab().pause_ids[:k]
+        pause_ids = standard_vocab().pause_ids
+    pause_ids = tuple(pause_ids)[:k]  # W = 1 layouts (tbys_random, tbys_finetune…) insert pauses, none per token
     bias = module.loss_fn.dk_bias(hp.vocab_size) if module.loss_fn.uses_dk else 0.0
     if not module.loss_fn.uses_dk and policy.kind not in ("fixed", "none"):
         policy = PausePolicy("fixed")  # a model without DK never asks: it gets what it was trained with
@@ -334,6 +335,20 @@ def _boolean(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def prompt_ids(datamodule, text: str, num_prompt_pauses: int | None = None) -> list[int]:
+    """``<eot>`` + the prompt's tokens + M pauses (the input a prompt gets in training).
+
+    M (TBYS pause fine-tuning's M_ft, spec §4) defaults to the run's: ``data.num_pauses`` of a
+    ``tbys_finetune`` run, 0 for every other layout.
+    """
+    if num_prompt_pauses is None:
+        num_prompt_pauses = datamodule.num_pauses if datamodule.layout == "tbys_finetune" else 0
+    if num_prompt_pauses < 0:
+        raise ValueError(f"num_prompt_pauses must be >= 0, got {num_prompt_pauses}")
+    ids = [datamodule.eot_id, *datamodule.tokenizer.encode(text)]  # as the tbys_finetune stream builds a prompt
+    return ids + [datamodule.vocab.pause_ids[0]] * num_prompt_pauses
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m cyb_lightning generate --ckpt_path RUN/checkpoints/last.ckpt --prompt "..."``."""
     parser = argparse.ArgumentParser(prog="python -m cyb_lightning generate", description=main.__doc__)
@@ -352,13 +367,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--use_cache", type=_boolean, default=True, help="false: recompute everything at every step")
     parser.add_argument("--compare", action="store_true", help="also run fixed-K and no-pause decoding")
     parser.add_argument("--html", help="write the text coloured by pauses spent to this HTML file")
+    parser.add_argument("--num_prompt_pauses", type=int, default=None,
+                        help="pauses appended after the prompt (TBYS pause fine-tuning's M_ft); default: the "
+                             "checkpoint's data.num_pauses for a tbys_finetune run, else 0")  # fmt: skip
     args, overrides = parser.parse_known_args(argv)
 
     from cyb_lightning.evaluation.loading import load_run
 
     module, datamodule = load_run(args.ckpt_path, args.config, overrides)
     tok = datamodule.tokenizer
-    prompt = [datamodule.eot_id] + list(tok.encode(args.prompt)) if args.prompt else [datamodule.eot_id]
+    prompt = prompt_ids(datamodule, args.prompt, args.num_prompt_pauses)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     kinds = [args.policy] + ([k for k in ("fixed", "none") if k != args.policy] if args.compare else [])
     for kind in kinds:

@@ -32,6 +32,13 @@ from cyb_lightning.metrics import (
 )
 from cyb_lightning.metrics.stopping import TokenStats
 from cyb_lightning.model import DecoderSpec
+from cyb_lightning.model.init_from import (
+    TRAINED_ROWS,
+    decoder_state_dict,
+    read_checkpoint,
+    redraw_rows,
+    set_decoder_state_dict,
+)
 
 
 def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
@@ -52,6 +59,9 @@ class CYBModule(L.LightningModule):
         warmup_steps, min_lr_ratio: linear warm-up, then cosine decay to ``min_lr_ratio``·lr (CYB: 1 %).
         decay_steps: where the cosine ends; defaults to ``trainer.max_steps``, which must then be set.
         vocab_size, dk_id, steps_per_token, seq_len: filled in from the data module by the CLI.
+        pause_ids: the pause ids the layout inserts; reserved_ids: DK and every pause id of the vocabulary
+            (both from the data module, by the CLI). ``init_from`` draws the reserved rows that the
+            checkpoint's runs never trained afresh.
         activation_checkpointing: recompute each transformer block in the backward pass (any strategy).
         chunked_loss: compute the loss from the decoder's final hidden states and output head chunk by chunk
             (``cyb_lightning.losses.chunked``), never holding ``[N·W, V]`` logits; training and validation
@@ -62,6 +72,8 @@ class CYBModule(L.LightningModule):
             checkpoint folder) whose decoder weights initialise this run's decoder before fitting, e.g. a
             ``baseline.yaml`` run fine-tuned with a CYB or TBYS config. Loaded at ``on_fit_start``, after the
             strategy has built (and sharded) the model; never when resuming (``ckpt_path``), whose weights win.
+            DK and pause rows that checkpoint's runs never trained are drawn afresh from the statistics of
+            the embedding (``model/init_from.py``: in pretraining they collapse onto one direction).
     """
 
     def __init__(
@@ -82,6 +94,8 @@ class CYBModule(L.LightningModule):
         init_from: str | None = None,
         chunked_loss: bool = True,
         loss_chunk_size: int = 0,
+        pause_ids: tuple[int, ...] = (),
+        reserved_ids: tuple[int, ...] = (),
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
@@ -106,6 +120,9 @@ class CYBModule(L.LightningModule):
         self.loss_fn = loss
         self.decoder: torch.nn.Module | None = None
         self._init_from_done = False
+        # Reserved rows this run trains (pause inputs, DK when the loss reads it), plus those of the runs
+        # its weights came from; saved in every checkpoint for a later ``init_from``.
+        self.trained_rows = set(pause_ids) | ({dk_id} if loss.uses_dk else set())
         self._chunked_ok: bool | None = None  # decided on the first step (the decoder is built by then)
         self.val_stats = StoppingStats(steps_per_token)
         self.val_loss = MeanMetric()
@@ -149,13 +166,22 @@ class CYBModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Resuming (or load_from_checkpoint): the checkpoint's own weights win over ``init_from``.
         self._init_from_done = True
+        self.trained_rows |= set(checkpoint.get(TRAINED_ROWS, ()))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[TRAINED_ROWS] = sorted(self.trained_rows)
 
     def load_decoder_weights(self, path: str) -> None:
-        """Copy the decoder weights of one of our checkpoints into ``self.decoder`` (sharded or not)."""
-        from cyb_lightning.model.init_from import decoder_state_dict, set_decoder_state_dict
-
-        set_decoder_state_dict(self.decoder, decoder_state_dict(path))
-        rank_zero_info(f"init_from: decoder weights loaded from {path}")
+        """Copy the decoder weights of one of our checkpoints into ``self.decoder`` (sharded or not); the
+        DK and pause rows that checkpoint never trained are drawn afresh (see ``model/init_from.py``)."""
+        checkpoint = read_checkpoint(path)
+        trained = set(checkpoint.get(TRAINED_ROWS, ()))
+        reserved = {self.hparams.dk_id} | set(self.hparams.pause_ids) | set(self.hparams.reserved_ids)
+        untrained = reserved - trained
+        state = redraw_rows(self.decoder, decoder_state_dict(checkpoint, path), untrained, reserved)
+        set_decoder_state_dict(self.decoder, state)
+        self.trained_rows |= trained
+        rank_zero_info(f"init_from: decoder weights loaded from {path}; rows {sorted(untrained)} drawn afresh")
 
     def forward(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
         return self.decoder(input_ids, position_ids)

@@ -36,7 +36,7 @@ def test_attributes_after_init(tiny_source, tiny_quickstart, layout, k, w, pause
     assert dm.tokenizer_dir == str(tiny_quickstart.tokenizer_dir)  # the cached one, not a rebuild
 
 
-@pytest.mark.parametrize("layout, k", [("none", 0), ("cyb", 2), ("tbys_random", 0)])
+@pytest.mark.parametrize("layout, k", [("none", 0), ("cyb", 2), ("tbys_random", 0), ("pause_groups", 2)])
 def test_batch_contract(tiny_source, layout, k):
     dm = _dm(tiny_source, layout=layout, num_pauses=k, val_batch_size=2)
     w = dm.steps_per_token
@@ -49,7 +49,17 @@ def test_batch_contract(tiny_source, layout, k):
         assert batch["target_mask"].dtype == torch.bool
         if layout == "tbys_random":
             assert torch.equal(batch["position_ids"], torch.arange(T).expand(bs, T))
-            assert torch.equal(batch["target_mask"], batch["targets"] != dm.vocab.pause_ids[0])
+            # Scored: real targets after the first real input (the chunk's context, scored by the chunk before).
+            first = (batch["input_ids"] != dm.vocab.pause_ids[0]).int().argmax(1, keepdim=True)
+            scored = (batch["targets"] != dm.vocab.pause_ids[0]) & (torch.arange(T) >= first)
+            assert torch.equal(batch["target_mask"], scored)
+        elif layout == "pause_groups":
+            pause_ids = torch.tensor(dm.pause_ids)
+            pause = torch.isin(batch["input_ids"], pause_ids)
+            assert pause.any() and torch.equal(batch["target_mask"], ~torch.isin(batch["targets"], pause_ids))
+            # A real token one position past the one before it, a pause at the position before it.
+            step = batch["position_ids"].diff(dim=1)
+            assert torch.equal(step, (~pause[:, 1:]).long())
         else:
             assert torch.equal(batch["position_ids"], torch.arange(T).repeat_interleave(w).expand(bs, -1))
             assert batch["target_mask"].all()

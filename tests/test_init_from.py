@@ -12,6 +12,7 @@ from cyb_lightning.model import GPTConfig
 from cyb_lightning.module import CYBModule
 
 V, DK, PAUSES, T = 40, 2, (3, 4, 5), 8
+RESERVED = (DK, *PAUSES)  # DK and every pause id of this vocabulary: never text, never a pretraining target
 
 
 def laid_out(real: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
@@ -60,6 +61,20 @@ def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def same_but_rows(a: dict, b: dict, rows) -> bool:
+    """Equal except ``rows`` of the (tied) embedding, which differ in every one of them."""
+    rows = list(rows)
+    keep = [i for i in range(V) if i not in rows]
+    emb = ("embed.weight", "head.weight")
+    return (same({k: v for k, v in a.items() if k not in emb}, {k: v for k, v in b.items() if k not in emb})
+            and all(torch.equal(a[k][keep], b[k][keep]) and (a[k][rows] != b[k][rows]).any(-1).all() for k in emb))
+
+
+def mean_cos(weight: torch.Tensor, ids) -> float:
+    x = torch.nn.functional.normalize(weight[list(ids)].float(), dim=-1)
+    return float(((x @ x.T).sum() - len(ids)) / (len(ids) * (len(ids) - 1)))
+
+
 @pytest.fixture(scope="module")
 def baseline_ckpt(tmp_path_factory):
     """A checkpoint of our own no-pause baseline run (CrossEntropy, layout none)."""
@@ -79,8 +94,8 @@ def test_finetune_with_pauses_starts_from_the_baseline_decoder(baseline_ckpt, lo
     module = make(loss, 3, init_from=str(path), lr=1e-2)
     snap = Snapshot()
     fit(module, 3, tmp_path, steps=2, callbacks=[snap])
-    assert same(snap.state, weights)
-    assert not same(module.decoder.state_dict(), weights)  # and it trained from there
+    assert same_but_rows(snap.state, weights, [DK])  # DK, which the baseline never trained, is drawn afresh
+    assert not same(module.decoder.state_dict(), snap.state)  # and it trained from there
 
 
 def test_resuming_ignores_init_from(baseline_ckpt, tmp_path):
@@ -124,4 +139,51 @@ def test_init_from_a_distributed_checkpoint_folder(baseline_ckpt, tmp_path):
     module = make(CYBAP(), 3, init_from=str(folder))
     module.configure_model()
     module.load_decoder_weights(str(folder))
-    assert same(module.decoder.state_dict(), weights)
+    assert same_but_rows(module.decoder.state_dict(), weights, [DK])
+
+
+@pytest.fixture(scope="module")
+def collapsed_ckpt(tmp_path_factory):
+    """A baseline pretrained until the rows that are never a target collapse (our GPT ties its embeddings)."""
+    tmp = tmp_path_factory.mktemp("collapsed")
+    torch.manual_seed(0)
+    module = make(CrossEntropy(), 0, lr=1e-2)
+    trainer = fit(module, 0, tmp, steps=80)
+    trainer.save_checkpoint(tmp / "baseline.ckpt")
+    return tmp / "baseline.ckpt", {k: v.detach().clone() for k, v in module.decoder.state_dict().items()}
+
+
+def test_pause_and_dk_rows_are_distinct_at_the_start_of_finetuning(collapsed_ckpt, tmp_path):
+    path, weights = collapsed_ckpt
+    assert mean_cos(weights["embed.weight"], RESERVED) > 0.9  # collapsed in pretraining (random init: ≈ 0)
+    module = make(CYBAP(), 3, init_from=str(path), lr=1e-2, pause_ids=PAUSES, reserved_ids=RESERVED)
+    snap = Snapshot()
+    fit(module, 3, tmp_path, steps=1, callbacks=[snap])
+    emb, head = snap.state["embed.weight"], snap.state["head.weight"]
+    assert mean_cos(emb, PAUSES) < 0.3  # the K pauses start distinct …
+    dk_out = torch.nn.functional.normalize(head[DK], dim=0)
+    for p in PAUSES:  # … and DK's output row is not a pause input row in disguise
+        assert abs(float(dk_out @ torch.nn.functional.normalize(emb[p], dim=0))) < 0.5
+    text = [i for i in range(V) if i not in RESERVED]
+    norms = emb[list(RESERVED)].norm(dim=-1).mean() / emb[text].norm(dim=-1).mean()
+    assert 0.5 < norms < 2  # drawn like the text rows, from their mean and covariance
+    assert same_but_rows(snap.state, weights, RESERVED)  # the rest is the pretrained decoder
+
+
+def test_init_from_keeps_the_reserved_rows_its_checkpoint_trained(collapsed_ckpt, tmp_path):
+    path, _ = collapsed_ckpt
+    tuned = make(CYBAP(), 3, init_from=str(path), lr=1e-2, pause_ids=PAUSES, reserved_ids=RESERVED)
+    fit(tuned, 3, tmp_path, steps=2).save_checkpoint(tmp_path / "cyb.ckpt")
+    assert torch.load(tmp_path / "cyb.ckpt", weights_only=False)["trained_rows"] == list(RESERVED)
+    again = make(CYBAP(), 3, pause_ids=PAUSES, reserved_ids=RESERVED)  # continue the CYB fine-tune: all kept
+    again.configure_model()
+    again.load_decoder_weights(str(tmp_path / "cyb.ckpt"))
+    assert same(again.decoder.state_dict(), tuned.decoder.state_dict())
+
+    # A TBYS pause-pretraining run read <pause1> and trained no DK: a CYB fine-tune keeps <pause1> only.
+    pre = make(CrossEntropy(), 0, lr=1e-2, pause_ids=PAUSES[:1], reserved_ids=RESERVED)
+    fit(pre, 0, tmp_path, steps=1).save_checkpoint(tmp_path / "pre.ckpt")
+    cyb = make(CYBAP(), 3, pause_ids=PAUSES, reserved_ids=RESERVED)
+    cyb.configure_model()
+    cyb.load_decoder_weights(str(tmp_path / "pre.ckpt"))
+    assert same_but_rows(cyb.decoder.state_dict(), pre.decoder.state_dict(), [DK, *PAUSES[1:]])

@@ -1,6 +1,16 @@
 """Data: vocabulary, offline quickstart corpus, text sources, sequence layouts and the packed stream."""
 
-from .layout import LAYOUTS, Layout, layout_cyb, layout_none, layout_tbys_random, make_layout, random_pause_slots
+from .layout import (
+    LAYOUTS,
+    Layout,
+    layout_cyb,
+    layout_none,
+    layout_pause_groups,
+    layout_tbys_random,
+    make_layout,
+    pause_group_tokens,
+    random_pause_slots,
+)
 from .quickstart import QUICKSTART_DIR, CorpusBuild, QuickstartBuild, build_corpus, build_quickstart, build_tokenizer
 from .sources import HubC4, LocalShards, QuickstartCorpus, TextSource, hub_problem, source_tokenizer
 from .stream import PackedStream
@@ -25,8 +35,10 @@ __all__ = [
     "build_tokenizer",
     "layout_cyb",
     "layout_none",
+    "layout_pause_groups",
     "layout_tbys_random",
     "make_layout",
+    "pause_group_tokens",
     "random_pause_slots",
     "reserved_tokens",
     "hub_problem",

@@ -21,6 +21,15 @@ id (always a valid index) and must not count in any loss or metric.
   first token (``stream.example_key``); so resuming needs no RNG state, and the slots do not depend on
   ranks, lanes or workers. TBYS inserts then trims back to length; here the stream hands this
   layout exactly T + 1 − M real tokens so the trim drops nothing (given more, it trims the tail).
+- ``pause_groups`` (pause pretraining for CYB fine-tuning): after a random fraction of the real tokens
+  (10 % by default) a group of the K distinct pauses ``P1..PK``, every pause at its real token's position
+  (as in ``cyb``), W = 1; real tokens take consecutive positions; a target that is a pause is masked, so
+  the token after a group is predicted from ``PK``. The grouped tokens are a function of (seed, index) as
+  in ``tbys_random``; the stream hands exactly the real tokens a full example holds.
+- ``tbys_finetune`` (TBYS pause fine-tuning): one prompt/completion pair per example,
+  ``prompt P1…P1 completion`` with M = ``num_pauses`` copies of ``<pause1>`` appended after the prompt,
+  consecutive positions, W = 1; outputs before the last pause are ignored, the loss is on the completion
+  only. Its ``tokens`` are a pair (prompt ids, completion ids), from a prompt/completion source.
 - ``variable`` (CYB "recipe 2"): token x_t gets k_t pauses, k_t + 1 ~ ω, groups packed back to back;
   two extra keys ``step_index``/``step_mask`` ``[T, W]`` map the packed inputs onto the group grid
   (see :func:`layout_variable`, at the end of this file).
@@ -40,7 +49,7 @@ import numpy as np
 from ..losses.functional import check_weights
 from .tokenizer import Vocab
 
-LAYOUTS = ("none", "cyb", "tbys_random", "variable")
+LAYOUTS = ("none", "cyb", "tbys_random", "pause_groups", "tbys_finetune", "variable")
 
 Example = dict[str, np.ndarray]
 
@@ -99,11 +108,83 @@ def layout_tbys_random(
     if n < real_slots.size:  # a short final chunk: everything after its last real token is padding
         valid[real_slots[n - 1] + 1 :] = False
         seq[~valid] = pad_id
+    # The first real token is the chunk's context, never a target: the previous chunk scored it (chunks
+    # overlap by one token), and from slot 0 being a pause it would be predicted from pauses alone.
+    after_first = np.arange(1, t_len + 1) > real_slots[0]
     return {
         "input_ids": seq[:t_len].copy(),
         "position_ids": np.arange(t_len, dtype=np.int64),
         "targets": seq[1:].copy(),
-        "target_mask": ~is_pause[1:] & valid[1:],
+        "target_mask": ~is_pause[1:] & valid[1:] & after_first,
+    }
+
+
+def pause_group_tokens(num_real: int, num_groups: int, seed: int, index: int) -> np.ndarray:
+    """Bool ``[num_real]``: which real tokens a group of pauses follows in example ``index`` (never the
+    last one, whose group would predict nothing); the same for the same (seed, index)."""
+    rng = np.random.default_rng([seed, index, 0x6A05])  # a stream of its own, apart from the other layouts'
+    grouped = np.zeros(num_real, dtype=bool)
+    grouped[rng.choice(num_real - 1, size=num_groups, replace=False)] = True
+    return grouped
+
+
+def layout_pause_groups(
+    tokens, seq_len: int, pause_ids: Sequence[int], pad_id: int, num_groups: int, seed: int, index: int
+) -> Example:
+    """``num_groups`` groups ``P1..PK`` after random real tokens, each pause at its token's position.
+
+    ``tokens`` holds up to T + 1 − num_groups·K real tokens (more: the tail is trimmed).
+    """
+    t_len, k = seq_len, len(pause_ids)
+    num_real = t_len + 1 - num_groups * k
+    chunk = _as_chunk(tokens, num_real)
+    n = chunk.size
+    grouped = pause_group_tokens(num_real, num_groups, seed, index)[:n]
+    grouped[n - 1] = False  # a short final chunk: nothing follows its last real token
+    starts = np.concatenate(([0], np.cumsum(1 + k * grouped)[:-1]))  # laid-out slot of each real token
+    used = int(starts[-1]) + 1
+    seq = np.full(t_len + 1, pad_id, dtype=np.int64)
+    seq[starts] = chunk
+    pause_slots = (starts[grouped, None] + 1 + np.arange(k)).reshape(-1)
+    seq[pause_slots] = np.tile(np.asarray(pause_ids, dtype=np.int64), int(grouped.sum()))
+    positions = np.arange(t_len + 1, dtype=np.int64) - (used - n)  # the padded tail continues after the last token
+    positions[:used] = np.repeat(np.arange(n, dtype=np.int64), 1 + k * grouped)
+    is_real = np.zeros(t_len + 1, dtype=bool)
+    is_real[starts] = True
+    return {
+        "input_ids": seq[:t_len].copy(),
+        "position_ids": positions[:t_len].copy(),
+        "targets": seq[1:].copy(),
+        "target_mask": is_real[1:].copy(),
+    }
+
+
+def layout_tbys_finetune(prompt, completion, seq_len: int, pause_id: int, num_pauses: int, pad_id: int) -> Example:
+    """TBYS pause fine-tuning: ``prompt`` + ``num_pauses`` × ``pause_id`` + ``completion``, padded to T + 1.
+
+    The output at the last pause predicts the first completion token; earlier outputs are not scored.
+    A pair longer than T + 1 loses prompt tokens at its start (one is kept), then completion tokens at
+    its end.
+    """
+    t_len = seq_len
+    prompt, completion = _as_chunk(prompt, t_len + 1), _as_chunk(completion, t_len + 1)
+    room = t_len + 1 - num_pauses  # slots for prompt and completion
+    if room < 2:
+        raise ValueError(f"{num_pauses} pauses leave no room for a prompt and a completion in {t_len + 1} slots")
+    prompt = prompt[prompt.size - min(prompt.size, max(1, room - completion.size)) :]
+    completion = completion[: room - prompt.size]
+    first = prompt.size + num_pauses  # slot of the first completion token
+    end = first + completion.size
+    seq = np.full(t_len + 1, pad_id, dtype=np.int64)
+    seq[: prompt.size] = prompt
+    seq[prompt.size : first] = pause_id
+    seq[first:end] = completion
+    slot = np.arange(1, t_len + 1)  # the slot of each target
+    return {
+        "input_ids": seq[:t_len].copy(),
+        "position_ids": np.arange(t_len, dtype=np.int64),
+        "targets": seq[1:].copy(),
+        "target_mask": (slot >= first) & (slot < end),
     }
 
 
@@ -119,7 +200,7 @@ class Layout:
     seq_len: int
     pad_id: int
     pause_ids: tuple[int, ...] = ()
-    num_random_pauses: int = 0
+    num_random_pauses: int = 0  # ``tbys_random``/``pause_groups``/``tbys_finetune``: pauses per example
     seed: int = 0
     omega: tuple[float, ...] = ()  # ``variable``: the world distribution over granted steps 1 … W
 
@@ -134,7 +215,13 @@ class Layout:
 
     @property
     def real_tokens(self) -> int:
-        return self.seq_len + 1 - (self.num_random_pauses if self.name == "tbys_random" else 0)
+        inserted = self.name in ("tbys_random", "pause_groups", "tbys_finetune")
+        return self.seq_len + 1 - (self.num_random_pauses if inserted else 0)
+
+    @property
+    def pairs(self) -> bool:
+        """True when an example is one prompt/completion pair (``tokens`` = (prompt ids, completion ids))."""
+        return self.name == "tbys_finetune"
 
     def __call__(self, tokens, index: int) -> Example:
         """Example number ``index`` (the global example index: it seeds ``tbys_random``)."""
@@ -144,6 +231,14 @@ class Layout:
             return layout_none(tokens, self.seq_len, self.pad_id)
         if self.name == "variable":
             return layout_variable(tokens, self.seq_len, self.pause_ids, self.pad_id, self.omega, self.seed, index)
+        if self.name == "tbys_finetune":
+            prompt, completion = tokens
+            return layout_tbys_finetune(
+                prompt, completion, self.seq_len, self.pause_ids[0], self.num_random_pauses, self.pad_id
+            )
+        if self.name == "pause_groups":
+            groups = self.num_random_pauses // len(self.pause_ids)
+            return layout_pause_groups(tokens, self.seq_len, self.pause_ids, self.pad_id, groups, self.seed, index)
         return layout_tbys_random(
             tokens, self.seq_len, self.pause_ids[0], self.pad_id, self.num_random_pauses, self.seed, index
         )
@@ -190,6 +285,17 @@ def make_layout(
         return Layout(name, seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:num_pauses])
     if name == "variable":
         return _make_variable(seq_len, vocab, num_pauses, seed, omega)
+    if name == "pause_groups":
+        return _make_pause_groups(seq_len, vocab, num_pauses, pause_fraction, seed)
+    if name == "tbys_finetune":
+        if not vocab.pause_ids:
+            raise ValueError("tbys_finetune needs a pause id, but the tokenizer reserves none (max_pauses=0)")
+        if not 1 <= num_pauses <= seq_len - 1:
+            raise ValueError(
+                f"tbys_finetune appends num_pauses={num_pauses} pauses (M_ft) after each prompt; choose "
+                f"1 <= num_pauses <= seq_len - 1 = {seq_len - 1} (TBYS uses 10 or 50)"
+            )
+        return Layout(name, seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:1], num_random_pauses=num_pauses)
     if not vocab.pause_ids:
         raise ValueError("tbys_random needs a pause id, but the tokenizer reserves none (max_pauses=0)")
     if not 0.0 <= pause_fraction < 1.0:
@@ -201,6 +307,23 @@ def make_layout(
             "lower pause_fraction or raise seq_len"
         )
     return Layout(name, seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:1], num_random_pauses=m, seed=seed)
+
+
+def _make_pause_groups(seq_len: int, vocab: Vocab, num_pauses: int, pause_fraction: float, seed: int) -> Layout:
+    if not 1 <= num_pauses <= vocab.max_pauses:
+        raise ValueError(f"pause_groups needs 1 <= num_pauses <= {vocab.max_pauses} (K per group), got {num_pauses}")
+    if not 0.0 <= pause_fraction < 1.0:
+        raise ValueError(f"pause_fraction must lie in [0, 1), got {pause_fraction}")
+    # G groups among N = T + 1 − G·K real tokens, G ≈ fraction · N.
+    groups = round(pause_fraction * (seq_len + 1) / (1 + pause_fraction * num_pauses))
+    if groups + 1 > seq_len + 1 - groups * num_pauses:  # every group needs a real token before and after
+        raise ValueError(
+            f"pause_fraction={pause_fraction} with num_pauses={num_pauses} does not fit {seq_len + 1} slots "
+            f"({groups} groups need {groups + 1} real tokens besides their {groups * num_pauses} pauses); "
+            "lower pause_fraction or num_pauses, or raise seq_len"
+        )
+    return Layout("pause_groups", seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:num_pauses],
+                  num_random_pauses=groups * num_pauses, seed=seed)  # fmt: skip
 
 
 # -- variable pauses ("recipe 2" of CYB: proposed there, never run) -------------------------------------

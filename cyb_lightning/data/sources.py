@@ -32,7 +32,7 @@ from typing import Any, Literal
 import numpy as np
 
 from . import quickstart
-from .tokenizer import CYBTokenizer
+from .tokenizer import TOKENIZER_FILE, CYBTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,8 @@ class TextSource(ABC):
     read errors with exponential backoff, resuming the shard where it broke off. Counts are per process:
     DataLoader workers count their own.
     """
+
+    trains_tokenizer = True  # False: documents a BPE must not be trained on (fine-tuning pairs)
 
     @property
     def stats(self) -> dict[str, int]:
@@ -369,6 +371,15 @@ def source_tokenizer(
     limit, normalised so that "first N" of a source with at most N documents equals "all".
     """
     source.prepare()
+    if not source.trains_tokenizer:
+        # Fine-tuning data (prompt/completion pairs): the model's own tokenizer, never one trained on it.
+        if tokenizer_dir is None or not (Path(tokenizer_dir) / TOKENIZER_FILE).is_file():
+            raise ValueError(
+                f"{type(source).__name__} trains no tokenizer: set data.tokenizer_dir to the folder of the "
+                f"tokenizer the model was pretrained with (that run's data.tokenizer_dir; got {tokenizer_dir!r}), "
+                "or data.tokenizer to a pretrained model's tokenizer"
+            )
+        return CYBTokenizer.load(tokenizer_dir), str(tokenizer_dir), {}
     directory = tokenizer_dir or source.default_tokenizer_dir(vocab_size)
     if directory is None:
         raise ValueError(
@@ -486,3 +497,150 @@ class HubC4(TextSource):
 
     def describe(self) -> str:
         return f"HubC4 {self.name} ({self.config}, revision {self.revision or 'main'}, streaming)"
+
+
+# -- prompt/completion pairs (TBYS pause fine-tuning, layout ``tbys_finetune``) ---------------------------
+
+
+def pair_document(prompt: str, completion: str) -> str:
+    """One prompt/completion pair as the one string a document is (JSON, ASCII: it survives every reader)."""
+    return json.dumps([prompt, completion])
+
+
+def document_pair(document: str) -> tuple[str, str]:
+    """The inverse of :func:`pair_document`."""
+    prompt, completion = json.loads(document)
+    return prompt, completion
+
+
+class PromptCompletionSource(TextSource):
+    """Documents that are prompt/completion pairs (``prompt``/``completion`` string fields of each record).
+
+    A pair travels through the stream as one document (:func:`pair_document`), so reading, sharding by rank
+    and worker, and exact resume are those of every other source; the ``tbys_finetune`` layout reads it
+    back. A record whose fields are not strings, whose completion is empty or whose text UTF-8 cannot
+    encode is skipped and counted in ``stats["malformed_lines"]``. No tokenizer is trained on pairs: the
+    model's own (``data.tokenizer_dir`` of the pretraining run, or ``data.tokenizer``) is loaded as is.
+    """
+
+    trains_tokenizer = False
+
+    def __init__(self, prompt_field: str = "prompt", completion_field: str = "completion"):
+        self.prompt_field, self.completion_field = prompt_field, completion_field
+        self.stats.setdefault("malformed_lines", 0)
+
+    def _pair(self, record: Any) -> str | None:
+        """The pair document of one record, or None when it is malformed."""
+        if not isinstance(record, dict):
+            return None
+        prompt, completion = record.get(self.prompt_field), record.get(self.completion_field)
+        if not (isinstance(prompt, str) and isinstance(completion, str)) or not completion.strip():
+            return None
+        if not (valid_text(prompt) and valid_text(completion)):
+            return None
+        return pair_document(prompt, completion)
+
+    def default_tokenizer_dir(self, vocab_size: int) -> str | None:
+        return None
+
+
+class LocalPromptCompletion(PromptCompletionSource, LocalShards):
+    """Prompt/completion JSON lines on disk (``.jsonl``/``.json``, or gzipped ``.jsonl.gz``/``.json.gz``).
+
+    ``path`` is a folder (files matched by the split's pattern inside it) or a glob, as in
+    :class:`LocalShards`; every file is a shard, so several files spread over ranks and workers.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        train_pattern: str = "*train*.json*",
+        validation_pattern: str = "*validation*.json*",
+        prompt_field: str = "prompt",
+        completion_field: str = "completion",
+    ):
+        LocalShards.__init__(self, path, train_pattern, validation_pattern)
+        PromptCompletionSource.__init__(self, prompt_field, completion_field)
+
+    def shards(self, split: str) -> list[str]:
+        try:
+            return LocalShards.shards(self, split)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"LocalPromptCompletion found no {split} files: path={self.path!r}, "
+                f"{split}_pattern={self.patterns[split]!r}; point path at a folder (or glob) of JSON lines with "
+                f"{self.prompt_field!r} and {self.completion_field!r} fields, or fix the pattern"
+            ) from None
+
+    def _text(self, line: bytes) -> str | None:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return None
+        return self._pair(record)
+
+    def fingerprint(self) -> str:
+        return "pairs-" + LocalShards.fingerprint(self)
+
+    def describe(self) -> str:
+        return f"LocalPromptCompletion {self.path} ({len(self.shards('train'))} train files)"
+
+
+class HubPromptCompletion(PromptCompletionSource, HubC4):
+    """A prompt/completion dataset streamed from the Hugging Face Hub (e.g. ``trl-lib/tldr``).
+
+    Shards are the dataset's file shards, as in :class:`HubC4`. ``train_split``/``validation_split`` name
+    the dataset's splits that serve as ours (many have ``test`` instead of ``validation``); ``data_files``
+    is passed to ``datasets.load_dataset`` (to choose files of the repository).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: str | None = None,
+        revision: str | None = None,
+        train_split: str = "train",
+        validation_split: str = "validation",
+        data_files: dict[str, str | list[str]] | None = None,
+        prompt_field: str = "prompt",
+        completion_field: str = "completion",
+        probe_timeout_s: float = 5.0,
+    ):
+        HubC4.__init__(self, name, config, revision, probe_timeout_s, tokenizer_root="")
+        PromptCompletionSource.__init__(self, prompt_field, completion_field)
+        self.splits = {"train": train_split, "validation": validation_split}
+        self.data_files = data_files
+
+    def _hint(self) -> str:
+        return (
+            f"HubPromptCompletion({self.name!r}) needs the Hugging Face Hub. Offline, write the pairs as JSON "
+            "lines and use cyb_lightning.data.sources.LocalPromptCompletion"
+        )
+
+    def _dataset(self, split: str):
+        _check_split(split)
+        if split not in self._datasets:
+            self.prepare()
+            import datasets
+
+            self._datasets[split] = datasets.load_dataset(
+                self.name, self.config, split=self.splits[split], streaming=True, revision=self.revision,
+                data_files=self.data_files,
+            )  # fmt: skip
+        return self._datasets[split]
+
+    def iter_shard(self, split: str, shard: str) -> Iterator[str]:
+        ds = self._dataset(split)
+        for record in ds.shard(num_shards=ds.num_shards, index=int(shard), contiguous=True):
+            document = self._pair(record)
+            if document is None:
+                self._warn(f"{self.name} shard {shard}: record without string prompt/completion skipped",
+                           "malformed_lines")  # fmt: skip
+            else:
+                yield document
+
+    def fingerprint(self) -> str:
+        return f"hub-pairs:{self.name}:{self.config}:{self.revision}:{self.data_files}"
+
+    def describe(self) -> str:
+        return f"HubPromptCompletion {self.name} ({self.config}, revision {self.revision or 'main'}, streaming)"

@@ -32,9 +32,14 @@ document, re-tokenizes that one document and drops its first ``offset`` tokens: 
 With DataLoader workers each worker's copy reports its own state; :meth:`PackedStream.merge_states`
 folds them into one state that any number of workers can resume from.
 
-The ``tbys_random`` pause slots of an example are a function of (seed, document key, token offset) of
-its first token (a 63-bit hash handed to the layout as the example ``index``), so no RNG state is saved
-and they do not depend on ranks, lanes or workers.
+The random pause slots (``tbys_random``, ``pause_groups``, ``variable``) of an example are a function of
+(seed, document key, token offset) of its first token (a 63-bit hash handed to the layout as the example
+``index``), so no RNG state is saved and they do not depend on ranks, lanes or workers.
+
+Prompt/completion pairs (the ``tbys_finetune`` layout, a :class:`~.sources.PromptCompletionSource`) are
+not packed: each document is one pair and one example, with the same sharding, lanes, workers and state
+(the cursor names the pair's document, offset 0). The prompt is ``<eot>`` + its tokens (as ``generate``
+feeds a prompt), the completion its tokens + ``<eot>``.
 
 Long documents are tokenized in pieces of at most ``max_document_chars`` characters cut before a space
 (memory stays bounded for a 100 MB document; the tokens equal the whole document's up to the cut points,
@@ -56,7 +61,7 @@ import torch
 import torch.utils.data
 
 from .layout import Layout
-from .sources import TextSource
+from .sources import PromptCompletionSource, TextSource, document_pair
 from .tokenizer import CYBTokenizer
 
 log = logging.getLogger(__name__)
@@ -76,6 +81,16 @@ def example_key(epoch: int, shard_id: int, doc: int, offset: int) -> int:
     """A 63-bit int naming the example that starts at token ``offset`` of a document (seeds layouts)."""
     digest = hashlib.blake2b(f"{epoch}/{shard_id}/{doc}/{offset}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def check_pairs(source: TextSource, layout: Layout) -> None:
+    """Prompt/completion sources and the ``tbys_finetune`` layout go together, and only together."""
+    if layout.pairs != isinstance(source, PromptCompletionSource):
+        raise ValueError(
+            f"layout {layout.name} with {type(source).__name__}: the tbys_finetune layout reads prompt/completion "
+            "pairs, which only a PromptCompletionSource (LocalPromptCompletion, HubPromptCompletion) gives, and "
+            "such a source needs that layout (data.layout: tbys_finetune)"
+        )
 
 
 def split_pieces(text: str, limit: int) -> list[str]:
@@ -137,6 +152,7 @@ class PackedStream(torch.utils.data.IterableDataset):
             raise ValueError(f"max_documents must be >= 1 or None, got {max_documents}")
         if layout.real_tokens < 2:
             raise ValueError(f"layout {layout.name} consumes {layout.real_tokens} real tokens; need >= 2")
+        check_pairs(source, layout)
         self.source, self.tokenizer, self.layout = source, tokenizer, layout
         self.split, self.seed = split, seed
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
@@ -371,10 +387,48 @@ class PackedStream(torch.utils.data.IterableDataset):
             g += 1
         self._lane_total = g
 
+    def _pairs(self, lane: int, cursor: dict) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray], dict]]:
+        """(lane example index g, (prompt ids, completion ids), cursor of its document): one pair per document."""
+        eot = np.array([self.tokenizer.vocab.eot_id], dtype=np.int64)
+        bos = getattr(self.tokenizer, "bos_id", None)  # a pretrained tokenizer's BOS opens a prompt, not a completion
+        slots = self.layout.seq_len + 1 - self.layout.num_random_pauses
+        g = cursor["example"]
+        pending: list[tuple[tuple, str, str]] = []
+
+        def flush() -> list:
+            ids = self.tokenizer.encode_batch_np([p for _, p, _ in pending] + [c for _, _, c in pending])
+            out = []
+            for k, ((epoch, shard, doc, n, sid), _, _) in enumerate(pending):
+                prompt, completion = ids[k], ids[len(pending) + k]
+                if bos is not None and completion[:1].tolist() == [bos]:
+                    completion = completion[1:]
+                pair = (np.concatenate([eot, prompt]), np.concatenate([completion, eot]))
+                if pair[0].size + pair[1].size > slots:
+                    self.source._warn(f"a prompt/completion pair has more than the {slots} tokens seq_len leaves "
+                                      "besides the pauses: the prompt's start (then the completion's end) is cut",
+                                      "truncated_pairs")  # fmt: skip
+                cur = {"epoch": epoch, "shard": shard, "doc": doc, "n": n, "offset": 0, "example": g + len(out),
+                       "sid": sid}  # fmt: skip
+                out.append((g + len(out), pair, cur))
+            pending.clear()
+            return out
+
+        for meta, document in self._documents(lane, cursor):
+            pending.append((meta, *document_pair(document)))
+            if len(pending) >= self.tokenize_batch:
+                batch = flush()
+                g += len(batch)
+                yield from batch
+        batch = flush() if pending else []
+        g += len(batch)
+        yield from batch
+        self._lane_total = g
+
     def _lane_examples(self, lane: int, cursor: dict, first_j: int) -> Iterator[tuple[int, np.ndarray, dict]]:
         """(lane-local index j, tokens, cursor) of this rank's examples of ``lane``, from j = first_j on."""
         by_example = self.plan()["mode"] == "examples"
-        for g, tokens, cur in self._chunks(lane, cursor):
+        examples = self._pairs if self.layout.pairs else self._chunks
+        for g, tokens, cur in examples(lane, cursor):
             if by_example:
                 if g % self.world_size != self.rank:
                     continue

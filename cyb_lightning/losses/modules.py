@@ -88,7 +88,8 @@ class CrossEntropy(PauseLoss):
         if steps_per_token != 1:
             raise ValueError(
                 f"CrossEntropy reads one output per target but the layout gives W={steps_per_token}; use "
-                "cyb_lightning.losses.TBYSPerToken for per-token pauses, or data.layout: none / tbys_random"
+                "cyb_lightning.losses.TBYSPerToken for per-token pauses, or data.layout: none / tbys_random / "
+                "pause_groups"
             )
 
     def forward(self, logits: Tensor, targets: Tensor, dk_id: int) -> Tensor:

@@ -361,27 +361,32 @@ def check_position_ids(decoder: HFCausalLM, name: str = "the model") -> None:
 
 @torch.no_grad()
 def grow_vocabulary(model: nn.Module, vocab_size: int) -> None:
-    """Resize input embeddings and output layer to ``vocab_size`` rows; new rows = mean of the old ones.
+    """Resize input embeddings and output layer to ``vocab_size`` rows; new rows are drawn from N(μ, Σ),
+    the mean and covariance of the old rows (:func:`~cyb_lightning.model.init_from.rows_like`).
 
-    Works for tied output layers (one matrix, grown once) and untied ones (both grown, each with its own
-    mean); an output bias, if any, grows with the mean bias.
+    Rows all equal to the mean (or transformers' ``mean_resizing``, N(μ, 10⁻⁹Σ)) would start the K pauses
+    identical (pairwise cosine 1.0) and DK's output row equal to the pause input rows. Works for tied
+    output layers (one matrix, grown once) and untied ones (both grown, each from its own statistics); an
+    output bias, if any, grows with the mean bias. The draw is seeded: every rank grows the same rows.
     """
+    from cyb_lightning.model.init_from import rows_like
+
     inp = model.get_input_embeddings()
     out = model.get_output_embeddings()
     old = inp.weight.shape[0]
     if vocab_size <= old:
         return
     tied = out is not None and out.weight is inp.weight
-    in_mean = inp.weight.float().mean(0)
-    out_mean = out.weight.float().mean(0) if out is not None and not tied else None
+    in_rows = rows_like(inp.weight, vocab_size - old, seed=0)
+    out_rows = rows_like(out.weight, vocab_size - old, seed=1) if out is not None and not tied else None
     bias_mean = out.bias.float().mean() if out is not None and getattr(out, "bias", None) is not None else None
     model.resize_token_embeddings(vocab_size, mean_resizing=False)
     inp = model.get_input_embeddings()
-    inp.weight[old:] = in_mean.to(inp.weight.dtype)
+    inp.weight[old:] = in_rows.to(inp.weight.dtype)
     out = model.get_output_embeddings()
     if out is not None:
-        if out_mean is not None and out.weight is not inp.weight:
-            out.weight[old:] = out_mean.to(out.weight.dtype)
+        if out_rows is not None and out.weight is not inp.weight:
+            out.weight[old:] = out_rows.to(out.weight.dtype)
         if bias_mean is not None and getattr(out, "bias", None) is not None and out.bias.shape[0] == vocab_size:
             out.bias[old:] = bias_mean.to(out.bias.dtype)
 

@@ -5,9 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cyb_lightning.data import Vocab, layout_cyb, layout_none, layout_tbys_random, make_layout, random_pause_slots
+from cyb_lightning.data import (
+    Vocab,
+    layout_cyb,
+    layout_none,
+    layout_pause_groups,
+    layout_tbys_random,
+    make_layout,
+    pause_group_tokens,
+    random_pause_slots,
+)
 
-PAD, P1, P2 = 0, 3, 4
+PAD, P1, P2, P3 = 0, 3, 4, 5
 VOCAB = Vocab(pad_id=0, eot_id=1, dk_id=2, pause_ids=tuple(range(3, 11)), size=100)
 
 
@@ -56,8 +65,18 @@ def test_tbys_by_hand():
         seq = [10, 11, 12, 13]
         seq.insert(slot, P1)
         ex = layout_tbys_random([10, 11, 12, 13], 4, P1, PAD, num_pauses=1, seed=7, index=index)
+        # Scored: every real target but the first real token (the context; the previous chunk scored it).
         _eq(ex, input_ids=seq[:4], position_ids=[0, 1, 2, 3], targets=seq[1:],
-            target_mask=[t != P1 for t in seq[1:]])  # fmt: skip
+            target_mask=[t not in (P1, 10) for t in seq[1:]])  # fmt: skip
+
+
+def test_tbys_pause_in_slot_0_does_not_score_the_first_token_again():
+    # Slot 0 a pause: [P1 10 11 12 13]. Token 10 opens the chunk (the previous chunk's last target); the
+    # output at P1 would predict it from a context of pauses only, and score it a second time.
+    index = next(i for i in range(100) if random_pause_slots(4, 1, seed=7, index=i)[0])
+    ex = layout_tbys_random([10, 11, 12, 13], 4, P1, PAD, num_pauses=1, seed=7, index=index)
+    _eq(ex, input_ids=[P1, 10, 11, 12], position_ids=[0, 1, 2, 3], targets=[10, 11, 12, 13],
+        target_mask=[0, 1, 1, 1])  # fmt: skip
 
 
 def test_tbys_trims_extra_tokens_and_pads_short_chunks():
@@ -72,7 +91,9 @@ def test_tbys_trims_extra_tokens_and_pads_short_chunks():
     last = np.flatnonzero(~slots)[2]  # the slot of the last real token
     np.testing.assert_array_equal(laid[: last + 1][~slots[: last + 1]], [10, 11, 12])
     assert (laid[last + 1 :] == PAD).all()
-    np.testing.assert_array_equal(short["target_mask"], ~slots[1:] & (np.arange(1, 7) <= last))
+    first = np.flatnonzero(~slots)[0]  # the slot of the first real token: context, not a target
+    scored = ~slots[1:] & (np.arange(1, 7) <= last) & (np.arange(1, 7) > first)
+    np.testing.assert_array_equal(short["target_mask"], scored)
 
 
 def test_tbys_deterministic_fraction_and_mask():
@@ -85,7 +106,7 @@ def test_tbys_deterministic_fraction_and_mask():
     laid = np.append(a["input_ids"], a["targets"][-1])
     assert (laid == P1).sum() == 10  # exactly the fraction, and no real token lost
     np.testing.assert_array_equal(laid[laid != P1], tokens)
-    np.testing.assert_array_equal(a["target_mask"], a["targets"] != P1)
+    np.testing.assert_array_equal(a["target_mask"], (a["targets"] != P1) & (a["targets"] != tokens[0]))
     np.testing.assert_array_equal(a["position_ids"], np.arange(100))
     assert not np.array_equal(lay(tokens, 43)["input_ids"], a["input_ids"])
     other_seed = make_layout("tbys_random", 100, VOCAB, pause_fraction=0.1, seed=6)
@@ -99,9 +120,60 @@ def test_tbys_slots_are_uniform():
     assert np.all(np.abs(counts - expected) < 0.25 * expected), counts
 
 
+def test_pause_groups_by_hand():
+    # T = 11, K = 2, 2 groups: 12 slots hold 8 real tokens. Seed 1, index 0 puts the groups after tokens
+    # 23 and 25; every pause takes its token's position, the token after a group is predicted from P2.
+    np.testing.assert_array_equal(np.flatnonzero(pause_group_tokens(8, 2, seed=1, index=0)), [3, 5])
+    ex = layout_pause_groups(np.arange(20, 28), 11, (P1, P2), PAD, num_groups=2, seed=1, index=0)
+    _eq(ex, input_ids=[20, 21, 22, 23, P1, P2, 24, 25, P1, P2, 26],
+        position_ids=[0, 1, 2, 3, 3, 3, 4, 5, 5, 5, 6],
+        targets=[21, 22, 23, P1, P2, 24, 25, P1, P2, 26, 27],
+        target_mask=[1, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1])  # fmt: skip
+
+
+def test_pause_groups_after_the_first_token_and_short_chunks():
+    # A group after the first token: x0 P1 P2 P3 x1 …, all four at position 0.
+    index = next(i for i in range(200) if pause_group_tokens(6, 1, seed=2, index=i)[0])
+    ex = layout_pause_groups([10, 11, 12, 13, 14, 15], 8, (P1, P2, P3), PAD, num_groups=1, seed=2, index=index)
+    _eq(ex, input_ids=[10, P1, P2, P3, 11, 12, 13, 14], position_ids=[0, 0, 0, 0, 1, 2, 3, 4],
+        targets=[P1, P2, P3, 11, 12, 13, 14, 15], target_mask=[0, 0, 0, 1, 1, 1, 1, 1])  # fmt: skip
+    # The end of a finite stream: 2 real tokens, the group (if drawn) stays only before a real token.
+    short = layout_pause_groups([10, 11], 8, (P1, P2, P3), PAD, num_groups=1, seed=2, index=index)
+    _eq(short, input_ids=[10, P1, P2, P3, 11, PAD, PAD, PAD], position_ids=[0, 0, 0, 0, 1, 2, 3, 4],
+        targets=[P1, P2, P3, 11, PAD, PAD, PAD, PAD], target_mask=[0, 0, 0, 1, 0, 0, 0, 0])  # fmt: skip
+    last = next(i for i in range(200) if pause_group_tokens(6, 1, seed=2, index=i)[4])  # after token 14
+    ex = layout_pause_groups([10, 11, 12], 8, (P1, P2, P3), PAD, num_groups=1, seed=2, index=last)
+    _eq(ex, input_ids=[10, 11, 12, PAD, PAD, PAD, PAD, PAD], position_ids=[0, 1, 2, 3, 4, 5, 6, 7],
+        targets=[11, 12, PAD, PAD, PAD, PAD, PAD, PAD], target_mask=[1, 1, 0, 0, 0, 0, 0, 0])  # fmt: skip
+
+
+def test_pause_groups_fraction_and_determinism():
+    lay = make_layout("pause_groups", 1024, VOCAB, num_pauses=3, pause_fraction=0.1, seed=5)
+    assert lay.pause_ids == (P1, P2, P3)
+    assert lay.num_random_pauses == 79 * 3 and lay.real_tokens == 1025 - 237  # 79 groups / 788 tokens = 10 %
+    tokens = np.arange(1000, 1000 + lay.real_tokens)
+    a = lay(tokens, 42)
+    for k, v in lay(tokens, 42).items():
+        np.testing.assert_array_equal(a[k], v)  # same (seed, index) → same example
+    laid = np.append(a["input_ids"], a["targets"][-1])
+    np.testing.assert_array_equal(laid[~np.isin(laid, lay.pause_ids)], tokens)  # every real token, in order
+    starts = np.flatnonzero(laid == P1)
+    assert starts.size == 79
+    for s in starts:  # a whole group P1 P2 P3 at its token's position
+        np.testing.assert_array_equal(laid[s : s + 3], [P1, P2, P3])
+        assert (a["position_ids"][s : s + 3] == a["position_ids"][s - 1]).all()
+    real = ~np.isin(a["input_ids"], lay.pause_ids)
+    np.testing.assert_array_equal(a["position_ids"][real], np.arange(real.sum()))
+    np.testing.assert_array_equal(a["target_mask"], ~np.isin(a["targets"], lay.pause_ids))
+    assert not np.array_equal(lay(tokens, 43)["input_ids"], a["input_ids"])
+    counts = sum(pause_group_tokens(11, 2, seed=0, index=i).astype(int) for i in range(3000))
+    assert counts[-1] == 0 and np.all(np.abs(counts[:-1] - 600) < 0.25 * 600), counts  # uniform, never last
+
+
 @pytest.mark.parametrize(
     "name, k, w, length, real",
-    [("none", 3, 1, 8, 9), ("cyb", 0, 1, 8, 9), ("cyb", 3, 4, 32, 9), ("tbys_random", 3, 1, 8, 8)],
+    [("none", 3, 1, 8, 9), ("cyb", 0, 1, 8, 9), ("cyb", 3, 4, 32, 9), ("tbys_random", 3, 1, 8, 8),
+     ("pause_groups", 3, 1, 8, 6)],
 )
 def test_layout_properties(name, k, w, length, real):
     lay = make_layout(name, 8, VOCAB, num_pauses=k, pause_fraction=0.1)
@@ -118,6 +190,7 @@ def test_layout_pause_ids():
     assert make_layout("cyb", 4, VOCAB, num_pauses=3).pause_ids == (3, 4, 5)
     assert make_layout("tbys_random", 4, VOCAB).pause_ids == (3,)
     assert make_layout("none", 4, VOCAB).pause_ids == ()
+    assert make_layout("pause_groups", 4, VOCAB, num_pauses=2).pause_ids == (3, 4)
 
 
 @pytest.mark.parametrize(
@@ -129,6 +202,9 @@ def test_layout_pause_ids():
         (dict(name="cyb", seq_len=0), "seq_len"),
         (dict(name="tbys_random", pause_fraction=1.0), "pause_fraction"),
         (dict(name="tbys_random", seq_len=2, pause_fraction=0.9), "fewer than 2 real tokens"),
+        (dict(name="pause_groups", num_pauses=0), "1 <= num_pauses"),
+        (dict(name="pause_groups", pause_fraction=-0.1), "pause_fraction"),
+        (dict(name="pause_groups", num_pauses=8, pause_fraction=0.5), "does not fit"),
     ],
 )
 def test_bad_configs(kwargs, match):

@@ -21,6 +21,7 @@ from cyb_lightning.data.layout import layout_cyb, layout_none  # noqa: E402
 from cyb_lightning.losses import CYBAP  # noqa: E402
 from cyb_lightning.model import HFCausalLM, HFDecoder, PositionIdsIgnored  # noqa: E402
 from cyb_lightning.model.hf import check_position_ids  # noqa: E402
+from cyb_lightning.model.init_from import rows_like  # noqa: E402
 from cyb_lightning.module import CYBModule  # noqa: E402
 
 V, T, K = 96, 6, 3
@@ -119,15 +120,19 @@ def test_cyb_layout_attends_pauses_at_shared_positions(saved, family):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"], ids=["untied", "tied"])
-def test_added_tokens_are_mean_rows_and_old_rows_are_unchanged(saved, family):
+def test_added_tokens_are_distinct_rows_and_old_rows_are_unchanged(saved, family):
     path = saved(family)
     before = plain(path)
     grown = HFDecoder(path).build(V + 1 + K).model  # DK + K pauses
-    for get in ("get_input_embeddings", "get_output_embeddings"):
+    for seed, get in enumerate(("get_input_embeddings", "get_output_embeddings")):
         old, new = getattr(before, get)().weight, getattr(grown, get)().weight
         assert new.shape == (V + 1 + K, old.shape[1])  # grows by exactly the reserved ids
         torch.testing.assert_close(new[:V], old, rtol=0, atol=0)
-        torch.testing.assert_close(new[V:], old.mean(0, keepdim=True).expand(1 + K, -1), rtol=1e-6, atol=1e-6)
+        # Drawn from N(mean, covariance) of the old rows: as far apart as real tokens' rows (all equal to the
+        # mean they had a pairwise cosine of 1: K identical pauses, DK's output row one of them).
+        torch.testing.assert_close(new[V:], rows_like(old, 1 + K, seed=0 if family == "gpt2" else seed))
+        x = torch.nn.functional.normalize(new[V:], dim=-1)
+        assert ((x @ x.T).sum() - (1 + K)) / ((1 + K) * K) < 0.5
     tied = grown.get_output_embeddings().weight is grown.get_input_embeddings().weight
     assert tied == (family == "gpt2")
     assert grown.config.vocab_size == V + 1 + K
