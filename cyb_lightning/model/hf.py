@@ -102,6 +102,11 @@ class HFDecoder(DecoderSpec):
         self._config = None
         self._source: tuple[str, str | None] | None = None
 
+    def __getstate__(self) -> dict:
+        # Checkpoints pickle this spec (hparams): a converted folder is a path in this machine's cache, so the
+        # GGUF file is resolved again wherever the spec is loaded.
+        return {**self.__dict__, "_source": None}
+
     @property
     def source(self) -> tuple[str, str | None]:
         """``(name_or_path, revision)`` that ``from_pretrained`` reads: a GGUF file's converted folder."""

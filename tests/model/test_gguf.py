@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -208,3 +209,15 @@ def test_a_file_shipped_in_an_installed_package_is_found_without_importing_it(ch
         gguf_cache.resolve_package_path("pkg://shipsgguf/other.gguf")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         HFDecoder(str(tmp_path / "missing.gguf")).config
+
+
+def test_a_pickled_spec_resolves_the_gguf_file_again_where_it_is_loaded(checkpoint, conversions, tmp_path,
+                                                                         monkeypatch):
+    """Checkpoints pickle the decoder spec: the converted folder is a path in *this* machine's cache."""
+    folder, path, n = checkpoint
+    spec = HFDecoder(path)
+    spec.build(n)
+    monkeypatch.setenv(gguf_cache.CACHE_ENV, str(tmp_path / "elsewhere"))  # another machine's cache
+    copy = pickle.loads(pickle.dumps(spec))
+    assert copy.source[0].startswith(str(tmp_path / "elsewhere")) and len(conversions) == 2
+    assert spec.source[0].startswith(str(tmp_path / "cache"))  # the original object is unchanged
