@@ -110,7 +110,8 @@ class HFTokenizer(TextTokenizer):
             if token not in token_to_id:
                 raise ValueError(
                     f"{role} token {token!r} is not in the vocabulary of {name_or_path}; name an existing "
-                    "(unused or reserved) token, or leave it unset to add a new id"
+                    "(unused or reserved) token, or leave it unset "
+                    + ("to use the EOS" if role == "eot" else "to add a new id")
                 )
             return token_to_id[token]
 
