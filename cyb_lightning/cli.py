@@ -1,7 +1,8 @@
 """``python -m cyb_lightning {fit,validate,test,predict} --config conf/<name>.yaml`` (LightningCLI).
 
 The data module decides the vocabulary (reserved ids included) and the layout's steps per token; the
-CLI links those into the model, so a config never states them twice.
+CLI links those into the model, so a config never states them twice. A pretrained model's tokenizer
+(``HFTokenizer``) that adds new pause ids adds exactly ``data.num_pauses`` of them (plus one DK id).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ class CYBLightningCLI(LightningCLI):
         for name in ("vocab_size", "dk_id", "steps_per_token", "pause_ids", "reserved_ids"):
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
         parser.link_arguments("data.seq_len", "model.seq_len")
+        # K, stated once: an HFTokenizer that adds pause ids adds the K the run uses (ignored when repurposing).
+        parser.link_arguments("data.num_pauses", "data.tokenizer.init_args.num_pauses")
 
     def after_fit(self) -> None:
         text = summary(self.trainer)  # trainer.log_dir is a broadcast: every rank must take part

@@ -6,11 +6,21 @@ use it unchanged. Two ways to get the reserved ids, chosen per role in the confi
 
 - **repurpose** named tokens of the pretrained vocabulary (``dk_token``, ``pause_tokens``), as CYB did
   with Gemma's ``<unused…>`` tokens; the vocabulary size does not change;
-- **add** new ids past the end of the model's vocabulary (the default for any role left unnamed): one DK
-  id and ``num_pauses`` pause ids. ``vocab.size`` grows by exactly that many and
-  :class:`~cyb_lightning.model.HFDecoder` grows the embedding and the output layer to match, each new row
-  the mean of the pretrained rows. New ids start at ``max(len(tokenizer), model vocab_size)``, so they
-  never collide with the padding rows some models carry (Qwen2: 151 936 rows for 151 665 tokens).
+- **add** new ids past the end of the model's vocabulary (for any role left unnamed, or for both roles with
+  ``add_ids=True``, which overrides the names so one flag switches a config that repurposes): one DK id
+  and ``num_pauses`` pause ids. The CLI links ``num_pauses`` to ``data.num_pauses``, so exactly the ids a
+  run uses are added (DK + K; no pad id: padding uses the tokenizer's pad or EOS). ``vocab.size`` grows by
+  exactly that many and :class:`~cyb_lightning.model.HFDecoder` grows the embedding and the output layer
+  to match. New ids start at ``max(len(tokenizer), model vocab_size)``, so they never collide with the
+  padding rows some models carry (Qwen2: 151 936 rows for 151 665 tokens).
+
+Documents: each one is followed by the end-of-text separator (``eot_token``, default the tokenizer's EOS)
+and, with ``add_bos``, preceded by the BOS id. A chat model's BOS can be its chat-turn marker (SmolLM2:
+``<|im_start|>``, EOS ``<|im_end|>``); plain text wrapped in turn markers is not what the model read in
+pretraining, so by default the BOS is prepended only when it is distinct from the EOS **and** its text
+does not appear in the tokenizer's chat template. For such models name the pretraining separator as
+``eot_token`` (SmolLM2, Qwen2: ``<|endoftext|>``); building the tokenizer warns when the EOS is a turn
+marker and ``eot_token`` is unset.
 
 **Text never yields a reserved id.** New ids are unknown to the underlying tokenizer. Repurposed ones are
 marked special and the tokenizer runs with ``encode_special_tokens=True`` (the ``split_special_tokens``
@@ -18,7 +28,11 @@ behaviour), so the literal text ``<unused0>`` is split into ordinary pieces; at 
 repurposed token's own text is encoded as a probe and a token that text can still produce is refused. As
 a last guard ``encode_batch_np`` drops any reserved id that would slip through (counted in
 ``dropped_reserved``). The same holds for the other special tokens (``<eos>``, ``<bos>``…): the stream
-appends ``<eot>`` (the model's EOS) after each document itself, and ``add_bos`` prepends the BOS id.
+appends the separator after each document itself, and ``add_bos`` prepends the BOS id.
+
+GGUF checkpoints: ``name_or_path`` may be a ``.gguf`` file (or a folder plus ``gguf_file``, or
+``pkg://PACKAGE/file.gguf``); the tokenizer is read from the same cached conversion as the decoder
+(:mod:`cyb_lightning.model.gguf`).
 """
 
 from __future__ import annotations
@@ -29,6 +43,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..model.gguf import pretrained_source
 from .tokenizer import MAX_PAUSES, TextTokenizer, Vocab
 
 log = logging.getLogger(__name__)
@@ -38,14 +53,19 @@ class HFTokenizer(TextTokenizer):
     """The tokenizer of a pretrained model (Hub id or local folder) plus CYB's DK and pause ids.
 
     Args:
-        name_or_path: what ``AutoTokenizer.from_pretrained`` takes; usually the decoder's own.
+        name_or_path: what ``AutoTokenizer.from_pretrained`` takes; usually the decoder's own. A GGUF file
+            too (``model.gguf``, ``pkg://PACKAGE/model.gguf``).
+        gguf_file: a GGUF file inside the folder or Hub repository ``name_or_path``.
         dk_token: a token of the vocabulary to repurpose as DK (e.g. ``<unused3>``); None adds a new id.
         pause_tokens: tokens to repurpose as ``<pause1>`` … (e.g. ``[<unused0>, <unused1>, <unused2>]``);
             None adds ``num_pauses`` new ids.
-        num_pauses: how many pause ids to add when ``pause_tokens`` is None (the layout uses the first
-            ``data.num_pauses`` of them).
+        add_ids: add new DK and pause ids even where ``dk_token`` / ``pause_tokens`` name tokens to
+            repurpose (command line: ``--data.tokenizer.init_args.add_ids true``).
+        num_pauses: how many pause ids to add when they are added. The CLI sets it to ``data.num_pauses``
+            (the K of the run), so it is never written in a config.
         add_bos: prepend the BOS id to each document; None = when the tokenizer has a BOS distinct from
-            its EOS (Gemma, Llama: yes; GPT-2, Qwen2: no).
+            its EOS that is not a chat-turn marker (Gemma, Llama: yes; GPT-2, Qwen2, SmolLM2: no).
+        eot_token: the end-of-text separator appended after each document; None = the tokenizer's EOS.
         model_vocab_size: embedding rows of the model; None reads ``vocab_size`` from the model config
             in ``name_or_path`` (falls back to the tokenizer's length).
         revision, trust_remote_code: as for ``from_pretrained``.
@@ -54,20 +74,27 @@ class HFTokenizer(TextTokenizer):
     def __init__(
         self,
         name_or_path: str,
+        gguf_file: str | None = None,
         dk_token: str | None = None,
         pause_tokens: list[str] | None = None,
-        num_pauses: int = MAX_PAUSES,
+        add_ids: bool = False,
+        num_pauses: int = 3,
         add_bos: bool | None = None,
+        eot_token: str | None = None,
         model_vocab_size: int | None = None,
         revision: str | None = None,
         trust_remote_code: bool = False,
     ):
         from transformers import AutoTokenizer
 
-        if pause_tokens is None and num_pauses < 0:
-            raise ValueError(f"num_pauses must be >= 0, got {num_pauses}")
+        if add_ids and (dk_token is not None or pause_tokens is not None):
+            log.info("add_ids: adding new DK and pause ids instead of repurposing %s", [dk_token, pause_tokens])
+            dk_token = pause_tokens = None
+        if pause_tokens is None and not 0 <= num_pauses <= MAX_PAUSES:
+            raise ValueError(f"num_pauses must lie in 0 … {MAX_PAUSES}, got {num_pauses}")
         self.name_or_path = name_or_path
-        hf = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+        source, revision = pretrained_source(name_or_path, gguf_file, revision)
+        hf = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
         backend = getattr(hf, "backend_tokenizer", None)
         if backend is None:
             raise ValueError(f"{name_or_path}: only fast (Rust `tokenizers`) tokenizers are supported")
@@ -75,7 +102,7 @@ class HFTokenizer(TextTokenizer):
         base_len = len(hf)
 
         if model_vocab_size is None:
-            model_vocab_size = _model_vocab_size(name_or_path, revision, trust_remote_code)
+            model_vocab_size = _model_vocab_size(source, revision, trust_remote_code)
         first_new = max(base_len, model_vocab_size or 0)
 
         # Roles: named tokens are repurposed, the others get new ids in order dk, pause1, pause2, …
@@ -83,7 +110,8 @@ class HFTokenizer(TextTokenizer):
             if token not in token_to_id:
                 raise ValueError(
                     f"{role} token {token!r} is not in the vocabulary of {name_or_path}; name an existing "
-                    "(unused or reserved) token, or leave it unset to add a new id"
+                    "(unused or reserved) token, or leave it unset "
+                    + ("to use the EOS" if role == "eot" else "to add a new id")
                 )
             return token_to_id[token]
 
@@ -101,24 +129,39 @@ class HFTokenizer(TextTokenizer):
         if len(set(reserved)) != len(reserved):
             raise ValueError(f"dk and pause ids must be distinct, got dk={dk_id}, pauses={pause_ids}")
 
-        eot_id = hf.eos_token_id
-        if eot_id is None:
-            raise ValueError(f"{name_or_path} has no EOS token: it is needed as the end-of-text separator")
+        chat = _chat_template_text(hf)
+        if eot_token is not None:
+            eot_id = lookup(eot_token, "eot")
+        else:
+            eot_id = hf.eos_token_id
+            if eot_id is None:
+                raise ValueError(
+                    f"{name_or_path} has no EOS token: name the end-of-text separator with eot_token"
+                )
+            if hf.eos_token in chat:
+                log.warning(
+                    "%s: the EOS %r is a chat-turn marker; plain-text documents will be separated by it. For "
+                    "pretraining-style fine-tuning name the pretraining separator with eot_token (e.g. "
+                    "<|endoftext|>)", name_or_path, hf.eos_token,
+                )
         pad_id = hf.pad_token_id if hf.pad_token_id is not None else eot_id
         bos_id = hf.bos_token_id
-        if add_bos is None:
-            add_bos = bos_id is not None and bos_id != eot_id
+        if add_bos is None:  # a chat-turn marker as BOS would wrap every plain-text document in chat markup
+            add_bos = bos_id is not None and bos_id != eot_id and hf.bos_token not in chat
         if add_bos and bos_id is None:
             raise ValueError(f"add_bos=True but {name_or_path} has no BOS token")
         for name, i in (("eos", eot_id), ("pad", pad_id), ("bos", bos_id if add_bos else None)):
             if i is not None and i in reserved:
                 raise ValueError(f"the {name} id {i} cannot also be the DK or a pause id")
 
-        # Repurposed tokens become special, and special tokens are never matched in text.
+        # Repurposed tokens (and a named separator) become special, and special tokens are never matched in text.
         repurposed = {i for i in reserved if i < first_new}
+        named = {i: role for i, role in _reserved_names(dk_id, pause_ids).items() if i in repurposed}
+        if eot_token is not None:
+            named[eot_id] = "the end-of-text separator (eot_token)"
         data = json.loads(backend.to_str())
         for entry in data.get("added_tokens", []):
-            if entry["id"] in repurposed:
+            if entry["id"] in named:
                 entry["special"] = True
         self._tok = _backend(json.dumps(data))
 
@@ -127,17 +170,17 @@ class HFTokenizer(TextTokenizer):
         self.num_added = next_new - first_new
         self.base_size = first_new
         self._reserved = np.asarray(sorted(reserved), dtype=np.int64)
-        self._names = {dk_id: "<dk>", **{p: f"<pause{k + 1}>" for k, p in enumerate(pause_ids)}}
+        self._names = _reserved_names(dk_id, pause_ids)
         self.dropped_reserved = 0
 
         id_to_token = {i: t for t, i in token_to_id.items()}
-        for i in sorted(repurposed):
+        for i, role in sorted(named.items()):
             text = id_to_token.get(i, "")
             if text and i in self._tok.encode(text, add_special_tokens=False).ids:
                 raise ValueError(
-                    f"text can produce the id {i} ({text!r}) that is repurposed as {self._names[i]}: it is an "
-                    "ordinary vocabulary entry, not an added/special token; name an unused special token, or "
-                    "leave the role unset to add a new id"
+                    f"text can produce the id {i} ({text!r}) named as {role}: it is an ordinary vocabulary "
+                    "entry, not an added/special token; name an unused special token (or, for DK and pauses, "
+                    "leave the role unset to add a new id)"
                 )
 
     def __getstate__(self) -> dict:
@@ -189,6 +232,11 @@ class HFTokenizer(TextTokenizer):
         )
 
 
+def _reserved_names(dk_id: int, pause_ids: Sequence[int]) -> dict[int, str]:
+    """Display names of the reserved ids: ``<dk>``, ``<pause1>`` …"""
+    return {dk_id: "<dk>", **{p: f"<pause{k + 1}>" for k, p in enumerate(pause_ids)}}
+
+
 def _backend(tokenizer_json: str):
     """The Rust tokenizer with special tokens never matched in text, no padding, no truncation."""
     from tokenizers import Tokenizer
@@ -198,6 +246,12 @@ def _backend(tokenizer_json: str):
     tok.no_padding()
     tok.no_truncation()
     return tok
+
+
+def _chat_template_text(hf) -> str:
+    """All of the tokenizer's chat templates as one string ('' without one): where turn markers appear."""
+    template = getattr(hf, "chat_template", None) or ""
+    return "\n".join(template.values()) if isinstance(template, dict) else template
 
 
 def _model_vocab_size(name_or_path: str, revision: str | None, trust_remote_code: bool) -> int | None:

