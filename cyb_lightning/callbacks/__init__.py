@@ -1,8 +1,9 @@
 """Callbacks: logging and reporting that stays out of the LightningModule."""
 
+from cyb_lightning.callbacks.final_checkpoint import FinalCheckpoint
 from cyb_lightning.callbacks.requeue import SLURMRequeueAtStepEnd
 from cyb_lightning.callbacks.stopping_time import StoppingTimeHistograms
 from cyb_lightning.callbacks.throughput import TokenThroughput
 from cyb_lightning.callbacks.token_report import TokenPauseReport
 
-__all__ = ["SLURMRequeueAtStepEnd", "StoppingTimeHistograms", "TokenPauseReport", "TokenThroughput"]
+__all__ = ["FinalCheckpoint", "SLURMRequeueAtStepEnd", "StoppingTimeHistograms", "TokenPauseReport", "TokenThroughput"]
