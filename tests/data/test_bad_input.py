@@ -65,7 +65,18 @@ def test_bad_lines_are_skipped_counted_and_logged(tmp_path, caplog):
         assert [t for _, t in src.iter_documents("train")] == ["good one", "good two"]
     assert src.stats["malformed_lines"] == 4
     assert src.stats["invalid_text"] == 1 and src.stats["empty_documents"] == 2
-    assert "malformed line skipped" in caplog.text and "empty or whitespace-only" in caplog.text
+    # Each warning names the file, the line and what was wrong with it.
+    shard = tmp_path / "c4-train.00000-of-00001.json.gz"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{shard}, line 2: malformed line skipped (not JSON: Expecting property name enclosed in double quotes: "
+        "line 1 column 2 (char 1))",
+        f"{shard}, line 3: malformed line skipped (no string 'text' field (keys ['url']))",
+        f"{shard}, line 4: malformed line skipped (no string 'text' field (keys ['text']))",
+        f"{shard}, line 5: malformed line skipped (not UTF-8)",
+        f"{shard}, line 6: text UTF-8 cannot encode (a lone surrogate escape such as \\ud800); skipped",
+        f"{shard}, line 7: empty or whitespace-only document; skipped",
+        f"{shard}, line 8: empty or whitespace-only document; skipped",
+    ]
 
 
 def test_reserved_strings_in_text_are_plain_text(tiny_tokenizer):
@@ -242,3 +253,39 @@ def test_hub_c4_streams_whole_file_shards(tmp_path, monkeypatch, tiny_tokenizer)
         s = _stream(src, tiny_tokenizer, rank=rank, world_size=2, lanes=1, shuffle=False)
         ours = [t for sh in s._lane_shards(0, 0) for _, t in src.read_shard("train", sh)]
         assert ours == theirs
+
+
+def _mirror_with_a_non_gzip_shard(tmp_path: Path, num_shards: int = 4, bad: int = 1) -> Path:
+    """A local C4 mirror of ``num_shards`` train shards; shard ``bad`` is plain text named ``.json.gz``."""
+    for s in range(num_shards):
+        path = tmp_path / f"c4-train.{s:05d}-of-{num_shards:05d}.json.gz"
+        if s == bad:
+            path.write_text("this is not gzip\n")
+        else:
+            write_shard(path, [f"shard {s} document {d}: " + "words " * 12 for d in range(6)])
+    return tmp_path
+
+
+@pytest.mark.parametrize("lanes, rank, world", [(1, 0, 1), (2, 0, 1), (4, 0, 1), (2, 0, 2), (2, 1, 2)])
+def test_an_unreadable_shard_alone_in_a_lane_is_skipped_and_counted(tmp_path, tiny_tokenizer, lanes, rank, world):
+    """4 shards, one not gzip: whatever the lanes and ranks, training goes on without it, and it is counted."""
+    src = LocalShards(str(_mirror_with_a_non_gzip_shard(tmp_path)))
+    stream = _stream(src, tiny_tokenizer, lanes=lanes, rank=rank, world_size=world, batch_size=2)
+    text = tiny_tokenizer.decode(_inputs(stream, 200).tolist())
+    assert "shard 1 " not in text and all(f"shard {s} " in text for s in (0, 2, 3) if world == 1)
+    assert src.stats["broken_shards"] >= 1
+    assert src.shard_problems[str(tmp_path / "c4-train.00001-of-00004.json.gz")].startswith(
+        f"{tmp_path / 'c4-train.00001-of-00004.json.gz'}: unreadable after line 0"
+    )
+
+
+def test_a_lane_with_no_readable_shard_says_so_with_the_cause(tmp_path, tiny_tokenizer):
+    """Unshuffled, lane 1 always gets the broken shard: it truly has no data, and the error names why."""
+    src = LocalShards(str(_mirror_with_a_non_gzip_shard(tmp_path)))
+    stream = _stream(src, tiny_tokenizer, lanes=4, batch_size=2, shuffle=False)
+    with pytest.raises(RuntimeError) as err:
+        _inputs(stream, 60)
+    message = str(err.value)
+    assert "lane 1 of rank 0 (train split of LocalShards) has no documents in any shard it can be dealt" in message
+    assert "c4-train.00001-of-00004.json.gz: unreadable after line 0, rest of shard skipped" in message
+    assert "Not a gzipped file" in message
