@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from cyb_lightning.callbacks.final_checkpoint import FinalCheckpoint
+from cyb_lightning.callbacks.skipped_data import SkippedDataReport
 from cyb_lightning.checkpoint import AtomicCheckpointIO
 from cyb_lightning.datamodule import CYBDataModule
 from cyb_lightning.module import CYBModule
@@ -96,6 +97,7 @@ def main(args: list[str] | None = None) -> CYBLightningCLI:
         parser_kwargs={"parser_mode": "omegaconf"},
         # A requeued or restarted job writes its config again: overwriting it must not fail the run.
         save_config_kwargs={"overwrite": True},
-        # Whatever the config: the end of fit is checkpointed even off the checkpoint interval.
-        trainer_defaults={"callbacks": [FinalCheckpoint()]},
+        # Whatever the config: the end of fit is checkpointed even off the checkpoint interval, and what the
+        # data pipeline skipped is logged.
+        trainer_defaults={"callbacks": [FinalCheckpoint(), SkippedDataReport()]},
     )

@@ -229,9 +229,10 @@ class PackedStream(torch.utils.data.IterableDataset):
         return state
 
     def state_dict(self) -> dict:
-        """Position after the last example this reader yielded (see the module docstring)."""
+        """Position after the last example this reader yielded (see the module docstring), and this
+        process's skipped-input counters (``skipped``: the source's ``stats``; not restored on resume)."""
         state = self._full(copy.deepcopy(self._state))
-        return {"version": _STATE_VERSION, "signature": self._signature(), **state}
+        return {"version": _STATE_VERSION, "signature": self._signature(), **state, "skipped": dict(self.source.stats)}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != _STATE_VERSION:
@@ -261,6 +262,11 @@ class PackedStream(torch.utils.data.IterableDataset):
         merged["lanes"] = [
             copy.deepcopy(max((s["lanes"][l] for s in states), key=_cursor_key)) for l in range(len(merged["lanes"]))
         ]
+        skipped: dict[str, int] = {}  # each worker counts what it read itself
+        for s in states:
+            for reason, n in s.get("skipped", {}).items():
+                skipped[reason] = skipped.get(reason, 0) + n
+        merged["skipped"] = skipped
         return merged
 
     # -- reading and tokenizing -----------------------------------------------------------------------

@@ -289,3 +289,39 @@ def test_a_lane_with_no_readable_shard_says_so_with_the_cause(tmp_path, tiny_tok
     assert "lane 1 of rank 0 (train split of LocalShards) has no documents in any shard it can be dealt" in message
     assert "c4-train.00001-of-00004.json.gz: unreadable after line 0, rest of shard skipped" in message
     assert "Not a gzipped file" in message
+
+
+def test_skips_are_logged_per_reason_and_summed_up_at_the_end_of_fit(tmp_path, tiny_quickstart, caplog):
+    """Through the CLI: data/skipped/<reason> scalars (here in metrics.csv) and one summary line."""
+    import csv
+
+    from cyb_lightning.cli import main as cli_main
+
+    (tmp_path / "mirror").mkdir()
+    mirror = _mirror_with_a_non_gzip_shard(tmp_path / "mirror")
+    with gzip.open(mirror / "c4-train.00002-of-00004.json.gz", "ab") as f:
+        f.write(b"{not json\n" + b'{"url": "no text"}\n')
+    write_shard(mirror / "c4-validation.00000-of-00001.json.gz", ["a validation document " * 4])
+    args = [
+        "fit", "--seed_everything", "1", "--model.decoder", "cyb_lightning.model.GPTConfig",
+        "--model.decoder.n_layer", "1", "--model.decoder.n_head", "2", "--model.decoder.d_model", "16",
+        "--model.decoder.max_position", "16", "--model.loss", "cyb_lightning.losses.CrossEntropy",
+        "--data.source", "cyb_lightning.data.LocalShards", "--data.source.path", str(mirror),
+        "--data.tokenizer_dir", str(tiny_quickstart.tokenizer_dir), "--data.bpe_vocab_size", "512",
+        "--data.layout", "none", "--data.seq_len", "8", "--data.batch_size", "2", "--data.lanes", "4",
+        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.max_steps", "40",
+        "--trainer.log_every_n_steps", "20", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar",
+        "false", "--trainer.enable_checkpointing", "false", "--trainer.default_root_dir", str(tmp_path / "run"),
+        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path / "run"),
+    ]  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        cli_main(args)
+    (metrics,) = (tmp_path / "run").rglob("metrics.csv")
+    rows = [r for r in csv.DictReader(metrics.open()) if r.get("data/skipped/broken_shards")]
+    assert [int(r["step"]) for r in rows] == [20, 40]
+    last = rows[-1]
+    assert float(last["data/skipped/malformed_lines"]) >= 2 and float(last["data/skipped/broken_shards"]) >= 1
+    assert float(last["data/skipped/invalid_text"]) == 0
+    (summary,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data skipped during this fit")]
+    assert f"{int(float(last['data/skipped/malformed_lines']))} malformed lines" in summary
+    assert "broken shards" in summary and "the warnings name each file and line" in summary
