@@ -412,10 +412,13 @@ def source_tokenizer(
 
 
 def hub_problem(timeout_s: float, path: str = "api/datasets/allenai/c4") -> str | None:
-    """Why the Hugging Face Hub cannot be used now (offline mode, no answer within ``timeout_s``), or None.
+    """Why the Hugging Face Hub cannot be used now (offline mode, no answer within ``timeout_s``, an answer
+    that is not the dataset), or None.
 
-    One HTTPS request to the endpoint: any HTTP answer (even 401/404) means reachable; DNS, TLS, proxy
-    and timeout errors mean not. (A bare TCP connect is not enough: sandboxes and proxies accept those.)
+    One HTTPS request for the dataset's description (``path``): usable only when it comes back as the Hub's
+    JSON for that dataset. A proxy's or mirror's 404, an error page or a captive portal's HTML is a
+    problem like DNS, TLS and timeout errors. (A bare TCP connect is not enough: sandboxes and proxies
+    accept those.)
     """
     import urllib.error
     import urllib.request
@@ -427,11 +430,20 @@ def hub_problem(timeout_s: float, path: str = "api/datasets/allenai/c4") -> str 
         return f"{' / '.join(flags) or 'HF_HUB_OFFLINE'} is set (offline mode)"
     url = f"{constants.ENDPOINT.rstrip('/')}/{path}"
     try:
-        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s).close()
-    except urllib.error.HTTPError:
-        return None  # the Hub answered
+        request = urllib.request.Request(url, headers={"Accept": "application/json"})
+        with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+            body = reply.read(1 << 20)
+    except urllib.error.HTTPError as e:
+        return f"{url} answered HTTP {e.code} {e.reason}, not the dataset (a proxy or mirror without it?)"
     except (OSError, ValueError) as e:  # URLError, socket.timeout, ssl errors are OSErrors
         return f"cannot reach {constants.ENDPOINT} within {timeout_s:g}s ({getattr(e, 'reason', e)})"
+    try:
+        info = json.loads(body)
+    except ValueError:
+        info = None
+    dataset = path.removeprefix("api/datasets/")
+    if not isinstance(info, dict) or info.get("id") != dataset:
+        return f"{url} answered, but not with the description of {dataset} (a proxy or captive portal page?)"
     return None
 
 

@@ -325,3 +325,44 @@ def test_skips_are_logged_per_reason_and_summed_up_at_the_end_of_fit(tmp_path, t
     (summary,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data skipped during this fit")]
     assert f"{int(float(last['data/skipped/malformed_lines']))} malformed lines" in summary
     assert "broken shards" in summary and "the warnings name each file and line" in summary
+
+
+@pytest.mark.parametrize(
+    "status, body, problem",
+    [
+        (404, b"Not Found", "answered HTTP 404 Not Found, not the dataset"),  # a proxy without the Hub
+        (200, b"<html>Sign in to the network</html>", "not with the description of allenai/c4"),  # a portal
+        (200, b'{"id": "allenai/c4", "sha": "abc"}', None),  # the Hub itself
+    ],
+)
+def test_only_the_datasets_description_counts_as_the_hub(monkeypatch, status, body, problem):
+    """Any reply that is not the dataset ends in the same message naming the local mirror."""
+    import http.server
+    import threading
+
+    class Reply(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(status)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Reply)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    try:
+        if problem is None:
+            HubC4(probe_timeout_s=5).prepare()
+        else:
+            with pytest.raises(RuntimeError) as err:
+                HubC4(probe_timeout_s=5).prepare()
+            assert problem in str(err.value)
+            assert "Use the local C4 mirror instead: `--data.source conf/data/c4_local.yaml`" in str(err.value)
+    finally:
+        server.shutdown()
