@@ -307,3 +307,17 @@ def test_automatic_resume_under_slurm_goes_through_the_picker(run13, tmp_path, m
         broken.unlink()
     assert cli.trainer.ckpt_path == str(run / "checkpoints" / "last.ckpt")
     assert cli.trainer.global_step == 13
+
+
+def test_a_sharded_checkpoint_folder_is_replaced_whole(tmp_path):
+    """What FSDP2Strategy.save_checkpoint does once every rank has written ``.<name>.partial/``."""
+    from cyb_lightning.checkpoint import partial_path, replace_folder
+
+    run = tmp_path / "run"
+    last = sharded_checkpoint(run / "checkpoints" / "last.ckpt", 4, 1000)
+    new = sharded_checkpoint(partial_path(last), 6, 2000)
+    assert inspect(new).step == 6 and pick_checkpoint(run) == last  # a hidden folder is never a candidate
+    new = sharded_checkpoint(partial_path(last), 6, 2000)  # (the picker removed it as a leftover)
+    replace_folder(new, last)
+    assert inspect(last).step == 6
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]  # no .partial, no .old
