@@ -14,6 +14,7 @@ COMMANDS: dict[str, str] = {
     "report": "cyb_lightning.evaluation.report:main",
     "generate": "cyb_lightning.generation:main",
     "consolidate": "cyb_lightning.checkpoint:main",
+    "pick-checkpoint": "cyb_lightning.resume:main",
     "download-c4": "cyb_lightning.data.download:main",
     "experiment": "cyb_lightning.experiments.reproduce:main",
 }

@@ -12,17 +12,90 @@ and writes an ordinary single-file Lightning checkpoint, loadable anywhere::
 Optimizer states are dropped unless ``--keep-optimizer`` (they are keyed by parameter name, as
 ``torch.distributed.checkpoint.state_dict`` writes them, under ``optimizer_states``); the file is meant for
 evaluation and export. Resuming training goes through the sharded folder itself (``--ckpt_path``).
+
+Writing checkpoints: :func:`atomic_torch_save` (files, via :class:`AtomicCheckpointIO`, which the CLI gives
+every trainer) and ``FSDP2Strategy.save_checkpoint`` (folders) write under a temporary name *in the
+destination folder* (``.<name>.partial``), fsync, and rename: a save killed at any moment leaves the
+previous checkpoint intact under its name, whatever ``TMPDIR`` is (Lightning's own save goes through a
+temporary file in ``TMPDIR``, and across filesystems its final "move" is a copy onto the checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
 METADATA_FILE = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
+PARTIAL_SUFFIX = ".partial"
+
+
+def partial_path(path: str | Path) -> Path:
+    """Where a save of ``path`` is written before its rename: hidden, same folder, so same filesystem."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file, or a folder's entries (a rename is durable only once its folder is), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` that never leaves a half-written file under ``path``, whatever ``TMPDIR`` is."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+
+
+def replace_folder(tmp: Path, path: Path) -> None:
+    """Move a complete checkpoint folder ``tmp`` to ``path``, replacing what is there.
+
+    A folder cannot be renamed over a non-empty one, so the old one is first renamed aside: a kill between
+    the two renames leaves no ``path`` (the resume picker then takes the newest other valid checkpoint),
+    never a mixture of two checkpoints.
+    """
+    for root, _, files in os.walk(tmp):
+        for name in files:
+            fsync_path(Path(root) / name)
+    old = path.with_name(f".{path.name}.old")
+    if old.exists():
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    fsync_path(path.parent)
+    if old.exists():
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` with :func:`atomic_torch_save` for local paths (remote ones: as is)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_torch_save(checkpoint, path)
 
 
 def is_sharded(path: str | Path) -> bool:
@@ -70,10 +143,7 @@ def consolidate(folder: str | Path, output: str | Path | None = None, keep_optim
     if output.exists():
         raise FileExistsError(f"{output} exists; choose another --output or remove it")
     checkpoint = load_sharded(folder, keep_optimizer=keep_optimizer)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    torch.save(checkpoint, tmp)
-    tmp.replace(output)  # never leave a half-written file under the final name
+    atomic_torch_save(checkpoint, output)
     return output
 
 

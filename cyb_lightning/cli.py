@@ -7,10 +7,22 @@ CLI links those into the model, so a config never states them twice. A pretraine
 
 from __future__ import annotations
 
-from lightning.pytorch.cli import LightningCLI
+import os
+from pathlib import Path
 
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from cyb_lightning.callbacks.final_checkpoint import FinalCheckpoint
+from cyb_lightning.callbacks.skipped_data import SkippedDataReport
+from cyb_lightning.checkpoint import AtomicCheckpointIO
 from cyb_lightning.datamodule import CYBDataModule
 from cyb_lightning.module import CYBModule
+from cyb_lightning.resume import load_metadata, pick_checkpoint, resolved_differences
+
+LIGHTNING_CKPT_KEYWORDS = ("best", "last", "hpc", "registry")
 
 
 class CYBLightningCLI(LightningCLI):
@@ -20,6 +32,45 @@ class CYBLightningCLI(LightningCLI):
         parser.link_arguments("data.seq_len", "model.seq_len")
         # K, stated once: an HFTokenizer that adds pause ids adds the K the run uses (ignored when repurposing).
         parser.link_arguments("data.num_pauses", "data.tokenizer.init_args.num_pauses")
+
+    def _parse_ckpt_path(self) -> None:
+        """Resolve an automatic resume with our picker, then merge the checkpoint's model settings, saying
+        which of this run's settings differ (Lightning merges silently, and only for single files)."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if subcommand == "fit" and (ckpt_path == "last" or (ckpt_path is None and SLURMEnvironment.detect())):
+            # "last", and Lightning's own resume under SLURM (the newest hpc_ckpt_<n>.ckpt, unchecked).
+            run_dir = config.trainer.get("default_root_dir") or os.getcwd()
+            picked = pick_checkpoint(run_dir)
+            rank_zero_info(f"automatic resume in {run_dir}: {picked or 'no checkpoint, a fresh start'}")
+            ckpt_path = config["ckpt_path"] = None if picked is None else str(picked)
+        if not ckpt_path or ckpt_path in LIGHTNING_CKPT_KEYWORDS or not Path(ckpt_path).exists():
+            return  # Lightning resolves its keywords (and reports a missing path) itself
+        meta = load_metadata(ckpt_path)
+        model, data = config.get("model"), config.get("data")
+        lines = resolved_differences(
+            ckpt_path, model.as_dict() if model is not None else {}, data.as_dict() if data is not None else {}, meta
+        )
+        if lines:
+            rank_zero_warn("\n".join(lines))
+        hparams = dict(meta.get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:  # Lightning's own format for a subclass-mode model
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        # Checkpoint files written atomically in their own folder (see cyb_lightning.checkpoint); a custom
+        # checkpoint IO from the config is left alone.
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
     def after_fit(self) -> None:
         text = summary(self.trainer)  # trainer.log_dir is a broadcast: every rank must take part
@@ -59,4 +110,7 @@ def main(args: list[str] | None = None) -> CYBLightningCLI:
         parser_kwargs={"parser_mode": "omegaconf"},
         # A requeued or restarted job writes its config again: overwriting it must not fail the run.
         save_config_kwargs={"overwrite": True},
+        # Whatever the config: the end of fit is checkpointed even off the checkpoint interval, and what the
+        # data pipeline skipped is logged.
+        trainer_defaults={"callbacks": [FinalCheckpoint(), SkippedDataReport()]},
     )

@@ -83,6 +83,10 @@ class LaggedStateLoader(StatefulDataLoader):
         """The stream's state as of :meth:`state_dict`, merged over workers: any worker count resumes it."""
         return self.merged_stream_state(self.state_dict())
 
+    def skipped(self) -> dict[str, int]:
+        """What this process's stream and its workers skipped so far, per reason (the sources' counters)."""
+        return dict(self.stream_state().get("skipped", {}))
+
 
 class CYBDataModule(L.LightningDataModule):
     """C4-style text (quickstart corpus by default) packed into layout examples.

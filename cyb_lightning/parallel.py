@@ -15,6 +15,7 @@ process) and ``fully_shard`` then keeps only each rank's shard; FSDP2 moves the 
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterable
 from typing import Any
 
@@ -57,6 +58,27 @@ class FSDP2Strategy(ModelParallelStrategy):
         if self._tensor_parallel_size == "auto":
             self._tensor_parallel_size = 1
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        """Lightning's save, made atomic: a sharded checkpoint is written to a hidden folder next to its
+        destination, then renamed (``checkpoint.replace_folder``); single files go through the checkpoint
+        IO (``AtomicCheckpointIO`` under the CLI)."""
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        from pathlib import Path
+
+        from cyb_lightning.checkpoint import partial_path, replace_folder
+
+        path = Path(self.broadcast(str(filepath)))
+        tmp = partial_path(path)
+        if self.global_rank == 0 and tmp.exists():  # left by a save that was killed
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        self.barrier("cyb_checkpoint_tmp")
+        super().save_checkpoint(checkpoint, tmp, storage_options)  # every rank's shard; meta.pt from rank 0
+        self.barrier("cyb_checkpoint_written")
+        if self.global_rank == 0:
+            replace_folder(tmp, path)
+        self.barrier("cyb_checkpoint_renamed")
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         # Lightning 2.6 does not forward ``fit(weights_only=...)`` to strategies that restore after setup

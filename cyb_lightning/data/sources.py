@@ -61,6 +61,15 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
+def document_problem(text: str) -> tuple[str, str] | None:
+    """(what is wrong, its counter) for a text that cannot be a training document; None when it can."""
+    if not text or text.isspace():
+        return "empty or whitespace-only document", "empty_documents"
+    if not valid_text(text):
+        return "text UTF-8 cannot encode (a lone surrogate escape such as \\ud800)", "invalid_text"
+    return None
+
+
 def valid_text(text: str) -> bool:
     """True when ``text`` can be tokenized: no lone surrogates (JSON ``"\\ud800"`` escapes decode to
     them and UTF-8 cannot encode them)."""
@@ -91,8 +100,18 @@ class TextSource(ABC):
             self._stats = {"empty_documents": 0, "invalid_text": 0, "retries": 0}
         return self._stats
 
-    def _warn(self, message: str, counter: str) -> None:
+    @property
+    def shard_problems(self) -> dict[str, str]:
+        """The last problem warned about per shard (kept after warnings stop being logged): the stream's
+        error for a lane without data quotes them."""
+        if "_shard_problems" not in self.__dict__:
+            self._shard_problems = {}
+        return self._shard_problems
+
+    def _warn(self, message: str, counter: str, shard: str | None = None) -> None:
         self.stats[counter] = self.stats.get(counter, 0) + 1
+        if shard is not None:
+            self.shard_problems[shard] = message
         if self.stats[counter] <= _MAX_WARNINGS:
             log.warning(message + ("" if self.stats[counter] < _MAX_WARNINGS else " (further ones not shown)"))
 
@@ -109,14 +128,13 @@ class TextSource(ABC):
         while True:
             index = 0
             try:
-                for text in self.iter_shard(split, shard):
-                    if not text or text.isspace():
+                for record, item in enumerate(self.iter_shard(split, shard), 1):
+                    # A source may say where each text is ("line 12"); otherwise its record number.
+                    where, text = item if isinstance(item, tuple) else (f"record {record}", item)
+                    problem = document_problem(text)
+                    if problem is not None:
                         if index >= done:
-                            self._warn(f"{shard}: empty or whitespace-only document skipped", "empty_documents")
-                        continue
-                    if not valid_text(text):
-                        if index >= done:
-                            self._warn(f"{shard}: a document has text UTF-8 cannot encode; skipped", "invalid_text")
+                            self._warn(f"{shard}, {where}: {problem[0]}; skipped", problem[1], shard)
                         continue
                     if index >= done:
                         yield index, text
@@ -132,7 +150,7 @@ class TextSource(ABC):
                         f"reading {shard} failed {failures} times in a row (last error: {e!r}); giving up"
                     ) from e
                 delay = backoff_s * 2 ** (failures - 1)
-                self._warn(f"{shard}: read error {e!r}; retry {failures}/{retries} in {delay:.1f}s", "retries")
+                self._warn(f"{shard}: read error {e!r}; retry {failures}/{retries} in {delay:.1f}s", "retries", shard)
                 time.sleep(delay)
 
     def prepare(self) -> None:
@@ -245,7 +263,8 @@ class LocalShards(TextSource):
         # Fail on a missing or empty folder before anything else is asked of the source (tokenizer, stream).
         self.shards("train")
 
-    def iter_shard(self, split: str, shard: str) -> Iterator[str]:
+    def iter_shard(self, split: str, shard: str) -> Iterator[tuple[str, str]]:
+        """``("line <n>", text)`` of each record with a string ``"text"`` (``read_shard`` names the line)."""
         opener = gzip.open if shard.endswith(".gz") else open
         lineno = 0
         broken = self._BROKEN  # bound here: a generator closed at interpreter exit sees no module globals
@@ -254,22 +273,29 @@ class LocalShards(TextSource):
                 for lineno, line in enumerate(f, 1):
                     if not line.strip():
                         continue
-                    text = self._text(line)
+                    text, problem = self._text(line)
                     if text is None:
-                        self._warn(f"{shard}:{lineno}: malformed line skipped", "malformed_lines")
+                        message = f"{shard}, line {lineno}: malformed line skipped ({problem})"
+                        self._warn(message, "malformed_lines", shard)
                     else:
-                        yield text
+                        yield f"line {lineno}", text
             except broken as e:
-                self._warn(f"{shard}: unreadable after line {lineno}, rest of shard skipped ({e})", "broken_shards")
+                message = f"{shard}: unreadable after line {lineno}, rest of shard skipped ({e})"
+                self._warn(message, "broken_shards", shard)
 
     @staticmethod
-    def _text(line: bytes) -> str | None:
+    def _text(line: bytes) -> tuple[str | None, str]:
+        """(the record's text, '') or (None, what is wrong with the line)."""
         try:
             record = json.loads(line)
-        except ValueError:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
-            return None
-        text = record.get("text") if isinstance(record, dict) else None
-        return text if isinstance(text, str) else None
+        except UnicodeDecodeError:
+            return None, "not UTF-8"
+        except ValueError as e:
+            return None, f"not JSON: {e}"
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            got = f"keys {sorted(record)[:5]}" if isinstance(record, dict) else f"a JSON {type(record).__name__}"
+            return None, f"no string 'text' field ({got})"
+        return record["text"], ""
 
     def fingerprint(self) -> str:
         # Names and sizes: cheap, and C4 shards are never edited in place.
@@ -397,10 +423,13 @@ def source_tokenizer(
 
 
 def hub_problem(timeout_s: float, path: str = "api/datasets/allenai/c4") -> str | None:
-    """Why the Hugging Face Hub cannot be used now (offline mode, no answer within ``timeout_s``), or None.
+    """Why the Hugging Face Hub cannot be used now (offline mode, no answer within ``timeout_s``, an answer
+    that is not the dataset), or None.
 
-    One HTTPS request to the endpoint: any HTTP answer (even 401/404) means reachable; DNS, TLS, proxy
-    and timeout errors mean not. (A bare TCP connect is not enough: sandboxes and proxies accept those.)
+    One HTTPS request for the dataset's description (``path``): usable only when it comes back as the Hub's
+    JSON for that dataset. A proxy's or mirror's 404, an error page or a captive portal's HTML is a
+    problem like DNS, TLS and timeout errors. (A bare TCP connect is not enough: sandboxes and proxies
+    accept those.)
     """
     import urllib.error
     import urllib.request
@@ -412,11 +441,20 @@ def hub_problem(timeout_s: float, path: str = "api/datasets/allenai/c4") -> str 
         return f"{' / '.join(flags) or 'HF_HUB_OFFLINE'} is set (offline mode)"
     url = f"{constants.ENDPOINT.rstrip('/')}/{path}"
     try:
-        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s).close()
-    except urllib.error.HTTPError:
-        return None  # the Hub answered
+        request = urllib.request.Request(url, headers={"Accept": "application/json"})
+        with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+            body = reply.read(1 << 20)
+    except urllib.error.HTTPError as e:
+        return f"{url} answered HTTP {e.code} {e.reason}, not the dataset (a proxy or mirror without it?)"
     except (OSError, ValueError) as e:  # URLError, socket.timeout, ssl errors are OSErrors
         return f"cannot reach {constants.ENDPOINT} within {timeout_s:g}s ({getattr(e, 'reason', e)})"
+    try:
+        info = json.loads(body)
+    except ValueError:
+        info = None
+    dataset = path.removeprefix("api/datasets/")
+    if not isinstance(info, dict) or info.get("id") != dataset:
+        return f"{url} answered, but not with the description of {dataset} (a proxy or captive portal page?)"
     return None
 
 
@@ -482,12 +520,13 @@ class HubC4(TextSource):
 
     def iter_shard(self, split: str, shard: str) -> Iterator[str]:
         ds = self._dataset(split)
-        for record in ds.shard(num_shards=ds.num_shards, index=int(shard), contiguous=True):
+        for k, record in enumerate(ds.shard(num_shards=ds.num_shards, index=int(shard), contiguous=True), 1):
             text = record.get("text") if isinstance(record, dict) else None
             if isinstance(text, str):
-                yield text
+                yield f"record {k}", text
             else:
-                self._warn(f"{self.name} shard {shard}: record without a string 'text' skipped", "malformed_lines")
+                message = f"{self.name} shard {shard}, record {k}: no string 'text' field; skipped"
+                self._warn(message, "malformed_lines", shard)
 
     def default_tokenizer_dir(self, vocab_size: int) -> str:
         return str(Path(self.tokenizer_root) / f"tokenizer-{vocab_size}")

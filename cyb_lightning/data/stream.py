@@ -245,9 +245,10 @@ class PackedStream(torch.utils.data.IterableDataset):
         return state
 
     def state_dict(self) -> dict:
-        """Position after the last example this reader yielded (see the module docstring)."""
+        """Position after the last example this reader yielded (see the module docstring), and this
+        process's skipped-input counters (``skipped``: the source's ``stats``; not restored on resume)."""
         state = self._full(copy.deepcopy(self._state))
-        return {"version": _STATE_VERSION, "signature": self._signature(), **state}
+        return {"version": _STATE_VERSION, "signature": self._signature(), **state, "skipped": dict(self.source.stats)}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != _STATE_VERSION:
@@ -277,6 +278,11 @@ class PackedStream(torch.utils.data.IterableDataset):
         merged["lanes"] = [
             copy.deepcopy(max((s["lanes"][l] for s in states), key=_cursor_key)) for l in range(len(merged["lanes"]))
         ]
+        skipped: dict[str, int] = {}  # each worker counts what it read itself
+        for s in states:
+            for reason, n in s.get("skipped", {}).items():
+                skipped[reason] = skipped.get(reason, 0) + n
+        merged["skipped"] = skipped
         return merged
 
     # -- reading and tokenizing -----------------------------------------------------------------------
@@ -286,6 +292,10 @@ class PackedStream(torch.utils.data.IterableDataset):
         infinite. n counts the lane's documents of the epoch (``max_documents`` caps it)."""
         epoch, pos0, doc0, n = cursor["epoch"], cursor["shard"], cursor["doc"], cursor["n"]
         ids = self.plan()["shard_ids"]
+        # Shards read since the lane's last document. A lane whose shards of an epoch gave nothing (an
+        # unreadable shard alone in it) goes on with the next epoch, whose shard order differs; it has no
+        # data left only once it has tried every shard it can be dealt (all of them when shuffled).
+        tried: set[str] = set()
         while True:
             shards = self._lane_shards(epoch, lane)
             capped = False
@@ -299,6 +309,7 @@ class PackedStream(torch.utils.data.IterableDataset):
                         reader.close()
                         capped = True
                         break
+                    tried.clear()
                     yield (epoch, pos, doc, n, ids[shards[pos]]), text
                     n += 1
                 if capped:
@@ -306,9 +317,20 @@ class PackedStream(torch.utils.data.IterableDataset):
             if not self.infinite:
                 return
             if n == 0:
-                raise RuntimeError(
-                    f"lane {lane} of the {self.split} split of {type(self.source).__name__} has no documents "
-                    f"in epoch {epoch} (shards: {shards[:3]}…)"
+                tried.update(shards)
+                where = f"lane {lane} of rank {self.rank} ({self.split} split of {type(self.source).__name__})"
+                if tried >= (set(ids) if self.shuffle else set(shards)):
+                    causes = "\n".join(
+                        f"  {self.source.shard_problems.get(s, f'{s}: no documents in it')}" for s in sorted(tried)
+                    )
+                    raise RuntimeError(
+                        f"{where} has no documents in any shard it can be dealt ({len(tried)}):\n{causes}\n"
+                        "fix or remove those files, or use fewer data.lanes (a lane reads 1/lanes of a rank's shards)"
+                    )
+                self.source._warn(
+                    f"{where}: no documents in epoch {epoch} (its shards {shards} gave none, warnings above say "
+                    f"why); going on with epoch {epoch + 1}",
+                    "empty_lane_epochs",
                 )
             epoch, pos0, doc0, n = epoch + 1, 0, 0, 0
 

@@ -81,8 +81,16 @@ def _safe_log(x: Tensor) -> Tensor:
 
 
 def _log1mexp(x: Tensor) -> Tensor:
-    """log(1 − exp(x)) for x ≤ 0, accurate on both sides of −log 2 (Mächler 2012)."""
-    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    """log(1 − exp(x)) for x ≤ 0, accurate on both sides of −log 2 (Mächler 2012).
+
+    Each branch only sees inputs from its own side (−log 2 stands in for the rest), so the branch that
+    ``where`` discards cannot put NaN into the gradient (0 · inf) near x = 0.
+    """
+    near_zero = x > -math.log(2.0)
+    half = torch.full_like(x, -math.log(2.0))
+    high = torch.log(-torch.expm1(torch.where(near_zero, x, half)))
+    low = torch.log1p(-torch.exp(torch.where(near_zero, half, x)))
+    return torch.where(near_zero, high, low)
 
 
 def step_logit_stats(logits: Tensor, targets: Tensor, dk_id: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -150,9 +158,14 @@ def stopping_log_probs(log_d: Tensor, omega: Weights) -> Tensor:
     s_i = (1 − d_i) Π_{j<i} d_j, s_W = Π_{j<W} d_j.
     """
     omega_t = _on(check_weights(omega, "omega", log_d.shape[-1], normalise=True), log_d)
+    # Where d rounds to 1 (log d = 0) the value 1 − d is lost: take the smallest normal number for it, with
+    # the gradient passed straight through, so s = (1 − d)·… keeps its finite gradient −d·… instead of
+    # 0 · inf = NaN. (The losses never need this: they get log(1 − d) exactly from the logits.)
+    ceiling = -torch.finfo(log_d.dtype).tiny
+    log_d_below_1 = log_d + (log_d.clamp_max(ceiling) - log_d).detach()
     # The last step's d never enters s; keep it away from log1mexp, whose gradient is infinite at d = 1.
     last = torch.arange(log_d.shape[-1], device=log_d.device) == log_d.shape[-1] - 1
-    log_1md = _log1mexp(torch.where(last, -1.0, log_d.clamp_max(0.0)))
+    log_1md = _log1mexp(torch.where(last, -1.0, log_d_below_1))
     return _stopping(log_d, log_1md, omega_t)
 
 

@@ -65,7 +65,18 @@ def test_bad_lines_are_skipped_counted_and_logged(tmp_path, caplog):
         assert [t for _, t in src.iter_documents("train")] == ["good one", "good two"]
     assert src.stats["malformed_lines"] == 4
     assert src.stats["invalid_text"] == 1 and src.stats["empty_documents"] == 2
-    assert "malformed line skipped" in caplog.text and "empty or whitespace-only" in caplog.text
+    # Each warning names the file, the line and what was wrong with it.
+    shard = tmp_path / "c4-train.00000-of-00001.json.gz"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{shard}, line 2: malformed line skipped (not JSON: Expecting property name enclosed in double quotes: "
+        "line 1 column 2 (char 1))",
+        f"{shard}, line 3: malformed line skipped (no string 'text' field (keys ['url']))",
+        f"{shard}, line 4: malformed line skipped (no string 'text' field (keys ['text']))",
+        f"{shard}, line 5: malformed line skipped (not UTF-8)",
+        f"{shard}, line 6: text UTF-8 cannot encode (a lone surrogate escape such as \\ud800); skipped",
+        f"{shard}, line 7: empty or whitespace-only document; skipped",
+        f"{shard}, line 8: empty or whitespace-only document; skipped",
+    ]
 
 
 def test_reserved_strings_in_text_are_plain_text(tiny_tokenizer):
@@ -242,3 +253,116 @@ def test_hub_c4_streams_whole_file_shards(tmp_path, monkeypatch, tiny_tokenizer)
         s = _stream(src, tiny_tokenizer, rank=rank, world_size=2, lanes=1, shuffle=False)
         ours = [t for sh in s._lane_shards(0, 0) for _, t in src.read_shard("train", sh)]
         assert ours == theirs
+
+
+def _mirror_with_a_non_gzip_shard(tmp_path: Path, num_shards: int = 4, bad: int = 1) -> Path:
+    """A local C4 mirror of ``num_shards`` train shards; shard ``bad`` is plain text named ``.json.gz``."""
+    for s in range(num_shards):
+        path = tmp_path / f"c4-train.{s:05d}-of-{num_shards:05d}.json.gz"
+        if s == bad:
+            path.write_text("this is not gzip\n")
+        else:
+            write_shard(path, [f"shard {s} document {d}: " + "words " * 12 for d in range(6)])
+    return tmp_path
+
+
+@pytest.mark.parametrize("lanes, rank, world", [(1, 0, 1), (2, 0, 1), (4, 0, 1), (2, 0, 2), (2, 1, 2)])
+def test_an_unreadable_shard_alone_in_a_lane_is_skipped_and_counted(tmp_path, tiny_tokenizer, lanes, rank, world):
+    """4 shards, one not gzip: whatever the lanes and ranks, training goes on without it, and it is counted."""
+    src = LocalShards(str(_mirror_with_a_non_gzip_shard(tmp_path)))
+    stream = _stream(src, tiny_tokenizer, lanes=lanes, rank=rank, world_size=world, batch_size=2)
+    text = tiny_tokenizer.decode(_inputs(stream, 200).tolist())
+    assert "shard 1 " not in text and all(f"shard {s} " in text for s in (0, 2, 3) if world == 1)
+    assert src.stats["broken_shards"] >= 1
+    assert src.shard_problems[str(tmp_path / "c4-train.00001-of-00004.json.gz")].startswith(
+        f"{tmp_path / 'c4-train.00001-of-00004.json.gz'}: unreadable after line 0"
+    )
+
+
+def test_a_lane_with_no_readable_shard_says_so_with_the_cause(tmp_path, tiny_tokenizer):
+    """Unshuffled, lane 1 always gets the broken shard: it truly has no data, and the error names why."""
+    src = LocalShards(str(_mirror_with_a_non_gzip_shard(tmp_path)))
+    stream = _stream(src, tiny_tokenizer, lanes=4, batch_size=2, shuffle=False)
+    with pytest.raises(RuntimeError) as err:
+        _inputs(stream, 60)
+    message = str(err.value)
+    assert "lane 1 of rank 0 (train split of LocalShards) has no documents in any shard it can be dealt" in message
+    assert "c4-train.00001-of-00004.json.gz: unreadable after line 0, rest of shard skipped" in message
+    assert "Not a gzipped file" in message
+
+
+def test_skips_are_logged_per_reason_and_summed_up_at_the_end_of_fit(tmp_path, tiny_quickstart, caplog):
+    """Through the CLI: data/skipped/<reason> scalars (here in metrics.csv) and one summary line."""
+    import csv
+
+    from cyb_lightning.cli import main as cli_main
+
+    (tmp_path / "mirror").mkdir()
+    mirror = _mirror_with_a_non_gzip_shard(tmp_path / "mirror")
+    with gzip.open(mirror / "c4-train.00002-of-00004.json.gz", "ab") as f:
+        f.write(b"{not json\n" + b'{"url": "no text"}\n')
+    write_shard(mirror / "c4-validation.00000-of-00001.json.gz", ["a validation document " * 4])
+    args = [
+        "fit", "--seed_everything", "1", "--model.decoder", "cyb_lightning.model.GPTConfig",
+        "--model.decoder.n_layer", "1", "--model.decoder.n_head", "2", "--model.decoder.d_model", "16",
+        "--model.decoder.max_position", "16", "--model.loss", "cyb_lightning.losses.CrossEntropy",
+        "--data.source", "cyb_lightning.data.LocalShards", "--data.source.path", str(mirror),
+        "--data.tokenizer_dir", str(tiny_quickstart.tokenizer_dir), "--data.bpe_vocab_size", "512",
+        "--data.layout", "none", "--data.seq_len", "8", "--data.batch_size", "2", "--data.lanes", "4",
+        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.max_steps", "40",
+        "--trainer.log_every_n_steps", "20", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar",
+        "false", "--trainer.enable_checkpointing", "false", "--trainer.default_root_dir", str(tmp_path / "run"),
+        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path / "run"),
+    ]  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        cli_main(args)
+    (metrics,) = (tmp_path / "run").rglob("metrics.csv")
+    rows = [r for r in csv.DictReader(metrics.open()) if r.get("data/skipped/broken_shards")]
+    assert [int(r["step"]) for r in rows] == [20, 40]
+    last = rows[-1]
+    assert float(last["data/skipped/malformed_lines"]) >= 2 and float(last["data/skipped/broken_shards"]) >= 1
+    assert float(last["data/skipped/invalid_text"]) == 0
+    (summary,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data skipped during this fit")]
+    assert f"{int(float(last['data/skipped/malformed_lines']))} malformed lines" in summary
+    assert "broken shards" in summary and "the warnings name each file and line" in summary
+
+
+@pytest.mark.parametrize(
+    "status, body, problem",
+    [
+        (404, b"Not Found", "answered HTTP 404 Not Found, not the dataset"),  # a proxy without the Hub
+        (200, b"<html>Sign in to the network</html>", "not with the description of allenai/c4"),  # a portal
+        (200, b'{"id": "allenai/c4", "sha": "abc"}', None),  # the Hub itself
+    ],
+)
+def test_only_the_datasets_description_counts_as_the_hub(monkeypatch, status, body, problem):
+    """Any reply that is not the dataset ends in the same message naming the local mirror."""
+    import http.server
+    import threading
+
+    class Reply(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(status)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Reply)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    try:
+        if problem is None:
+            HubC4(probe_timeout_s=5).prepare()
+        else:
+            with pytest.raises(RuntimeError) as err:
+                HubC4(probe_timeout_s=5).prepare()
+            assert problem in str(err.value)
+            assert "Use the local C4 mirror instead: `--data.source conf/data/c4_local.yaml`" in str(err.value)
+    finally:
+        server.shutdown()

@@ -532,3 +532,26 @@ def test_stopping_log_probs_gradient_ignores_the_last_steps_dk():
     log_d = torch.tensor([[-0.5, 0.0]], requires_grad=True)  # d_W rounds to 1 and must not matter
     F.stopping_log_probs(log_d, [0, 1]).exp().sum().backward()
     assert torch.isfinite(log_d.grad).all() and log_d.grad[0, 1] == 0
+
+
+@pytest.mark.parametrize("omega", [[0, 0, 1], [0.2, 0.3, 0.5]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stopping_log_probs_gradient_where_dk_probability_rounds_to_one(omega, dtype):
+    """log d = 0 (d = 1 in its precision): finite gradients, equal to the limit d → 1 in float64.
+
+    ℓ = −log Σ s_i t_i through the public function: at d_1 = 1 its gradient is finite (s_1 = ω_1 + (1 − d_1)·…
+    is smooth in d_1), although log(1 − d_1) itself is −inf there.
+    """
+    log_t = torch.tensor([math.log(0.7), math.log(0.2), math.log(0.4)], dtype=torch.float64)
+
+    def grads(log_d0: float, dt: torch.dtype, second: float) -> torch.Tensor:
+        log_d = torch.tensor([[log_d0, second, math.log(0.6)]], dtype=dt, requires_grad=True)
+        loss = -(F.stopping_log_probs(log_d, omega)[0] + log_t.to(dt)).logsumexp(-1)
+        loss.backward()
+        return log_d.grad[0].double()
+
+    for second in (math.log(0.3), 0.0):  # one step or two consecutive steps with d = 1
+        got = grads(0.0, dtype, second)
+        limit = grads(-1e-300, torch.float64, -1e-300 if second == 0.0 else second)
+        assert torch.isfinite(got).all(), got
+        torch.testing.assert_close(got, limit, rtol=1e-5, atol=1e-6)
