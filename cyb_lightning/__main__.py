@@ -41,9 +41,13 @@ def _destroy_process_group() -> None:
     without an active exception") after a successful fit, failing the job. Only on success: after an
     exception other ranks may still wait in a collective, and destroying the group would hang there.
     """
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # every rank is past its last collective before any rank closes its connections
+        gc.collect()  # free what still references the group (the trainer's strategy, a device mesh) first
         dist.destroy_process_group()
 
 

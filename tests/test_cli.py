@@ -40,7 +40,6 @@ def scalars(acc: EventAccumulator, tag: str) -> list[float]:
 def test_fit_learns_checkpoints_and_writes_stopping_histograms(tmp_path, source_root):
     cli = main(tiny_args(tmp_path, source_root, "--trainer.max_steps", "40", "--trainer.val_check_interval", "20",
                          "--trainer.log_every_n_steps", "5", "--trainer.limit_val_batches", "2",
-                         "--trainer.callbacks+=cyb_lightning.callbacks.StoppingTimeHistograms",
                          "--trainer.callbacks.every_n_steps", "10"))
     log_dir = cli.trainer.log_dir
     acc = EventAccumulator(log_dir, size_guidance={"histograms": 0, "scalars": 0}).Reload()
@@ -140,3 +139,28 @@ def test_the_entry_point_ends_the_process_group_after_success_only(tmp_path, mon
         entry.main(["fit"])
     assert dist.is_initialized()
     dist.destroy_process_group()
+
+
+def test_positive_control_fit_logs_every_difficulty_level(tmp_path, capsys):
+    """The demo's path, shortened: the synthetic task through the CLI logs per-level scalars, per-level
+    stopping-time histograms, and the summary prints a row per level."""
+    source = {"class_path": "cyb_lightning.data.synthetic.SyntheticTask",
+              "init_args": {"levels": [1, 3], "documents_per_shard": 20, "train_shards": 2,
+                            "root": str(tmp_path / "synthetic")}}  # fmt: skip
+    cli = main(["fit", "--config", "conf/positive_control.yaml", "--data.source", json.dumps(source),
+                "--trainer.max_steps", "12", "--trainer.val_check_interval", "6", "--trainer.limit_val_batches", "2",
+                "--data.batch_size", "4", "--data.seq_len", "32", "--data.val_documents", "4",
+                "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+                "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "per difficulty level" in out and "Spearman(difficulty, expected pauses)" in out
+    rows = [line.split() for line in out.splitlines() if line.strip() and line.split()[0] in ("0", "1", "3")]
+    assert [r[0] for r in rows] == ["0", "1", "3"]
+    acc = EventAccumulator(cli.trainer.log_dir, size_guidance={"histograms": 0}).Reload()
+    for level in (0, 1, 3):
+        for key in ("accuracy", "extra_pauses", "readout_steps"):
+            values = scalars(acc, f"val/difficulty/{level}/{key}")
+            assert len(values) == 2 and all(math.isfinite(v) for v in values)
+        assert 1.0 <= scalars(acc, f"val/difficulty/{level}/readout_steps")[-1] <= 4.0
+        assert f"val/pauses_by_difficulty/{level}/stop_step" in acc.Tags()["histograms"]
+    assert "val/difficulty/2/accuracy" not in acc.Tags()["scalars"]  # no query of level 2 in this task

@@ -84,3 +84,15 @@ def test_paper_configs_default_to_the_papers_settings(name):
     if name == "pause_pretrain.yaml":
         assert cfg["data"]["pause_fraction"] == 0.1
     assert cfg["data"]["source"]["class_path"].endswith("HubC4")
+
+
+@pytest.mark.parametrize("layer", sorted((CONF / "positive_control").glob("*.yaml")), ids=lambda p: p.name)
+def test_positive_control_layers_change_only_the_method(layer):
+    """Every method of the comparison stacks on conf/positive_control.yaml: the same decoder, data and steps."""
+    base = printed_config("--config", str(CONF / "positive_control.yaml"))
+    cfg = printed_config("--config", str(CONF / "positive_control.yaml"), "--config", str(layer))
+    assert cfg["model"]["decoder"] == base["model"]["decoder"]
+    assert cfg["trainer"]["max_steps"] == base["trainer"]["max_steps"] and cfg["seed_everything"] == 0
+    assert cfg["data"]["source"] == base["data"]["source"] and cfg["data"]["seq_len"] == base["data"]["seq_len"]
+    steps = cfg["data"]["num_pauses"] + 1 if cfg["data"]["layout"] in ("cyb", "variable") else 1
+    build_loss(cfg["model"]["loss"]).check_steps(steps)

@@ -37,7 +37,7 @@ class TokenPauseReport(L.Callback):
             self.latency = None
             return
         table = self.metric.to(pl_module.device).table()  # every rank takes part in the gather
-        probs = self.latency.compute()["p_stop"].tolist()
+        probs = self.latency.compute()["p_stop"].reshape(-1).tolist()  # W = 1 (no pauses): 0-d from the metric
         self.metric.reset()
         self.latency = None
         if not trainer.is_global_zero:

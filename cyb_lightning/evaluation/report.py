@@ -32,6 +32,7 @@ from torchmetrics import MeanMetric
 from cyb_lightning.evaluation.tokens import QUADRANTS, quadrants
 from cyb_lightning.metrics import (
     CalibrationSpearman,
+    DifficultyStats,
     ReadoutAccuracy,
     StoppingStats,
     TokenPauseStats,
@@ -48,6 +49,7 @@ def evaluate(module, batches, *, min_count: int = 5, max_batches: int | None = N
     stats_m, acc_m, loss_m = StoppingStats(W), ReadoutAccuracy(W), MeanMetric()
     calib_m = CalibrationSpearman(W) if module.loss_fn.uses_dk and W > 1 else None
     token_m = TokenPauseStats(min_count)
+    difficulty_m = DifficultyStats(W)  # used when the batches label their targets' difficulty
     sample = None
     for b, batch in enumerate(batches):
         if max_batches is not None and b >= max_batches:
@@ -59,6 +61,8 @@ def evaluate(module, batches, *, min_count: int = 5, max_batches: int | None = N
         for m in (stats_m, acc_m, token_m) + ((calib_m,) if calib_m is not None else ()):
             m.update(stats)
         loss_m.update(per_token)
+        if "difficulty" in batch:
+            difficulty_m.update(stats, batch["difficulty"][batch["target_mask"]])
         if sample is None:
             n0 = int(batch["target_mask"][0].sum())
             sample = {"ids": stats.inputs[: min(n0, sample_tokens)].tolist(),
@@ -80,8 +84,46 @@ def evaluate(module, batches, *, min_count: int = 5, max_batches: int | None = N
         "readout_steps": float(acc["readout_steps"]),
         "tokens": int(stop["tokens"]),
     }
+    if difficulty_m.update_count:
+        metrics["by_difficulty"] = difficulty_table(difficulty_m.compute())
     all_pauses = torch.cat(token_m.pauses) if token_m.pauses else torch.zeros(0)
     return {"metrics": metrics, "table": table, "sample": sample, "pauses": all_pauses, "stop_sum": stats_m.stop_sum}
+
+
+def difficulty_table(result: dict[str, Tensor]) -> dict:
+    """``DifficultyStats.compute()`` as JSON: {"levels": {level: {metric: value}}, "spearman": ρ}."""
+    levels = {}
+    for level in torch.nonzero(result["tokens"] > 0).flatten().tolist():
+        row = {k: float(result[k][level]) for k in ("accuracy", "sampled_accuracy", "first_step_accuracy",
+                                                    "last_step_accuracy", "extra_pauses", "readout_steps")}  # fmt: skip
+        levels[level] = {"tokens": int(result["tokens"][level]), **row, "p_stop": result["p_stop"][level].tolist()}
+    return {"levels": levels, "spearman": float(result["spearman"])}
+
+
+def comparators(report: dict, module, datamodule, args) -> dict:
+    """What an adaptive reader is measured against (spec §5): the same model's step mixture in its training
+    context (every token given all K pauses), and, with ``--baseline_ckpt``, a no-pause model read the same
+    way over the same held-out batches (its perplexity at 1 forward step per token)."""
+    from cyb_lightning.evaluation.loading import load_run
+    from cyb_lightning.generation import PausePolicy, Sampling, adaptive_evaluate, runner_for
+
+    m = report["metrics"]
+    out = {"step_mixture": {"ppl": m["ppl"], "steps_per_token": float(module.hparams.steps_per_token),
+                            "expected_steps_per_token": 1.0 + m["extra_pauses"]}}  # fmt: skip
+    if args.baseline_ckpt:
+        base, base_dm = load_run(args.baseline_ckpt)
+        if base.hparams.steps_per_token != 1 or base_dm.tokenizer.vocab != datamodule.tokenizer.vocab:
+            raise ValueError(
+                f"--baseline_ckpt {args.baseline_ckpt} must be a no-pause run (layout none) with this run's "
+                f"tokenizer; it has {base.hparams.steps_per_token} steps per token and "
+                f"{'the same' if base_dm.tokenizer.vocab == datamodule.tokenizer.vocab else 'another'} vocabulary"
+            )
+        runner = runner_for(base, PausePolicy("none"), Sampling(0.0), datamodule.pause_ids)
+        # This run's validation batches: the very same tokens; the runner reads only their real tokens.
+        r = adaptive_evaluate(runner, datamodule.val_dataloader(), args.adaptive_batches)
+        out["baseline"] = {"checkpoint": str(args.baseline_ckpt), "ppl": r["ppl"], "accuracy": r["accuracy"],
+                           "steps_per_token": r["steps_per_token"], "tokens": r["tokens"]}  # fmt: skip
+    return out
 
 
 def token_analysis(table: dict[str, Tensor], tokenizer, min_count: int, top: int) -> dict:
@@ -200,13 +242,37 @@ def markdown(report: dict) -> str:
         f"| forward steps per token of the trained rule | {m['readout_steps']:.3f} |",
         "",
     ]
+    if m.get("by_difficulty"):
+        lines += ["## Per difficulty level", "",
+                  f"Spearman ρ(difficulty, expected pauses) = {m['by_difficulty']['spearman']:.3f}", "",
+                  "| level | tokens | accuracy (trained rule) | accuracy, no pause | accuracy, K pauses "
+                  "| expected pauses | forward steps (trained rule) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for level, r in m["by_difficulty"]["levels"].items():
+            lines.append(f"| {level} | {r['tokens']:,} | {r['accuracy']:.3f} | {r['first_step_accuracy']:.3f} | "
+                         f"{r['last_step_accuracy']:.3f} | {r['extra_pauses']:.3f} | {r['readout_steps']:.3f} |")  # fmt: skip
+        lines.append("")
+    comp = report.get("comparators") or {}
+    if comp:
+        lines += ["## Against what", "",
+                  "| reader | ppl | forward steps / token |", "|---|---|---|",
+                  f"| this model's step mixture, all {K} pauses given (its training context) | "
+                  f"{comp['step_mixture']['ppl']:.3f} | {comp['step_mixture']['steps_per_token']:.0f} computed, "
+                  f"{comp['step_mixture']['expected_steps_per_token']:.2f} expected |"]  # fmt: skip
+        if "baseline" in comp:
+            b = comp["baseline"]
+            lines.append(f"| no-pause baseline `{b['checkpoint']}` (same tokens as the adaptive runs below) | "
+                         f"{b['ppl']:.3f} | {b['steps_per_token']:.2f} |")  # fmt: skip
+        lines.append("")
     if report.get("adaptive"):
         lines += ["## Adaptive inference (teacher-forced; compute actually spent)", "",
-                  "| policy | ppl at the answering step | forward steps / token | compute saved vs fixed-K |"
-                  " P(0…K pauses) | tokens |", "|---|---|---|---|---|---|"]  # fmt: skip
+                  "threshold and sample follow the stopping rule the loss trains; greedy (pause while DK is the argmax) "
+                  "does not. *Batch steps*: what a batch computes per token, rows waiting for others included.", "",
+                  "| policy | ppl at the answering step | accuracy | forward steps / token | batch steps / token "
+                  "| P(0…K pauses) | tokens |", "|---|---|---|---|---|---|---|"]  # fmt: skip
         for name, r in report["adaptive"].items():
-            lines.append(f"| {name} | {r['ppl']:.3f} | {r['steps_per_token']:.3f} | {100 * r['compute_saved']:.1f} % "
-                         f"| {' / '.join(f'{p:.2f}' for p in r['p_pauses'])} | {r['tokens']:,} |")  # fmt: skip
+            lines.append(f"| {name} | {r['ppl']:.3f} | {r['accuracy']:.3f} | {r['steps_per_token']:.3f} | "
+                         f"{r['batch_steps_per_token']:.3f} | {' / '.join(f'{p:.2f}' for p in r['p_pauses'])} "
+                         f"| {r['tokens']:,} |")  # fmt: skip
         lines.append("")
     lines += [f"## Tokens (seen at least {a['min_count']} times: {len(a['tokens'])})", ""]
     for q, rows in a["quadrants"].items():
@@ -293,6 +359,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "threshold and sample follow the trained stopping rule, greedy does not")
     parser.add_argument("--threshold", type=float, default=0.5, help="τ of the threshold policy")
     parser.add_argument("--adaptive_batches", type=int, default=2, help="validation batches the adaptive runs read")
+    parser.add_argument("--baseline_ckpt", help="a no-pause checkpoint (layout none) to compare with: its perplexity "
+                        "on the same held-out tokens, at 1 forward step per token")
     args, overrides = parser.parse_known_args(argv)
 
     from cyb_lightning.evaluation.loading import load_run
@@ -318,6 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
         runner = runner_for(module, PausePolicy(kind, args.threshold), Sampling(0.0), datamodule.pause_ids,
                             generator=torch.Generator().manual_seed(0))  # ``sample``: the same draws every run
         report["adaptive"][kind] = adaptive_evaluate(runner, datamodule.val_dataloader(), args.adaptive_batches)
+    report["comparators"] = comparators(report, module, datamodule, args)
     out = Path(args.out) if args.out else Path(args.ckpt_path).resolve().parent.parent / "report"
     write_report(out, report, result, datamodule.tokenizer)
     report["seconds"] = round(time.time() - started, 1)
@@ -326,5 +395,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"P(0..K) = {' / '.join(f'{p:.2f}' for p in m['p_stop'])}, accuracy {m['accuracy']:.3f})")  # fmt: skip
     for kind, r in report["adaptive"].items():
         print(f"  adaptive {kind:9s} ppl {r['ppl']:.3f} at {r['steps_per_token']:.2f} steps/token "
-              f"({100 * r['compute_saved']:.1f} % compute saved vs fixed-K)")  # fmt: skip
+              f"({r['batch_steps_per_token']:.2f} computed by the batch)")  # fmt: skip
+    if "baseline" in report["comparators"]:
+        b = report["comparators"]["baseline"]
+        print(f"  no-pause baseline ppl {b['ppl']:.3f} at 1.00 steps/token on the same tokens")
     return report

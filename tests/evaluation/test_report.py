@@ -81,3 +81,41 @@ def test_fit_logs_the_token_views_and_evaluation_metrics_to_tensorboard(tiny_run
     assert any(t.startswith("val/tokens/quadrants") for t in tags["tensors"])  # add_text → a text tensor
     for name in ("val/ppl", "val/accuracy", "val/calibration/step1", "val/calibration/step2"):
         assert name in tags["scalars"], name
+
+
+def test_report_compares_with_a_no_pause_baseline_on_the_same_tokens(tiny_run, tiny_quickstart, tmp_path):
+    """``--baseline_ckpt``: the no-pause model's perplexity over the very held-out tokens the adaptive runs
+    read, beside the model's own step mixture; a pause checkpoint as the 'baseline' is refused."""
+    import yaml
+
+    from cyb_lightning.__main__ import main
+    from cyb_lightning.data import QuickstartCorpus
+    from cyb_lightning.evaluation.loading import load_run
+    from cyb_lightning.generation import PausePolicy, Sampling, adaptive_evaluate, runner_for
+    from tests.conftest import TINY_QUICKSTART
+    from tests.evaluation.conftest import tiny_run_config
+
+    source = QuickstartCorpus(str(tiny_quickstart.corpus.directory.parent), **TINY_QUICKSTART)
+    cfg = tiny_run_config(source, tmp_path)
+    cfg["model"]["loss"] = {"class_path": "cyb_lightning.losses.CrossEntropy"}
+    cfg["data"]["layout"] = "none"
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(cfg))
+    main(["fit", "--config", str(tmp_path / "base.yaml")])
+    base_ckpt = tmp_path / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    ckpt, _ = tiny_run
+    out = tmp_path / "report"
+    main(["report", "--ckpt_path", str(ckpt), "--out", str(out), "--min_count", "2", "--adaptive", "threshold",
+          "--adaptive_batches", "1", "--baseline_ckpt", str(base_ckpt)])  # fmt: skip
+    data = json.loads((out / "report.json").read_text())
+    comp = data["comparators"]
+    assert comp["step_mixture"]["ppl"] == data["metrics"]["ppl"] and comp["step_mixture"]["steps_per_token"] == 3
+    # The baseline read by itself over the same batches gives the same number.
+    base, _ = load_run(str(base_ckpt))
+    _, dm = load_run(str(ckpt))
+    again = adaptive_evaluate(runner_for(base, PausePolicy("none"), Sampling(0.0)), dm.val_dataloader(), 1)
+    assert math.isclose(comp["baseline"]["ppl"], again["ppl"], rel_tol=1e-9)
+    assert comp["baseline"]["tokens"] == data["adaptive"]["threshold"]["tokens"]  # the very same tokens
+    assert "no-pause baseline" in (out / "report.md").read_text()
+    with pytest.raises(ValueError, match="must be a no-pause run"):
+        main(["report", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "r2"), "--adaptive", "",
+              "--baseline_ckpt", str(ckpt)])  # fmt: skip

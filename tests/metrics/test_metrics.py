@@ -166,3 +166,29 @@ def test_token_pause_stats_metric_matches_the_table():
     assert out["ids"].tolist() == [30]
     e = [sum(k * p for k, p in enumerate(expected_stop(D[i]))) for i in (0, 2)]
     assert math.isclose(float(out["mean"][0]), sum(e) / 2, rel_tol=1e-9)
+
+
+def test_difficulty_stats_on_known_values():
+    from cyb_lightning.metrics import DifficultyStats
+
+    stats = step_statistics(hand_logits(D, T, Y), torch.tensor(Y), DK, CYBAP([0, 0, 1], psi_dk=None))
+    metric = DifficultyStats(3, max_level=4)
+    metric.update(stats, torch.tensor([2, -1, 2]))  # token 1 is not a task target
+    stats2 = step_statistics(hand_logits(D[:1], T[:1], Y[:1]), torch.tensor(Y[:1]), DK, CYBAP([0, 0, 1], psi_dk=None))
+    metric.update(stats2, torch.tensor([0]))
+    out = metric.compute()
+    assert out["tokens"].tolist() == [1, 0, 2, 0, 0]
+    e = [sum(k * p for k, p in enumerate(expected_stop(D[i]))) for i in range(3)]
+    assert math.isclose(float(out["extra_pauses"][2]), (e[0] + e[2]) / 2, rel_tol=1e-9)
+    assert math.isclose(float(out["extra_pauses"][0]), e[0], rel_tol=1e-9)
+    assert math.isnan(float(out["accuracy"][1]))  # a level without tokens
+    first = stats.correct[:, 0].double()
+    assert math.isclose(float(out["first_step_accuracy"][2]), float(first[[0, 2]].mean()))
+    readout = stats.readout
+    acc = [float(stats.correct[i, readout[i]]) for i in (0, 2)]
+    assert math.isclose(float(out["accuracy"][2]), sum(acc) / 2)
+    torch.testing.assert_close(out["p_stop"][2].sum(), torch.tensor(1.0, dtype=torch.float64))
+    # Spearman over the sampled tokens: levels (2, 2, 0) against their expected pauses.
+    from scipy.stats import spearmanr
+
+    assert math.isclose(float(out["spearman"]), spearmanr([2, 2, 0], [e[0], e[2], e[0]]).statistic, abs_tol=1e-6)
