@@ -1,4 +1,4 @@
-"""Adaptive inference: the model pauses only where it asks to (CYB "recipe 2", spec ``shared/method.md`` §5).
+"""Adaptive inference: the model pauses only where it asks to (CYB "recipe 2", spec ``docs/method.md`` §5).
 
 After each real token x_t the decoder is run one step at a time with a KV cache. At step i the model's
 own output decides, through a :class:`PausePolicy`, whether the next input is the pause ``P_i`` (at x_t's

@@ -354,6 +354,7 @@ class CYBModule(L.LightningModule):
         self.log(f"{stage}/ppl", result["ppl"].float(), prog_bar=True, sync_dist=False)
         self.log(f"{stage}/extra_pauses", result["extra_pauses"].float(), sync_dist=False)
         self.log(f"{stage}/accuracy", acc["accuracy"].float(), sync_dist=False)
+        self.log(f"{stage}/sampled_accuracy", acc["sampled_accuracy"].float(), sync_dist=False)
         self.log(f"{stage}/readout_steps", acc["readout_steps"].float(), sync_dist=False)
         # reshape: with W = 1 the per-step states come back 0-dim from the metric
         p_stop, dk_rate = result["p_stop"].reshape(-1), result["dk_rate"].reshape(-1)

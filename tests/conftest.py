@@ -39,3 +39,28 @@ def tiny_vocab_size():
 @pytest.fixture
 def tiny_tokenizer(tiny_quickstart):
     return tiny_quickstart.tokenizer
+
+
+def tiny_cyb_yaml(tiny_quickstart) -> str:
+    """The model and data of a tiny CYB-AP fit (YAML text, ``data`` last and open): the resume, kill and
+    requeue tests append their batch size and trainer."""
+    quickstart_args = ", ".join(f"{k}: {v}" for k, v in TINY_QUICKSTART.items())
+    return f"""
+seed_everything: 1234
+model:
+  decoder:
+    class_path: cyb_lightning.model.GPTConfig
+    init_args: {{n_layer: 1, n_head: 2, d_model: 32, max_position: 64}}
+  loss: {{class_path: cyb_lightning.losses.CYBAP}}
+  warmup_steps: 2
+  decay_steps: 1000
+data:
+  source:
+    class_path: cyb_lightning.data.QuickstartCorpus
+    init_args: {{root: {tiny_quickstart.corpus.directory.parent}, {quickstart_args}}}
+  tokenizer_dir: {tiny_quickstart.tokenizer_dir}
+  bpe_vocab_size: {TINY_VOCAB}
+  layout: cyb
+  num_pauses: 3
+  seq_len: 16
+"""

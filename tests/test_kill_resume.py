@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from cyb_lightning.resume import load_metadata, pick_checkpoint
-from tests.conftest import TINY_QUICKSTART, TINY_VOCAB
+from tests.conftest import tiny_cyb_yaml
 from tests.distributed.trace import read
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,26 +34,8 @@ pytestmark = pytest.mark.slow
 
 
 def config(tmp: Path, tiny_quickstart, strategy: str, run: str) -> Path:
-    quickstart_args = ", ".join(f"{k}: {v}" for k, v in TINY_QUICKSTART.items())
     path = tmp / f"{run}.yaml"
-    path.write_text(f"""
-seed_everything: 1234
-model:
-  decoder:
-    class_path: cyb_lightning.model.GPTConfig
-    init_args: {{n_layer: 1, n_head: 2, d_model: 32, max_position: 64}}
-  loss: {{class_path: cyb_lightning.losses.CYBAP}}
-  warmup_steps: 2
-  decay_steps: 1000
-data:
-  source:
-    class_path: cyb_lightning.data.QuickstartCorpus
-    init_args: {{root: {tiny_quickstart.corpus.directory.parent}, {quickstart_args}}}
-  tokenizer_dir: {tiny_quickstart.tokenizer_dir}
-  bpe_vocab_size: {TINY_VOCAB}
-  num_pauses: 3
-  seq_len: 16
-  batch_size: 2
+    path.write_text(tiny_cyb_yaml(tiny_quickstart) + f"""  batch_size: 2
   lanes: 2
 trainer:
   accelerator: cpu

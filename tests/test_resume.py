@@ -23,7 +23,7 @@ import torch
 
 from cyb_lightning.cli import main as cli_main
 from cyb_lightning.resume import NoValidCheckpoint, inspect, pick_checkpoint
-from tests.conftest import TINY_QUICKSTART, TINY_VOCAB
+from tests.conftest import tiny_cyb_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,26 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def experiment(tmp: Path, tiny_quickstart, run_dir: Path, max_steps: int = 13) -> Path:
     """A tiny CYB-AP fit config, checkpoints every 5 steps into ``run_dir/checkpoints``."""
     config = tmp / "experiment.yaml"
-    quickstart_args = ", ".join(f"{k}: {v}" for k, v in TINY_QUICKSTART.items())
-    config.write_text(f"""
-seed_everything: 1234
-model:
-  decoder:
-    class_path: cyb_lightning.model.GPTConfig
-    init_args: {{n_layer: 1, n_head: 2, d_model: 32, max_position: 64}}
-  loss: {{class_path: cyb_lightning.losses.CYBAP}}
-  warmup_steps: 2
-  decay_steps: 1000
-data:
-  source:
-    class_path: cyb_lightning.data.QuickstartCorpus
-    init_args: {{root: {tiny_quickstart.corpus.directory.parent}, {quickstart_args}}}
-  tokenizer_dir: {tiny_quickstart.tokenizer_dir}
-  bpe_vocab_size: {TINY_VOCAB}
-  layout: cyb
-  num_pauses: 3
-  seq_len: 16
-  batch_size: 4
+    config.write_text(tiny_cyb_yaml(tiny_quickstart) + f"""  batch_size: 4
 trainer:
   accelerator: cpu
   devices: 1

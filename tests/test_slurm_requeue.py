@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY_QUICKSTART, TINY_VOCAB
+from tests.conftest import tiny_cyb_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB_ID = "4242"
@@ -56,27 +56,8 @@ STRATEGIES = {
 
 
 def write_config(tmp: Path, tiny_quickstart, strategy: str) -> tuple[Path, Path]:
-    source_root = tiny_quickstart.corpus.directory.parent
     config = tmp / "experiment.yaml"
-    config.write_text(f"""
-seed_everything: 1234
-model:
-  decoder:
-    class_path: cyb_lightning.model.GPTConfig
-    init_args: {{n_layer: 1, n_head: 2, d_model: 32, max_position: 64}}
-  loss: {{class_path: cyb_lightning.losses.CYBAP}}
-  warmup_steps: 2
-  decay_steps: 1000
-data:
-  source:
-    class_path: cyb_lightning.data.QuickstartCorpus
-    init_args: {{root: {source_root}, max_stdlib_files: {TINY_QUICKSTART['max_stdlib_files']}, num_train_shards: {TINY_QUICKSTART['num_train_shards']}}}
-  tokenizer_dir: {tiny_quickstart.tokenizer_dir}
-  bpe_vocab_size: {TINY_VOCAB}
-  layout: cyb
-  num_pauses: 3
-  seq_len: 16
-  batch_size: 4
+    config.write_text(tiny_cyb_yaml(tiny_quickstart) + f"""  batch_size: 4
 """)
     layer = tmp / "cpu_layer.yaml"  # the STRATEGY layer: CPU tasks, frequent periodic checkpoints
     layer.write_text(STRATEGIES[strategy] + """

@@ -1,6 +1,6 @@
 """Sequence layouts: pure functions from a chunk of real tokens to one training example.
 
-The batch contract (the LightningModule relies on it exactly; spec ``shared/method.md`` §2, §4):
+The batch contract (the LightningModule relies on it exactly; spec ``docs/method.md`` §2, §4):
 
     input_ids    long [L]   (batched [B, L])   L = T · W
     position_ids long [L]

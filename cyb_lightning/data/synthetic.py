@@ -1,7 +1,7 @@
 """A synthetic task where extra compute steps provably help: the positive control of the pause methods.
 
 Pauses give a token more *parallel width* (more positions that read the context after it), not more
-serial depth (spec §5b). The task below has targets that a small decoder answers from one position and
+serial depth (docs/method.md §6). The task below has targets that a small decoder answers from one position and
 targets whose computation does not fit in one position's feed-forward block, so that a model given K
 pauses per token can spread it over K + 1 positions. CYB's claim is that the model learns to ask for the
 extra steps exactly there; the difficulty of every target travels with the batch so the evaluation can

@@ -1,6 +1,6 @@
 """The vocabulary: a byte-level BPE whose ids are shifted past a block of reserved ids.
 
-Reserved ids (spec ``shared/method.md`` §2): ``<pad>``, ``<eot>`` (end of text), ``<dk>`` (don't know, an
+Reserved ids (spec ``docs/method.md`` §2): ``<pad>``, ``<eot>`` (end of text), ``<dk>`` (don't know, an
 *output* id) and ``<pause1>`` … ``<pauseK_max>`` (input ids). They must never come out of raw text, so
 that a document quoting "<pause1>" cannot inject a pause. This holds *by construction*: the BPE is trained
 with no special tokens at all (so it has nothing that could match "<pause1>" as one token), and every text

@@ -101,15 +101,16 @@ def difficulty_table(result: dict[str, Tensor]) -> dict:
 
 
 def comparators(report: dict, module, datamodule, args) -> dict:
-    """What an adaptive reader is measured against (spec §5): the same model's step mixture in its training
-    context (every token given all K pauses), and, with ``--baseline_ckpt``, a no-pause model read the same
-    way over the same held-out batches (its perplexity at 1 forward step per token)."""
+    """What an adaptive reader is measured against (spec §5), on the same held-out tokens as the adaptive
+    runs: the same model's step mixture in its training context (every token given all K pauses), and, with
+    ``--baseline_ckpt``, a no-pause model (its perplexity at 1 forward step per token)."""
     from cyb_lightning.evaluation.loading import load_run
     from cyb_lightning.generation import PausePolicy, Sampling, adaptive_evaluate, runner_for
 
-    m = report["metrics"]
+    # On the very tokens the adaptive runs read (their first --adaptive_batches batches).
+    m = evaluate(module, datamodule.val_dataloader(), max_batches=args.adaptive_batches)["metrics"]
     out = {"step_mixture": {"ppl": m["ppl"], "steps_per_token": float(module.hparams.steps_per_token),
-                            "expected_steps_per_token": 1.0 + m["extra_pauses"]}}  # fmt: skip
+                            "expected_steps_per_token": 1.0 + m["extra_pauses"], "tokens": m["tokens"]}}  # fmt: skip
     if args.baseline_ckpt:
         base, base_dm = load_run(args.baseline_ckpt)
         if base.hparams.steps_per_token != 1 or base_dm.tokenizer.vocab != datamodule.tokenizer.vocab:
@@ -253,7 +254,7 @@ def markdown(report: dict) -> str:
         lines.append("")
     comp = report.get("comparators") or {}
     if comp:
-        lines += ["## Against what", "",
+        lines += ["## Against what (the tokens of the adaptive runs below)", "",
                   "| reader | ppl | forward steps / token |", "|---|---|---|",
                   f"| this model's step mixture, all {K} pauses given (its training context) | "
                   f"{comp['step_mixture']['ppl']:.3f} | {comp['step_mixture']['steps_per_token']:.0f} computed, "

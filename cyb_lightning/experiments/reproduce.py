@@ -1,6 +1,6 @@
 """``python -m cyb_lightning experiment``: the CYB comparison at a scale 2 CPU cores finish in under 2 hours.
 
-What it runs (the plan: ``conf/experiments/cyb_repro.yaml``; the paper's numbers: ``shared/method.md`` §6):
+What it runs (the plan: ``conf/experiments/cyb_repro.yaml``; the paper's numbers: ``docs/method.md`` §7):
 
 1. **Corpus** (``OUT/corpus``, built once, deterministic): the quickstart sources (pydoc topics, stdlib
    docstrings), Debian's ``python3.11-doc`` reStructuredText sources and any ``--extra-dir`` folders, cut

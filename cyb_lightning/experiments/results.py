@@ -2,7 +2,7 @@
 
     python -m cyb_lightning experiment --results-only --out runs/cyb_repro --results docs/results.md
 
-Tables in the paper's form beside the paper's numbers (``shared/method.md`` §6), the seed spread, data
+Tables in the paper's form beside the paper's numbers (``docs/method.md`` §7), the seed spread, data
 efficiency (CYB Fig. 6) and how much data each method needs to match the others, every result also
 against laid-out tokens (forward positions) and training wall time, latency distributions, calibration,
 token quadrants, adaptive inference, loss-vs-tokens plots for every run, and the exact commands, commit,
@@ -250,7 +250,7 @@ def write_results(out: Path, md_path: Path, img_dir: Path | None = None) -> Path
           "Produced by `python -m cyb_lightning experiment` (plan `conf/experiments/cyb_repro.yaml`, "
           "docs/experiments.md) and written from its result files by `cyb_lightning/experiments/results.py`. "
           "Paper numbers: CYB v1 (Gemma-1 2B fine-tuned on C4, read off the paper's figures, "
-          "`shared/method.md` §6). Ours: held-out perplexity of the step mixture (γ = 1, ω = (0,…,0,1); "
+          "`docs/method.md` §7). Ours: held-out perplexity of the step mixture (γ = 1, ω = (0,…,0,1); "
           "ordinary perplexity without pauses) on this corpus, so the absolute values are not comparable "
           "with C4's; the orderings and relative gaps are.", ""]  # fmt: skip
     L += answer_lines(plan, by_name)
@@ -410,13 +410,14 @@ def write_results(out: Path, md_path: Path, img_dir: Path | None = None) -> Path
         if ad:
             L += ["Teacher-forced adaptive inference (compute actually spent; `cyb_lightning.generation`, "
                   f"{s['adaptive_batches']} held-out batches):", "",
-                  "| run | trained rule (d < 0.5): ppl / steps per token | greedy on DK (not the trained rule) "
-                  "| fixed K: ppl / steps | no pauses: ppl / steps |", "|---|---|---|---|---|"]  # fmt: skip
+                  "| run | trained rule (d < 0.5): ppl / steps per token | sampled stop (probability 1 − d) "
+                  "| greedy on DK (not the trained rule) | fixed K: ppl / steps | no pauses: ppl / steps |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
             for r in ad:
                 a = r["adaptive"]
                 L.append(f"| {r['name']} | " + " | ".join(
                     f"{_f(a[k]['ppl'])} / {a[k]['steps_per_token']:.2f}" if k in a else "not measured"
-                    for k in ("threshold", "greedy", "fixed", "none")) + " |")  # fmt: skip
+                    for k in ("threshold", "sample", "greedy", "fixed", "none")) + " |")  # fmt: skip
             L.append("")
         L += ["Latency pictures (from each run's report folder):", ""]
         for r in pause_runs:

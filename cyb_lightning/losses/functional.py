@@ -1,4 +1,4 @@
-"""The math of every loss, as pure functions of tensors (spec: ``shared/method.md`` §3–4).
+"""The math of every loss, as pure functions of tensors (spec: ``docs/method.md`` §3–4).
 
 Shapes: ``logits`` is ``[N, W, V]`` (N real tokens, W = 1 + K steps each, V output ids), ``targets`` is
 ``[N]``. Every function returns the per-token loss ``[N]``; reduction (sum / global token count) is the

@@ -1,4 +1,4 @@
-"""Calibration, readout accuracy and per-token pause statistics (spec ``shared/method.md`` §5).
+"""Calibration, readout accuracy and per-token pause statistics (spec ``docs/method.md`` §5).
 
 Each is a torchmetrics ``Metric`` fed with :class:`~cyb_lightning.metrics.stopping.TokenStats`, so the
 global value is exact across ranks: sums are summed, and the per-token samples that Spearman
