@@ -611,12 +611,19 @@ class LocalPromptCompletion(PromptCompletionSource, LocalShards):
                 f"{self.prompt_field!r} and {self.completion_field!r} fields, or fix the pattern"
             ) from None
 
-    def _text(self, line: bytes) -> str | None:
+    def _text(self, line: bytes) -> tuple[str | None, str]:
+        """(the pair's document, '') or (None, what is wrong with the line), as :meth:`LocalShards._text`."""
         try:
             record = json.loads(line)
-        except ValueError:
-            return None
-        return self._pair(record)
+        except UnicodeDecodeError:
+            return None, "not UTF-8"
+        except ValueError as e:
+            return None, f"not JSON: {e}"
+        pair = self._pair(record)
+        if pair is None:
+            return None, (f"no string {self.prompt_field!r} and non-empty string {self.completion_field!r} "
+                          "(or text UTF-8 cannot encode)")  # fmt: skip
+        return pair, ""
 
     def fingerprint(self) -> str:
         return "pairs-" + LocalShards.fingerprint(self)

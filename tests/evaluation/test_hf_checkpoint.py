@@ -49,7 +49,7 @@ def test_generated_text_drops_reserved_ids_by_role_not_by_range(tmp_path):
     from cyb_lightning.generation import text_of
 
     save_tiny_tokenizer(tmp_path)
-    tok = HFTokenizer(str(tmp_path), model_vocab_size=300)
+    tok = HFTokenizer(str(tmp_path), model_vocab_size=300, num_pauses=8)
     v = tok.vocab
     assert tok.num_reserved == 9 and min(v.dk_id, *v.pause_ids) > 8  # added at the end: ids 0–8 are text
     ids = [v.eot_id, *tok.encode(PROMPT), v.pad_id, v.dk_id, *v.pause_ids, v.eot_id]
