@@ -31,23 +31,26 @@ def main(argv: list[str] | None = None) -> None:
     from cyb_lightning.cli import main as lightning_main
 
     lightning_main(argv)  # None: LightningCLI reads sys.argv itself
-    _destroy_process_group()
+    end_process_group()
 
 
-def _destroy_process_group() -> None:
+def end_process_group() -> None:
     """End the process group that a multi-process run leaves behind (Lightning does not).
 
-    Left to the interpreter's exit, gloo's worker threads can abort the process (SIGABRT, "terminate called
-    without an active exception") after a successful fit, failing the job. Only on success: after an
-    exception other ranks may still wait in a collective, and destroying the group would hang there.
+    Left to the interpreter's exit, gloo's threads and sockets are freed during finalisation, in no set
+    order and racing the peer's closing connections: the process can abort (SIGABRT, "terminate called
+    without an active exception") after a successful run. So the ranks meet at a barrier (every rank is past
+    its last collective), drop what still holds the group (a trainer's strategy, a device mesh, sharded
+    parameters), and destroy it while the interpreter is whole. Only on success: after an exception other
+    ranks may still wait in a collective, and the barrier or the destroy would hang there.
     """
     import gc
 
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # every rank is past its last collective before any rank closes its connections
-        gc.collect()  # free what still references the group (the trainer's strategy, a device mesh) first
+        dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -171,23 +171,30 @@ def page(results: list[dict], meta: dict, images: list[str], old: str | None) ->
                  + (f"{spread([r['easy_pauses'] for r in rows])} | {spread([r['hard_pauses'] for r in rows])} | "
                     f"{spread([r['spearman'] for r in rows])} |" if pause else "– | – | – |"))  # fmt: skip
     L += ["", "## Gates (the issue's targets, as measured)", ""]
+    gate1 = None
     if "baseline" in by and "tbys3" in by:
         gap = [t["hard_accuracy"] - b["hard_accuracy"] for t, b in zip(by["tbys3"], by["baseline"])]
         easy = min(r["easy_accuracy"] for r in by["baseline"] + by["tbys3"])
+        gate1 = min(gap) >= 0.2 and easy >= 0.95
         L.append(f"- Gate 1 (TBYS-3 ≥ 20 points above the baseline on hard tokens, both ≥ 95 % on easy ones): "
                  f"gap per seed {', '.join(f'{100 * g:+.1f}' for g in gap)} points; lowest easy accuracy "
-                 f"{100 * easy:.1f} % → **{'met' if min(gap) >= 0.2 and easy >= 0.95 else 'not met'}**.")  # fmt: skip
+                 f"{100 * easy:.1f} % → **{'met' if gate1 else 'not met'}**.")  # fmt: skip
+    if gate1 is False:
+        L.append("- Gate 2 (CYB pauses where pausing helps) is **not testable** on a task where pausing does not help: "
+                 "its comparisons (within 2 points of TBYS-3, 95 % of fixed-K's accuracy) are then met by default, "
+                 "against readers that are worse than no pauses at all. The numbers below are reported, not judged.")
     for m in ("cyb_ap", "cyb_variable"):
-        if m not in by or "tbys3" not in by:
+        if m not in by or "tbys3" not in by or gate1 is False:
             continue
         rows = by[m]
         close = [r["hard_accuracy"] - t["hard_accuracy"] for r, t in zip(rows, by["tbys3"])]
         rho = [r["spearman"] for r in rows]
         easy_p = [r["easy_pauses"] for r in rows]
-        keep = [r["adaptive"]["threshold"]["hard_accuracy"] / max(r["adaptive"]["fixed"]["hard_accuracy"], 1e-9)
-                for r in rows]  # fmt: skip
+        keep = [r["adaptive"]["threshold"]["hard_accuracy"] / r["adaptive"]["fixed"]["hard_accuracy"]
+                if r["adaptive"]["fixed"]["hard_accuracy"] > 0.05 else float("nan") for r in rows]  # fmt: skip
         spend = [(r["adaptive"]["threshold"]["steps_per_token"] - 1) / 3 for r in rows]
-        ok = min(close) >= -0.02 and min(rho) >= 0.5 and max(easy_p) <= 0.2 and min(keep) >= 0.95 and max(spend) <= 0.5
+        ok = (min(close) >= -0.02 and min(rho) >= 0.5 and max(easy_p) <= 0.2 and max(spend) <= 0.5
+              and all(k >= 0.95 for k in keep))  # NaN (fixed-K near 0 %: no meaningful ratio) fails
         L.append(f"- Gate 2, {METHODS[m][0]}: hard accuracy minus TBYS-3's {', '.join(f'{100 * c:+.1f}' for c in close)} "
                  f"points (≥ −2); Spearman {', '.join(f'{x:.2f}' for x in rho)} (≥ 0.5); easy pauses "
                  f"{', '.join(f'{x:.2f}' for x in easy_p)} (≤ 0.2); adaptive reader keeps "

@@ -74,13 +74,13 @@ def evaluate(module, batches, *, min_count: int = 5, max_batches: int | None = N
         "loss": float(loss_m.compute()),
         "ppl": float(stop["ppl"]),
         "nll": float(stop["nll"]),
-        "p_stop": stop["p_stop"].tolist(),
+        "p_stop": stop["p_stop"].reshape(-1).tolist(),  # reshape: with W = 1 the metric returns 0-d tensors
         "extra_pauses": float(stop["extra_pauses"]),
-        "dk_rate": stop["dk_rate"].tolist() if module.loss_fn.uses_dk else None,
-        "calibration_spearman": calib_m.compute().tolist() if calib_m is not None else None,
+        "dk_rate": stop["dk_rate"].reshape(-1).tolist() if module.loss_fn.uses_dk else None,
+        "calibration_spearman": calib_m.compute().reshape(-1).tolist() if calib_m is not None else None,
         "accuracy": float(acc["accuracy"]),
         "sampled_accuracy": float(acc["sampled_accuracy"]),
-        "accuracy_per_step": acc["per_step"].tolist(),
+        "accuracy_per_step": acc["per_step"].reshape(-1).tolist(),
         "readout_steps": float(acc["readout_steps"]),
         "tokens": int(stop["tokens"]),
     }

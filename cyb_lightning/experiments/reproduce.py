@@ -414,9 +414,6 @@ def evaluate_run(rdir: Path, ckpt: Path, run: dict, plan: dict) -> dict:
     module, dm = load_run(str(ckpt), str(rdir / "config.yaml"))
     result = R.evaluate(module, dm.val_dataloader())
     metrics = result["metrics"]
-    for key in ("p_stop", "dk_rate", "accuracy_per_step", "calibration_spearman"):
-        if isinstance(metrics.get(key), float):  # W = 1: 0-d tensors come back as plain floats
-            metrics[key] = [metrics[key]]
     out = {
         "checkpoint": str(ckpt), "global_step": run["steps"], "loss": type(module.loss_fn).__name__,
         "steps_per_token": run["W"], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -205,3 +205,6 @@ def parser() -> argparse.ArgumentParser:
 
 if __name__ == "__main__":
     run(parser().parse_args(sys.argv[1:]))
+    from cyb_lightning.__main__ import end_process_group
+
+    end_process_group()  # as `python -m cyb_lightning` does after a successful fit

@@ -9,7 +9,6 @@ sharded parameters and optimizer state makes of them.
 from __future__ import annotations
 
 import copy
-import gc
 import json
 import sys
 
@@ -17,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
+from cyb_lightning.__main__ import end_process_group
 from cyb_lightning.losses import CYBAP
 from cyb_lightning.model import GPTConfig
 from cyb_lightning.parallel import clip_grad_norm_, parallelize
@@ -77,16 +77,9 @@ def main(out: str, activation_checkpointing: bool, max_norm: float) -> None:
     if rank == 0:
         with open(out, "w") as f:
             json.dump(report, f)
-    # Tear down in lockstep and while the interpreter is whole: both ranks are past their last collective,
-    # and nothing holds the group any more (the sharded model's DTensors and the device mesh reference it),
-    # so destroy_process_group really frees gloo's threads and sockets here. Left to interpreter exit, that
-    # happens in arbitrary order during finalisation, racing the peer's closing connections (SIGABRT,
-    # "terminate called without an active exception", about one run in 30 under load).
-    dist.barrier()
-    del sharded, opt, mesh
-    gc.collect()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2] == "ac", float(sys.argv[3]))
+    # The entry point's teardown, once main's sharded model and device mesh are gone (they hold the group).
+    end_process_group()

@@ -47,6 +47,8 @@ def test_gates_are_met_only_when_every_seed_meets_them(script):
     bad = good[:3] + [result("tbys3", 1, 0.6)] + good[4:]  # seed 1: TBYS-3 only 10 points above the baseline
     text = script.page(bad, META, [], None)
     assert "+40.0, +10.0 points" in text and "Gate 1" in text and "**not met**" in text
+    # Without gate 1 the task does not need pauses: gate 2 is not judged (it would pass against weak readers).
+    assert "**not testable**" in text and text.count("**met**") == 0
     greedy = good[:4] + [result("cyb_ap", s, 0.89, pauses=(0.5, 2.0), adaptive=adaptive(0.88, 0.9, 1.9)) for s in (0, 1)]
     assert "easy pauses 0.50, 0.50 (≤ 0.2)" in script.page(greedy, META, [], None)
 
