@@ -283,15 +283,19 @@ class LocalShards(TextSource):
                 message = f"{shard}: unreadable after line {lineno}, rest of shard skipped ({e})"
                 self._warn(message, "broken_shards", shard)
 
-    @staticmethod
-    def _text(line: bytes) -> tuple[str | None, str]:
-        """(the record's text, '') or (None, what is wrong with the line)."""
+    def _text(self, line: bytes) -> tuple[str | None, str]:
+        """(the record's document, '') or (None, what is wrong with the line)."""
         try:
             record = json.loads(line)
         except UnicodeDecodeError:
             return None, "not UTF-8"
         except ValueError as e:
             return None, f"not JSON: {e}"
+        return self._document(record)
+
+    @staticmethod
+    def _document(record: Any) -> tuple[str | None, str]:
+        """(the text of a C4 record, '') or (None, what is wrong with it)."""
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             got = f"keys {sorted(record)[:5]}" if isinstance(record, dict) else f"a JSON {type(record).__name__}"
             return None, f"no string 'text' field ({got})"
@@ -611,14 +615,8 @@ class LocalPromptCompletion(PromptCompletionSource, LocalShards):
                 f"{self.prompt_field!r} and {self.completion_field!r} fields, or fix the pattern"
             ) from None
 
-    def _text(self, line: bytes) -> tuple[str | None, str]:
-        """(the pair's document, '') or (None, what is wrong with the line), as :meth:`LocalShards._text`."""
-        try:
-            record = json.loads(line)
-        except UnicodeDecodeError:
-            return None, "not UTF-8"
-        except ValueError as e:
-            return None, f"not JSON: {e}"
+    def _document(self, record: Any) -> tuple[str | None, str]:
+        """(the pair's document, '') or (None, what is wrong with the record)."""
         pair = self._pair(record)
         if pair is None:
             return None, (f"no string {self.prompt_field!r} and non-empty string {self.completion_field!r} "

@@ -10,8 +10,9 @@ Select it in YAML instead of :class:`~cyb_lightning.model.GPTConfig`::
 and give the data module the matching tokenizer (:class:`cyb_lightning.data.hf_tokenizer.HFTokenizer`),
 which decides where the DK and pause ids live: repurposed unused ids of the pretrained vocabulary, or new
 ids past its end. ``build(vocab_size)`` then grows the input embedding and the output layer to
-``vocab_size`` rows when needed, every new row being the mean of the pretrained rows (tied and untied
-output layers alike).
+``vocab_size`` rows when needed, every new row drawn from N(μ, Σ), the mean and covariance of the
+pretrained rows (tied and untied output layers alike): rows all equal to the mean would start the K pauses
+identical and DK's output row equal to them (docs/finetune.md measures it).
 
 Positions: the CYB layout gives every pause the position index of its real token, so the decoder must
 honour ``position_ids``. ``build`` refuses families whose forward has no ``position_ids`` or whose
