@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import socket
 import time
 from pathlib import Path
 
@@ -174,11 +175,15 @@ def test_hub_unreachable_fails_within_the_probe_timeout(monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "ENDPOINT", "https://10.255.255.1")  # unroutable: connect times out
-    t0 = time.monotonic()
-    with pytest.raises(RuntimeError, match="cannot reach .*local C4 mirror"):
-        HubC4(probe_timeout_s=0.5).prepare()
-    assert time.monotonic() - t0 < 3.0
+    # A server on the loopback that takes the connection and never answers (a hung proxy or Hub).
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match="cannot reach .*local C4 mirror"):
+            HubC4(probe_timeout_s=0.5).prepare()
+        assert time.monotonic() - t0 < 3.0
 
 
 def test_download_c4_offline_says_so_quickly(tmp_path):
@@ -291,7 +296,7 @@ def test_a_lane_with_no_readable_shard_says_so_with_the_cause(tmp_path, tiny_tok
     assert "Not a gzipped file" in message
 
 
-def test_skips_are_logged_per_reason_and_summed_up_at_the_end_of_fit(tmp_path, tiny_quickstart, caplog):
+def test_skips_are_logged_per_reason_and_summed_up_at_the_end_of_fit(tmp_path, caplog):
     """Through the CLI: data/skipped/<reason> scalars (here in metrics.csv) and one summary line."""
     import csv
 
@@ -307,7 +312,8 @@ def test_skips_are_logged_per_reason_and_summed_up_at_the_end_of_fit(tmp_path, t
         "--model.decoder.n_layer", "1", "--model.decoder.n_head", "2", "--model.decoder.d_model", "16",
         "--model.decoder.max_position", "16", "--model.loss", "cyb_lightning.losses.CrossEntropy",
         "--data.source", "cyb_lightning.data.LocalShards", "--data.source.path", str(mirror),
-        "--data.tokenizer_dir", str(tiny_quickstart.tokenizer_dir), "--data.bpe_vocab_size", "512",
+        # A tokenizer of its own: the shared one (tiny_quickstart's) would be retrained on this mirror.
+        "--data.tokenizer_dir", str(tmp_path / "tokenizer"), "--data.bpe_vocab_size", "512",
         "--data.layout", "none", "--data.seq_len", "8", "--data.batch_size", "2", "--data.lanes", "4",
         "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.max_steps", "40",
         "--trainer.log_every_n_steps", "20", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar",
