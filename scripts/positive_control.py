@@ -68,8 +68,15 @@ def fit(out: Path, method: str, seed: int, steps: int) -> Path:
     if proc.returncode:
         raise SystemExit(f"positive_control: {rdir.name} failed (exit {proc.returncode}); see {log}")
     (rdir / "run").mkdir(exist_ok=True)
-    (rdir / "fit.json").write_text(json.dumps({"command": " ".join(cmd[1:]), "fit_s": round(time.time() - t0, 1)}))
+    fit = {"command": " ".join(cmd[1:]), "fit_s": round(time.time() - t0, 1), "load": round(os.getloadavg()[0], 1)}
+    (rdir / "fit.json").write_text(json.dumps(fit))  # load: the 1-minute load average as the fit ended
     return rdir
+
+
+def weighted(levels: dict[int, dict], keys, field: str) -> float:
+    """The token-weighted mean of ``field`` over the difficulty levels ``keys`` (those present)."""
+    n = sum(levels[k]["tokens"] for k in keys if k in levels)
+    return sum(levels[k][field] * levels[k]["tokens"] for k in keys if k in levels) / max(n, 1)
 
 
 def evaluate(rdir: Path, method: str, seed: int, adaptive_batches: int) -> dict:
@@ -90,28 +97,30 @@ def evaluate(rdir: Path, method: str, seed: int, adaptive_batches: int) -> dict:
                 runner = runner_for(module, PausePolicy(kind), Sampling(0.0), dm.pause_ids)
                 adaptive[kind] = adaptive_evaluate(runner, dm.val_dataloader(), adaptive_batches)
     levels = {int(k): v for k, v in metrics["by_difficulty"]["levels"].items()}
-
-    def group(keys, field):
-        n = sum(levels[k]["tokens"] for k in keys if k in levels)
-        return sum(levels[k][field] * levels[k]["tokens"] for k in keys if k in levels) / max(n, 1)
-
     result = {
         "method": method, "label": METHODS[method][0], "seed": seed,
         "levels": levels, "spearman": metrics["by_difficulty"]["spearman"],
-        "easy_accuracy": group(EASY, "accuracy"), "hard_accuracy": group(HARD, "accuracy"),
-        "easy_pauses": group(EASY, "extra_pauses"), "hard_pauses": group(HARD, "extra_pauses"),
-        "hard_first_step_accuracy": group(HARD, "first_step_accuracy"),
-        "hard_last_step_accuracy": group(HARD, "last_step_accuracy"),
+        "easy_accuracy": weighted(levels, EASY, "accuracy"), "hard_accuracy": weighted(levels, HARD, "accuracy"),
+        "easy_pauses": weighted(levels, EASY, "extra_pauses"), "hard_pauses": weighted(levels, HARD, "extra_pauses"),
+        "hard_first_step_accuracy": weighted(levels, HARD, "first_step_accuracy"),
+        "hard_last_step_accuracy": weighted(levels, HARD, "last_step_accuracy"),
         "ppl": metrics["ppl"], "extra_pauses": metrics["extra_pauses"], "p_stop": metrics["p_stop"],
         "adaptive": adaptive, "eval_s": round(time.time() - t0, 1),
         **json.loads((rdir / "fit.json").read_text()),
     }  # fmt: skip
     for kind, a in adaptive.items():
         by = {int(k): v for k, v in a["by_difficulty"].items()}
-        n = sum(by[k]["tokens"] for k in HARD if k in by)
-        a["hard_accuracy"] = sum(by[k]["accuracy"] * by[k]["tokens"] for k in HARD if k in by) / max(n, 1)
-        a["hard_steps_per_token"] = sum(by[k]["steps_per_token"] * by[k]["tokens"] for k in HARD if k in by) / max(n, 1)
+        a["hard_accuracy"] = weighted(by, HARD, "accuracy")
+        a["hard_steps_per_token"] = weighted(by, HARD, "steps_per_token")
     return result
+
+
+def load_text(loads: list[float | None]) -> str:
+    """How busy the 2 cores were: the 1-minute load average as each fit ended (wall times depend on it)."""
+    known = [x for x in loads if x is not None]
+    if len(known) < len(loads):
+        return "load not recorded for every run: these runs shared the cores with other jobs, load average 1–7"
+    return f"1-minute load average {min(known):.1f}–{max(known):.1f} as the fits ended"
 
 
 def spread(values: list[float]) -> str:
@@ -268,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
             "machine": f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}",
             "date": time.strftime("%Y-%m-%d", time.gmtime()), "seeds": args.seeds, "steps": args.steps,
             "wall_s": sum(r["fit_s"] + r["eval_s"] for r in results),
-            "load": f"1-minute load average {os.getloadavg()[0]:.1f} at the end"}  # fmt: skip
+            "load": load_text([r.get("load") for r in results])}  # fmt: skip
     doc = REPO / args.doc
     old = None
     if doc.is_file() and KEEP_START in doc.read_text():

@@ -41,6 +41,40 @@ def tiny_tokenizer(tiny_quickstart):
     return tiny_quickstart.tokenizer
 
 
+@pytest.fixture
+def one_thread():
+    """Step-by-step decoding of a tiny model is latency-bound: one thread avoids pool contention on shared CPUs."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def load_script(relative: str):
+    """A script outside the package (``bench/…``, ``scripts/…``) imported as a module by its path."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_example(example, **expected) -> None:
+    """A laid-out example has exactly the batch contract's keys, and ``expected``'s values and dtypes."""
+    import numpy as np
+
+    assert set(example) == {"input_ids", "position_ids", "targets", "target_mask"}
+    for key, value in expected.items():
+        want = np.asarray(value, dtype=bool if key == "target_mask" else np.int64)
+        assert example[key].dtype == want.dtype, key
+        np.testing.assert_array_equal(example[key], want, err_msg=key)
+
+
 def tiny_cyb_yaml(tiny_quickstart) -> str:
     """The model and data of a tiny CYB-AP fit (YAML text, ``data`` last and open): the resume, kill and
     requeue tests append their batch size and trainer."""

@@ -22,13 +22,7 @@ K = len(PAUSES)
 BIAS = 4.0  # with the boosted DK row below, this model pauses 0, 2 or 3 times depending on the context
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Step-by-step decoding of a tiny model is latency-bound: one thread avoids pool contention on shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

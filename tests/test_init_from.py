@@ -75,16 +75,20 @@ def mean_cos(weight: torch.Tensor, ids) -> float:
     return float(((x @ x.T).sum() - len(ids)) / (len(ids) * (len(ids) - 1)))
 
 
-@pytest.fixture(scope="module")
-def baseline_ckpt(tmp_path_factory):
-    """A checkpoint of our own no-pause baseline run (CrossEntropy, layout none)."""
-    tmp = tmp_path_factory.mktemp("baseline")
+def pretrained_baseline(tmp, steps: int):
+    """(checkpoint, decoder weights) of our own no-pause baseline run (CrossEntropy, layout none)."""
     torch.manual_seed(0)
     module = make(CrossEntropy(), 0, lr=1e-2)
-    trainer = fit(module, 0, tmp, steps=3)
+    trainer = fit(module, 0, tmp, steps=steps)
     path = tmp / "baseline.ckpt"
     trainer.save_checkpoint(path)
     return path, {k: v.detach().clone() for k, v in module.decoder.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def baseline_ckpt(tmp_path_factory):
+    """A short baseline run."""
+    return pretrained_baseline(tmp_path_factory.mktemp("baseline"), steps=3)
 
 
 @pytest.mark.parametrize("loss", [CYBAP(), TBYSPerToken()], ids=["cyb_ap", "tbys"])
@@ -145,12 +149,7 @@ def test_init_from_a_distributed_checkpoint_folder(baseline_ckpt, tmp_path):
 @pytest.fixture(scope="module")
 def collapsed_ckpt(tmp_path_factory):
     """A baseline pretrained until the rows that are never a target collapse (our GPT ties its embeddings)."""
-    tmp = tmp_path_factory.mktemp("collapsed")
-    torch.manual_seed(0)
-    module = make(CrossEntropy(), 0, lr=1e-2)
-    trainer = fit(module, 0, tmp, steps=80)
-    trainer.save_checkpoint(tmp / "baseline.ckpt")
-    return tmp / "baseline.ckpt", {k: v.detach().clone() for k, v in module.decoder.state_dict().items()}
+    return pretrained_baseline(tmp_path_factory.mktemp("collapsed"), steps=80)
 
 
 def test_pause_and_dk_rows_are_distinct_at_the_start_of_finetuning(collapsed_ckpt, tmp_path):

@@ -285,6 +285,12 @@ def granted_steps_loss_from(steps: tuple[Tensor, Tensor, Tensor], step_mask: Ten
     return -torch.logsumexp(granted_halting_log_probs(log_d, log_1md, step_mask) + log_t, dim=-1)
 
 
+def last_granted_step(step_mask: Tensor) -> Tensor:
+    """Bool ``[N, W]``: the last granted step of each token (``step_mask`` marks a prefix of the steps)."""
+    mask = step_mask.bool()
+    return mask & ~torch.nn.functional.pad(mask[:, 1:], (0, 1), value=False)
+
+
 def granted_halting_log_probs(log_d: Tensor, log_1md: Tensor, step_mask: Tensor | None) -> Tensor:
     """log s ``[N, W]`` when token n may use only its granted steps (``step_mask``, a prefix; None: all W).
 
@@ -294,7 +300,7 @@ def granted_halting_log_probs(log_d: Tensor, log_1md: Tensor, step_mask: Tensor 
     if step_mask is None:
         return halting_log_probs(log_d, log_1md)
     mask = step_mask.bool()
-    last = mask & ~torch.nn.functional.pad(mask[:, 1:], (0, 1), value=False)  # the last granted step
+    last = last_granted_step(mask)
     survive = torch.nn.functional.pad(torch.cumsum(log_d[:, :-1], dim=-1), (1, 0))
     log_s = survive + torch.where(last, 0.0, log_1md)
     return torch.where(mask, log_s, -math.inf)

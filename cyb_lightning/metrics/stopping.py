@@ -91,9 +91,7 @@ def stopping_readout(log_d: Tensor, step_mask: Tensor | None = None, threshold: 
     if step_mask is None:
         answers[:, -1] = True
     else:
-        mask = step_mask.bool()
-        last = mask & ~torch.nn.functional.pad(mask[:, 1:], (0, 1), value=False)
-        answers = (answers & mask) | last
+        answers = (answers & step_mask.bool()) | F.last_granted_step(step_mask)
     return answers.int().argmax(-1)
 
 

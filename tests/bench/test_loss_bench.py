@@ -3,22 +3,16 @@ model and batch, and the cross-entropy reference is the TBYS loss that our chunk
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
+from tests.conftest import load_script
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("loss_bench", ROOT / "bench" / "loss_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/loss_bench.py")
 
 
 def step_args(method: str, **kw) -> SimpleNamespace:

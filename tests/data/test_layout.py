@@ -15,26 +15,19 @@ from cyb_lightning.data import (
     pause_group_tokens,
     random_pause_slots,
 )
+from tests.conftest import assert_example
 
 PAD, P1, P2, P3 = 0, 3, 4, 5
 VOCAB = Vocab(pad_id=0, eot_id=1, dk_id=2, pause_ids=tuple(range(3, 11)), size=100)
 
 
-def _eq(example, **expected):
-    assert set(example) == {"input_ids", "position_ids", "targets", "target_mask"}
-    for key, value in expected.items():
-        want = np.asarray(value, dtype=bool if key == "target_mask" else np.int64)
-        assert example[key].dtype == want.dtype, key
-        np.testing.assert_array_equal(example[key], want, err_msg=key)
-
-
 def test_none_by_hand():
-    _eq(layout_none([10, 11, 12, 13], 3, PAD),
+    assert_example(layout_none([10, 11, 12, 13], 3, PAD),
         input_ids=[10, 11, 12], position_ids=[0, 1, 2], targets=[11, 12, 13], target_mask=[1, 1, 1])  # fmt: skip
 
 
 def test_cyb_by_hand():
-    _eq(layout_cyb([10, 11, 12, 13], 3, (P1, P2), PAD),
+    assert_example(layout_cyb([10, 11, 12, 13], 3, (P1, P2), PAD),
         input_ids=[10, P1, P2, 11, P1, P2, 12, P1, P2],
         position_ids=[0, 0, 0, 1, 1, 1, 2, 2, 2],
         targets=[11, 12, 13],
@@ -43,7 +36,7 @@ def test_cyb_by_hand():
 
 def test_cyb_padded_by_hand():
     # The end of a finite stream: 2 real tokens for T = 3 → one scored target.
-    _eq(layout_cyb([10, 11], 3, (P1, P2), PAD),
+    assert_example(layout_cyb([10, 11], 3, (P1, P2), PAD),
         input_ids=[10, P1, P2, 11, P1, P2, PAD, PAD, PAD],
         position_ids=[0, 0, 0, 1, 1, 1, 2, 2, 2],
         targets=[11, PAD, PAD],
@@ -66,7 +59,7 @@ def test_tbys_by_hand():
         seq.insert(slot, P1)
         ex = layout_tbys_random([10, 11, 12, 13], 4, P1, PAD, num_pauses=1, seed=7, index=index)
         # Scored: every real target but the first real token (the context; the previous chunk scored it).
-        _eq(ex, input_ids=seq[:4], position_ids=[0, 1, 2, 3], targets=seq[1:],
+        assert_example(ex, input_ids=seq[:4], position_ids=[0, 1, 2, 3], targets=seq[1:],
             target_mask=[t not in (P1, 10) for t in seq[1:]])  # fmt: skip
 
 
@@ -75,7 +68,7 @@ def test_tbys_pause_in_slot_0_does_not_score_the_first_token_again():
     # output at P1 would predict it from a context of pauses only, and score it a second time.
     index = next(i for i in range(100) if random_pause_slots(4, 1, seed=7, index=i)[0])
     ex = layout_tbys_random([10, 11, 12, 13], 4, P1, PAD, num_pauses=1, seed=7, index=index)
-    _eq(ex, input_ids=[P1, 10, 11, 12], position_ids=[0, 1, 2, 3], targets=[10, 11, 12, 13],
+    assert_example(ex, input_ids=[P1, 10, 11, 12], position_ids=[0, 1, 2, 3], targets=[10, 11, 12, 13],
         target_mask=[0, 1, 1, 1])  # fmt: skip
 
 
@@ -125,7 +118,7 @@ def test_pause_groups_by_hand():
     # 23 and 25; every pause takes its token's position, the token after a group is predicted from P2.
     np.testing.assert_array_equal(np.flatnonzero(pause_group_tokens(8, 2, seed=1, index=0)), [3, 5])
     ex = layout_pause_groups(np.arange(20, 28), 11, (P1, P2), PAD, num_groups=2, seed=1, index=0)
-    _eq(ex, input_ids=[20, 21, 22, 23, P1, P2, 24, 25, P1, P2, 26],
+    assert_example(ex, input_ids=[20, 21, 22, 23, P1, P2, 24, 25, P1, P2, 26],
         position_ids=[0, 1, 2, 3, 3, 3, 4, 5, 5, 5, 6],
         targets=[21, 22, 23, P1, P2, 24, 25, P1, P2, 26, 27],
         target_mask=[1, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1])  # fmt: skip
@@ -135,15 +128,15 @@ def test_pause_groups_after_the_first_token_and_short_chunks():
     # A group after the first token: x0 P1 P2 P3 x1 …, all four at position 0.
     index = next(i for i in range(200) if pause_group_tokens(6, 1, seed=2, index=i)[0])
     ex = layout_pause_groups([10, 11, 12, 13, 14, 15], 8, (P1, P2, P3), PAD, num_groups=1, seed=2, index=index)
-    _eq(ex, input_ids=[10, P1, P2, P3, 11, 12, 13, 14], position_ids=[0, 0, 0, 0, 1, 2, 3, 4],
+    assert_example(ex, input_ids=[10, P1, P2, P3, 11, 12, 13, 14], position_ids=[0, 0, 0, 0, 1, 2, 3, 4],
         targets=[P1, P2, P3, 11, 12, 13, 14, 15], target_mask=[0, 0, 0, 1, 1, 1, 1, 1])  # fmt: skip
     # The end of a finite stream: 2 real tokens, the group (if drawn) stays only before a real token.
     short = layout_pause_groups([10, 11], 8, (P1, P2, P3), PAD, num_groups=1, seed=2, index=index)
-    _eq(short, input_ids=[10, P1, P2, P3, 11, PAD, PAD, PAD], position_ids=[0, 0, 0, 0, 1, 2, 3, 4],
+    assert_example(short, input_ids=[10, P1, P2, P3, 11, PAD, PAD, PAD], position_ids=[0, 0, 0, 0, 1, 2, 3, 4],
         targets=[P1, P2, P3, 11, PAD, PAD, PAD, PAD], target_mask=[0, 0, 0, 1, 0, 0, 0, 0])  # fmt: skip
     last = next(i for i in range(200) if pause_group_tokens(6, 1, seed=2, index=i)[4])  # after token 14
     ex = layout_pause_groups([10, 11, 12], 8, (P1, P2, P3), PAD, num_groups=1, seed=2, index=last)
-    _eq(ex, input_ids=[10, 11, 12, PAD, PAD, PAD, PAD, PAD], position_ids=[0, 1, 2, 3, 4, 5, 6, 7],
+    assert_example(ex, input_ids=[10, 11, 12, PAD, PAD, PAD, PAD, PAD], position_ids=[0, 1, 2, 3, 4, 5, 6, 7],
         targets=[11, 12, PAD, PAD, PAD, PAD, PAD, PAD], target_mask=[1, 1, 0, 0, 0, 0, 0, 0])  # fmt: skip
 
 

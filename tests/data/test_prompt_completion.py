@@ -15,6 +15,7 @@ from cyb_lightning.data import sources as sources_module
 from cyb_lightning.data.layout import layout_tbys_finetune
 from cyb_lightning.data.sources import HubPromptCompletion, LocalPromptCompletion, document_pair
 from cyb_lightning.data.stream import check_pairs
+from tests.conftest import assert_example
 
 PAD, EOT, P1 = 0, 1, 3
 VOCAB = Vocab(pad_id=0, eot_id=1, dk_id=2, pause_ids=tuple(range(3, 11)), size=100)
@@ -29,17 +30,9 @@ PAIRS = [
 ]
 
 
-def _eq(example, **expected):
-    assert set(example) == {"input_ids", "position_ids", "targets", "target_mask"}
-    for key, value in expected.items():
-        want = np.asarray(value, dtype=bool if key == "target_mask" else np.int64)
-        assert example[key].dtype == want.dtype, key
-        np.testing.assert_array_equal(example[key], want, err_msg=key)
-
-
 def test_tbys_finetune_by_hand():
     # prompt (with its <eot>) · M = 2 pauses · completion (with its <eot>), padded to T + 1 = 9 slots.
-    _eq(layout_tbys_finetune([EOT, 10, 11], [20, 21, EOT], 8, P1, 2, PAD),
+    assert_example(layout_tbys_finetune([EOT, 10, 11], [20, 21, EOT], 8, P1, 2, PAD),
         input_ids=[EOT, 10, 11, P1, P1, 20, 21, EOT],
         position_ids=[0, 1, 2, 3, 4, 5, 6, 7],
         targets=[10, 11, P1, P1, 20, 21, EOT, PAD],
@@ -48,11 +41,11 @@ def test_tbys_finetune_by_hand():
 
 def test_tbys_finetune_cuts_the_prompt_start_then_the_completion_end():
     # Too long by 2: the prompt loses its first two tokens.
-    _eq(layout_tbys_finetune([EOT, 10, 11, 12, 13], [20, 21, 22, EOT], 7, P1, 2, PAD),
+    assert_example(layout_tbys_finetune([EOT, 10, 11, 12, 13], [20, 21, 22, EOT], 7, P1, 2, PAD),
         input_ids=[12, 13, P1, P1, 20, 21, 22], position_ids=range(7),
         targets=[13, P1, P1, 20, 21, 22, EOT], target_mask=[0, 0, 0, 1, 1, 1, 1])  # fmt: skip
     # The completion alone does not fit: one prompt token stays, the completion's end goes.
-    _eq(layout_tbys_finetune([EOT, 10], list(range(20, 30)), 5, P1, 2, PAD),
+    assert_example(layout_tbys_finetune([EOT, 10], list(range(20, 30)), 5, P1, 2, PAD),
         input_ids=[10, P1, P1, 20, 21], position_ids=range(5),
         targets=[P1, P1, 20, 21, 22], target_mask=[0, 0, 1, 1, 1])  # fmt: skip
 

@@ -248,15 +248,6 @@ GEN_CASES = [("greedy", 0.5), ("threshold", 0.5), ("threshold", 0.2), ("sample",
 PROMPT = [1, 7, 8, 9, 13, 21]
 
 
-@pytest.fixture
-def one_thread():
-    """Step-by-step decoding of a tiny model is latency-bound: one thread avoids pool contention on shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pausing(saved):
     """(decoder, DK prior) per family: a random DK output row large enough that d depends on the context, and

@@ -3,20 +3,14 @@ are a benchmark, not a test)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
+from tests.conftest import load_script
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("positive_control", ROOT / "scripts" / "positive_control.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/positive_control.py")
 
 
 def result(method, seed, hard, easy=1.0, pauses=(0.0, 0.0), rho=0.8, adaptive=None):
