@@ -111,11 +111,15 @@ def test_report_compares_with_a_no_pause_baseline_on_the_same_tokens(tiny_run, t
     assert comp["step_mixture"]["steps_per_token"] == 3
     assert comp["step_mixture"]["tokens"] == comp["baseline"]["tokens"] == data["adaptive"]["threshold"]["tokens"]
     # The baseline read by itself over the same batches gives the same number.
-    base, _ = load_run(str(base_ckpt))
+    base, base_dm = load_run(str(base_ckpt))
     _, dm = load_run(str(ckpt))
     again = adaptive_evaluate(runner_for(base, PausePolicy("none"), Sampling(0.0)), dm.val_dataloader(), 1)
     assert math.isclose(comp["baseline"]["ppl"], again["ppl"], rel_tol=1e-9)
     assert comp["baseline"]["tokens"] == data["adaptive"]["threshold"]["tokens"]  # the very same tokens
+    from cyb_lightning.evaluation.report import evaluate
+
+    m = evaluate(base, base_dm.val_dataloader(), max_batches=1)["metrics"]  # W = 1: per-step fields stay lists
+    assert m["p_stop"] == [1.0] and len(m["accuracy_per_step"]) == 1
     assert "no-pause baseline" in (out / "report.md").read_text()
     with pytest.raises(ValueError, match="must be a no-pause run"):
         main(["report", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "r2"), "--adaptive", "",
