@@ -27,7 +27,7 @@ LIGHTNING_CKPT_KEYWORDS = ("best", "last", "hpc", "registry")
 
 class CYBLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        for name in ("vocab_size", "dk_id", "steps_per_token", "pause_ids", "reserved_ids"):
+        for name in ("vocab_size", "dk_id", "steps_per_token", "pause_ids", "reserved_ids", "pause_filler_ids"):
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
         parser.link_arguments("data.seq_len", "model.seq_len")
         # K, stated once: an HFTokenizer that adds pause ids adds the K the run uses (ignored when repurposing).

@@ -88,6 +88,25 @@ class LaggedStateLoader(StatefulDataLoader):
         return dict(self.stream_state().get("skipped", {}))
 
 
+def filler_ids(tokenizer, fillers: list[str], pause_ids: tuple[int, ...]) -> tuple[int, ...]:
+    """The one text id of each filler (``data.pause_fillers``), one per pause the layout inserts."""
+    if len(fillers) != len(pause_ids):
+        raise ValueError(
+            f"data.pause_fillers has {len(fillers)} texts but the layout inserts {len(pause_ids)} pause ids; "
+            "give one filler per pause (or none, to draw the rows)"
+        )
+    out = []
+    for text in fillers:
+        ids = [i for i in tokenizer.encode(text) if i not in tokenizer.role_ids]  # no BOS
+        if len(ids) != 1:
+            raise ValueError(
+                f"data.pause_fillers: {text!r} is {len(ids)} tokens ({ids}) for this tokenizer; each filler "
+                "must be exactly one token (try a space, a newline, '...' or '.')"
+            )
+        out.append(ids[0])
+    return tuple(out)
+
+
 class CYBDataModule(L.LightningDataModule):
     """C4-style text (quickstart corpus by default) packed into layout examples.
 
@@ -126,6 +145,10 @@ class CYBDataModule(L.LightningDataModule):
         tokenizer: a pretrained model's tokenizer (``class_path: cyb_lightning.data.hf_tokenizer.HFTokenizer``)
             to fine-tune that model (docs/finetune.md); None → our own BPE (``tokenizer_dir``,
             ``bpe_vocab_size`` and ``tokenizer_train_documents`` apply only then).
+        pause_fillers: one text per pause id (e.g. ``[" ", "\n", "..."]``), each a single token of the
+            tokenizer: the pause rows a pretrained model never read start as copies of these tokens' input
+            rows (a filler it already reads as "nothing new") instead of draws from the embedding's
+            statistics. None: drawn. Linked into the model as ``pause_filler_ids``.
     """
 
     def __init__(
@@ -148,6 +171,7 @@ class CYBDataModule(L.LightningDataModule):
         lanes: int = 8,
         max_document_chars: int = 100_000,
         tokenizer: HFTokenizer | None = None,
+        pause_fillers: list[str] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["source", "tokenizer"])  # objects; the CLI saves their config
@@ -205,6 +229,7 @@ class CYBDataModule(L.LightningDataModule):
         self.pause_ids = self.layout_spec.pause_ids  # the pause ids this layout inserts (vocab has them all)
         self.reserved_ids = (self.dk_id, *self.vocab.pause_ids)  # never text, never a target in pretraining
         self.steps_per_token = self.layout_spec.steps_per_token
+        self.pause_filler_ids = filler_ids(self.tokenizer, pause_fillers, self.pause_ids) if pause_fillers else ()
 
         self.layout, self.num_pauses, self.pause_fraction = layout, num_pauses, pause_fraction
         self.seq_len, self.batch_size = seq_len, batch_size

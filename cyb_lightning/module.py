@@ -35,6 +35,7 @@ from cyb_lightning.model import DecoderSpec
 from cyb_lightning.model.init_from import (
     TRAINED_ROWS,
     decoder_state_dict,
+    filler_rows,
     read_checkpoint,
     redraw_rows,
     set_decoder_state_dict,
@@ -74,6 +75,9 @@ class CYBModule(L.LightningModule):
             strategy has built (and sharded) the model; never when resuming (``ckpt_path``), whose weights win.
             DK and pause rows that checkpoint's runs never trained are drawn afresh from the statistics of
             the embedding (``model/init_from.py``: in pretraining they collapse onto one direction).
+        pause_filler_ids: from the data module (``data.pause_fillers``): pause ``i``'s input row starts as a
+            copy of row ``pause_filler_ids[i]`` instead of a draw, for the pause rows a pretrained model
+            never read (rows the HF backend adds, untrained rows at ``init_from``). Empty: drawn.
     """
 
     def __init__(
@@ -96,6 +100,7 @@ class CYBModule(L.LightningModule):
         loss_chunk_size: int = 0,
         pause_ids: tuple[int, ...] = (),
         reserved_ids: tuple[int, ...] = (),
+        pause_filler_ids: tuple[int, ...] = (),
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
@@ -144,6 +149,10 @@ class CYBModule(L.LightningModule):
         # process), then ``parallelize`` shards it per block + root with bf16 params / fp32 reduction.
         if self.decoder is None:
             self.decoder = self.decoder_spec.build(self.hparams.vocab_size)
+            if self.hparams.get("pause_filler_ids"):  # before sharding; a resumed checkpoint overwrites it
+                state = filler_rows(self.decoder, self.decoder.state_dict(), self.hparams.pause_ids,
+                                    self.hparams.pause_filler_ids)  # fmt: skip
+                set_decoder_state_dict(self.decoder, state)
             self._parallelize()
 
     def _parallelize(self) -> None:
@@ -179,6 +188,10 @@ class CYBModule(L.LightningModule):
         reserved = {self.hparams.dk_id} | set(self.hparams.pause_ids) | set(self.hparams.reserved_ids)
         untrained = reserved - trained
         state = redraw_rows(self.decoder, decoder_state_dict(checkpoint, path), untrained, reserved)
+        fillers = self.hparams.get("pause_filler_ids") or ()
+        if fillers:  # untrained pause rows start as their fillers instead
+            pairs = [(p, f) for p, f in zip(self.hparams.pause_ids, fillers) if p in untrained]
+            state = filler_rows(self.decoder, state, [p for p, _ in pairs], [f for _, f in pairs])
         set_decoder_state_dict(self.decoder, state)
         self.trained_rows |= trained
         rank_zero_info(f"init_from: decoder weights loaded from {path}; rows {sorted(untrained)} drawn afresh")

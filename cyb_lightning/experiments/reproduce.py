@@ -94,21 +94,23 @@ def _yaml_file(plan: dict, rel: str) -> Path:
 
 
 def steps_per_token(plan: dict, configs: list[str]) -> int:
-    """W of a config stack: 1 for layout none, K + 1 for the CYB layout (later files win)."""
+    """W of a config stack: 1 for layout none, K + 1 for the CYB and variable layouts (later files win)."""
     data: dict = {}
     for rel in configs + plan["layers"]:
         data.update((yaml.safe_load(_yaml_file(plan, rel).read_text()) or {}).get("data") or {})
-    return data.get("num_pauses", 3) + 1 if data.get("layout", "cyb") == "cyb" else 1
+    return data.get("num_pauses", 3) + 1 if data.get("layout", "cyb") in ("cyb", "variable") else 1
 
 
 def plan_runs(plan: dict) -> list[dict]:
-    """Every run, in the order they run: pretrain, the main comparison (seed by seed), data efficiency, the
-    learning-rate sweep."""
+    """Every run, in the order they run: pretrain (unless the plan fine-tunes a pretrained model, ``pretrain:
+    null``), the main comparison (seed by seed), data efficiency, the learning-rate sweep."""
     s = plan["sizes"]
     seeds = list(plan["seeds"])
-    runs = [{"name": "pretrain", "kind": "pretrain", "method": "pretrain", "label": "pretrained, no finetuning",
-             "configs": plan["pretrain"]["configs"], "seed": 0, "epochs": 1, "data": 0,
-             "steps": s["pretrain_steps"]}]  # fmt: skip
+    runs = []
+    if plan.get("pretrain"):
+        runs.append({"name": "pretrain", "kind": "pretrain", "method": "pretrain", "label": "pretrained, no finetuning",
+                     "configs": plan["pretrain"]["configs"], "seed": 0, "epochs": 1, "data": 0,
+                     "steps": s["pretrain_steps"]})  # fmt: skip
     stage = (plan.get("finetune") or {}).get("configs", [])  # the fine-tuning layers, after each method's
 
     def finetune(name: str, method: str, seed: int, epochs: int = 1, data: int = 1, **extra) -> dict:
@@ -201,7 +203,9 @@ def build_corpus(out: Path, plan: dict) -> dict:
     per_set = s["finetune_steps"] * s["batch_size"] * s["seq_len"] + 1
     de = plan.get("data_efficiency") or {}
     sets = max([1] + [d for _, d in de.get("factors", []) + sum((de.get("extra") or {}).values(), [])])
-    params = {"format": 1, "corpus": corpus, "per_set_tokens": per_set, "sets": sets, "python": platform.python_version()}
+    pretrained = plan_tokenizer(plan)  # a pretrained model's tokenizer (from the layers), or None: our BPE
+    params = {"format": 1, "corpus": corpus, "per_set_tokens": per_set, "sets": sets, "python": platform.python_version(),
+              **({"tokenizer": pretrained} if pretrained else {})}  # fmt: skip
     root = out / "corpus"
     manifest_path = root / "manifest.json"
     if manifest_path.is_file():
@@ -214,12 +218,15 @@ def build_corpus(out: Path, plan: dict) -> dict:
     docs.sort(key=_unit_hash)
     pool = [d for d in docs if _unit_hash(d) < corpus["pool_fraction"]]
     pretrain = [d for d in docs if _unit_hash(d) >= corpus["pool_fraction"]]
-    if not pretrain or not pool:
+    if (plan.get("pretrain") and not pretrain) or not pool:
         raise SystemExit(f"experiment: corpus too small ({len(docs)} documents) to split; add text (--extra-dir)")
-    tok = CYBTokenizer.train(pretrain, corpus["bpe_vocab_size"])
     tmp = out / ".corpus.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tok.save(tmp / "tokenizer")  # no manifest beside it: every run loads it as supplied, never retrains it
+    if pretrained:  # token counts in the pretrained model's own tokens; every run reads its tokenizer config
+        tok = instantiate(pretrained)
+    else:
+        tok = CYBTokenizer.train(pretrain, corpus["bpe_vocab_size"])
+        tok.save(tmp / "tokenizer")  # no manifest beside it: every run loads it as supplied, never retrains it
     lengths = [len(x) + 1 for x in tok.encode_batch_np(pool)]  # + <eot> after every document
     parts: list[list[str]] = [[]]
     tokens = [0]
@@ -240,8 +247,9 @@ def build_corpus(out: Path, plan: dict) -> dict:
             "(--extra-dir, python3.11-doc) or lower sizes.finetune_steps"
         )
     heldout, ft = parts[0], parts[1:]
-    pre_tokens = sum(len(x) + 1 for x in tok.encode_batch_np(pretrain))
-    _write_set(tmp / "pretrain", pretrain, heldout, corpus["num_shards"])
+    pre_tokens = sum(len(x) + 1 for x in tok.encode_batch_np(pretrain)) if plan.get("pretrain") else 0
+    if plan.get("pretrain"):
+        _write_set(tmp / "pretrain", pretrain, heldout, corpus["num_shards"])
     for k in range(1, sets + 1):
         _write_set(tmp / f"finetune-{k}x", [d for part in ft[:k] for d in part], heldout, corpus["num_shards"])
     manifest = {
@@ -249,7 +257,7 @@ def build_corpus(out: Path, plan: dict) -> dict:
         "sources": counts,
         "documents": len(docs),
         "parts": {
-            "pretrain": {"documents": len(pretrain), "tokens": pre_tokens},
+            **({"pretrain": {"documents": len(pretrain), "tokens": pre_tokens}} if plan.get("pretrain") else {}),
             "heldout": {"documents": len(heldout), "tokens": tokens[0]},
             **{f"finetune set {chr(64 + k)}": {"documents": len(ft[k - 1]), "tokens": tokens[k]}
                for k in range(1, sets + 1)},  # fmt: skip
@@ -261,6 +269,23 @@ def build_corpus(out: Path, plan: dict) -> dict:
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     os.replace(tmp, root)
     return manifest
+
+
+def plan_tokenizer(plan: dict) -> dict | None:
+    """``data.tokenizer`` (class_path + init_args) as the plan's shared layers set it, or None (our BPE)."""
+    found = None
+    for rel in plan["layers"]:
+        data = (yaml.safe_load(_yaml_file(plan, rel).read_text()) or {}).get("data") or {}
+        found = data.get("tokenizer", found)
+    return found
+
+
+def instantiate(spec: dict):
+    """An object from a ``class_path`` / ``init_args`` mapping (as LightningCLI writes them)."""
+    import importlib
+
+    module, _, name = spec["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module), name)(**(spec.get("init_args") or {}))
 
 
 # -- one run -----------------------------------------------------------------------------------------------
@@ -293,13 +318,14 @@ def run_layer(out: Path, plan: dict, run: dict) -> dict:
         "data": {
             "source": {"class_path": "cyb_lightning.data.sources.LocalShards",
                        "init_args": {"path": str(_data_dir(out, run).resolve())}},
-            "tokenizer_dir": str((out / "corpus" / "tokenizer").resolve()),
             "seed": 1234 + run["seed"],
             "seq_len": s["seq_len"],
             "batch_size": s["batch_size"],
         },
     }  # fmt: skip
-    if run["kind"] == "finetune":
+    if not plan_tokenizer(plan):  # our BPE, trained once with the corpus
+        layer["data"]["tokenizer_dir"] = str((out / "corpus" / "tokenizer").resolve())
+    if run["kind"] == "finetune" and plan.get("pretrain"):
         layer["model"] = {"init_from": str((out / "runs" / "pretrain" / "checkpoints" / "last.ckpt").resolve())}
     if "lr" in run:  # the learning-rate sweep: this run's rate instead of the fine-tuning layer's
         layer.setdefault("model", {})["lr"] = run["lr"]

@@ -120,3 +120,23 @@ def redraw_rows(
         new[rows] = rows_like(new, len(rows), exclude=exclude, seed=seed).to(new.dtype)
         state.update(dict.fromkeys(keys, new))
     return state
+
+
+def filler_rows(
+    decoder: nn.Module, state: dict[str, torch.Tensor], rows: Sequence[int], fillers: Sequence[int]
+) -> dict[str, torch.Tensor]:
+    """``state`` with input-embedding row ``rows[i]`` set to row ``fillers[i]`` (a text the model already reads
+    as "nothing new": a space, a newline, ``...``), the other start for pause rows than :func:`rows_like`.
+
+    Only the input embedding: the output rows of pause ids stay as drawn, except under tied embeddings,
+    where the one matrix is both (a pause id then starts as likely an output as its filler)."""
+    if len(rows) != len(fillers):
+        raise ValueError(f"{len(rows)} pause rows but {len(fillers)} filler ids: give one filler per pause")
+    if not rows:
+        return state
+    state = dict(state)
+    keys = embedding_keys(decoder)[0]
+    new = state[keys[0]].clone()
+    new[list(rows)] = new[list(fillers)]
+    state.update(dict.fromkeys(keys, new))
+    return state

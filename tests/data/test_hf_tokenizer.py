@@ -164,3 +164,15 @@ def test_eot_token_names_the_document_separator(tok_dir, tmp_path, caplog):
         assert "chat-turn marker" not in caplog.text
         HFTokenizer(str(chat), num_pauses=1)  # the EOS ends chat turns: warn and name the fix
     assert "chat-turn marker" in caplog.text and "eot_token" in caplog.text
+
+
+def test_pause_fillers_are_one_token_each_and_one_per_pause(tok_dir):
+    from cyb_lightning.datamodule import filler_ids
+
+    tok = HFTokenizer(str(tok_dir), num_pauses=3, model_vocab_size=0, add_bos=True)
+    ids = filler_ids(tok, [" ", "a", "t"], tok.vocab.pause_ids)
+    assert ids == tuple(tok._tok.token_to_id(t) for t in ("Ġ", "a", "t"))  # the text token, not the BOS
+    with pytest.raises(ValueError, match="3 pause ids; give one filler per pause"):
+        filler_ids(tok, [" ", "a"], tok.vocab.pause_ids)
+    with pytest.raises(ValueError, match="'zqxv' is [0-9]+ tokens .* must be exactly one token"):
+        filler_ids(tok, [" ", "a", "zqxv"], tok.vocab.pause_ids)

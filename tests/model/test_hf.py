@@ -138,6 +138,27 @@ def test_added_tokens_are_distinct_rows_and_old_rows_are_unchanged(saved, family
     assert grown.config.vocab_size == V + 1 + K
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"], ids=["untied", "tied"])
+def test_pause_rows_start_as_their_filler_tokens_when_asked(saved, family):
+    """``data.pause_fillers`` → ``pause_filler_ids``: each added pause input row is a copy of its filler's row
+    (a token the model already reads); DK and every text row are as without fillers."""
+    path = saved(family)
+    pauses, fillers = tuple(range(V + 1, V + 1 + K)), (7, 8, 9)
+    kw = dict(vocab_size=V + 1 + K, dk_id=V, steps_per_token=K + 1, seq_len=T, pause_ids=pauses)
+    drawn = CYBModule(HFDecoder(path), CYBAP(), **kw)
+    drawn.configure_model()
+    filled = CYBModule(HFDecoder(path), CYBAP(), pause_filler_ids=fillers, **kw)
+    filled.configure_model()
+    a, b = drawn.decoder.model, filled.decoder.model
+    emb = b.get_input_embeddings().weight
+    torch.testing.assert_close(emb[list(pauses)], emb[list(fillers)], rtol=0, atol=0)
+    assert not torch.allclose(a.get_input_embeddings().weight[list(pauses)], emb[list(pauses)])
+    others = [i for i in range(V + 1 + K) if i not in pauses]
+    torch.testing.assert_close(emb[others], a.get_input_embeddings().weight[others], rtol=0, atol=0)
+    if family == "llama":  # untied: the output rows of the pause ids stay drawn
+        torch.testing.assert_close(b.get_output_embeddings().weight, a.get_output_embeddings().weight, rtol=0, atol=0)
+
+
 def test_families_that_ignore_position_ids_are_refused(saved, tmp_path):
     with pytest.raises(PositionIdsIgnored, match="ALiBi"):
         HFDecoder(save_tiny(tmp_path, "bloom")).build(V)
