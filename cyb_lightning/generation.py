@@ -33,6 +33,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from cyb_lightning.data.batch import LaidOutBatch
+from cyb_lightning.losses import functional as LF
+
 POLICIES = ("threshold", "sample", "greedy", "fixed", "none")
 DEFAULT_POLICY = "threshold"  # the trained rule (spec §5); ``greedy`` is not
 
@@ -53,17 +56,16 @@ class PausePolicy:
     def pause(self, logits: Tensor, dk_id: int, dk_bias: float, generator: torch.Generator | None) -> Tensor:
         """Bool ``[B]`` from the step's logits ``[B, V]``: feed another pause?"""
         z = logits.float()
-        z_dk = z[:, dk_id] + dk_bias
-        rest = torch.cat((z[:, :dk_id], z[:, dk_id + 1 :]), -1)
-        log_d = z_dk - torch.logaddexp(z_dk, torch.logsumexp(rest, -1))
+        log_d = LF.dk_log_prob(z, dk_id, dk_bias)
         if self.kind == "greedy":
-            return z_dk > rest.amax(-1)
+            rest = torch.cat((z[:, :dk_id], z[:, dk_id + 1 :]), -1)
+            return z[:, dk_id] + dk_bias > rest.amax(-1)
         if self.kind == "threshold":
             return log_d > (math.log(self.threshold) if self.threshold > 0 else -math.inf)
         if self.kind == "sample":
             u = torch.rand(z.shape[0], generator=generator, device=z.device if generator is None else "cpu")
             return u.to(z.device).log() < log_d
-        return torch.full_like(z_dk, self.kind == "fixed", dtype=torch.bool)
+        return torch.full_like(log_d, self.kind == "fixed", dtype=torch.bool)
 
 
 @dataclass(frozen=True)
@@ -227,9 +229,8 @@ class AdaptiveRunner:
 
 def answer_nll(logits: Tensor, targets: Tensor, dk_id: int) -> Tensor:
     """−log t = −log p(y | not DK) ``[B]`` in float64."""
-    z = logits.double()
-    rest = torch.logaddexp(torch.logsumexp(z[:, :dk_id], -1), torch.logsumexp(z[:, dk_id + 1 :], -1))
-    return rest - z.gather(1, targets[:, None]).squeeze(1)
+    lse_rest, z_y, _ = LF.step_logit_stats(logits.double()[:, None], targets, dk_id)
+    return (lse_rest - z_y)[:, 0]
 
 
 @torch.no_grad()
@@ -250,9 +251,9 @@ def adaptive_evaluate(runner: AdaptiveRunner, batches: Iterable[dict[str, Tensor
     for b, batch in enumerate(batches):
         if max_batches is not None and b >= max_batches:
             break
-        real, mask = real_tokens(batch)
+        batch = LaidOutBatch.of(batch)
         device = next(runner.decoder.parameters()).device
-        real, mask = real.to(device), mask.to(device)
+        real, mask = batch.real_tokens().to(device), batch.target_mask.to(device)
         trace = runner.run(real, real.shape[1] - 1)
         nll_sum += float(trace.nll[mask].sum())
         steps_sum += float(trace.steps[mask].sum())
@@ -261,8 +262,8 @@ def adaptive_evaluate(runner: AdaptiveRunner, batches: Iterable[dict[str, Tensor
         computed += trace.forward_calls * real.shape[0]
         positions += real.shape[0] * trace.steps.shape[1]
         hist += torch.bincount(trace.steps[mask].cpu() - 1, minlength=W).double()
-        if "difficulty" in batch:
-            difficulty = batch["difficulty"].to(device)
+        if batch.difficulty_grid is not None:
+            difficulty = batch.difficulty_grid.to(device)
             for level in difficulty[mask].unique().tolist():
                 if level < 0:
                     continue
@@ -291,16 +292,6 @@ def adaptive_evaluate(runner: AdaptiveRunner, batches: Iterable[dict[str, Tensor
             for level, (t, c, st) in sorted(levels.items())
         }
     return out
-
-
-def real_tokens(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """The real tokens ``[B, T + 1]`` of a laid-out batch and the mask of counted targets ``[B, T]``."""
-    B, T = batch["targets"].shape
-    if "step_index" in batch:
-        first = batch["input_ids"].gather(1, batch["step_index"][:, :, 0])
-    else:
-        first = batch["input_ids"].view(B, T, -1)[:, :, 0]
-    return torch.cat((first, batch["targets"][:, -1:]), 1), batch["target_mask"].bool()
 
 
 def runner_for(module, policy: PausePolicy, sampling: Sampling | None = None, pause_ids=None, **kw) -> AdaptiveRunner:

@@ -1,7 +1,10 @@
-"""The LightningModule: decoder on the laid-out batch → ``[B, T, W, V]`` → a pluggable pause loss.
+"""The LightningModule: the decoder on a laid-out batch, a pluggable pause loss, its metrics.
 
-Batch contract (from ``cyb_lightning.data.layout``): ``input_ids``/``position_ids`` ``[B, L]``,
-``targets``/``target_mask`` ``[B, T]``, ``L = T·W``; the W outputs of group t all predict ``targets[t]``.
+One path for training, validation, test and ``report``: the decoder runs the output head inside its
+``forward`` through :func:`~cyb_lightning.losses.head.head_loss` on the counted groups
+(:class:`~cyb_lightning.data.batch.LaidOutBatch`), which returns the loss and the per-step statistics
+every metric reads (:func:`~cyb_lightning.metrics.head_statistics`). ``loss_chunk_size`` only changes how
+many logit rows are live at once (0: all, the plain loss on full logits); the numbers are the same.
 
 Reduction follows torchtitan: each rank sums its per-token losses and divides by the *global* number of
 real tokens (times the world size, which the data-parallel gradient average divides out again), so every
@@ -15,20 +18,19 @@ import warnings
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from cyb_lightning.data.batch import LaidOutBatch
 from cyb_lightning.losses import PauseLoss
-from cyb_lightning.losses import functional as LF
-from cyb_lightning.losses.chunked import ChunkedLossUnsupported, chunked_loss
+from cyb_lightning.losses.head import HeadLoss, OutputHead, head_loss
 from cyb_lightning.metrics import (
     CalibrationSpearman,
     DifficultyStats,
     ReadoutAccuracy,
     StoppingStats,
-    step_statistics,
-    token_stats,
+    head_statistics,
 )
 from cyb_lightning.metrics.stopping import TokenStats
 from cyb_lightning.model import DecoderSpec
@@ -64,11 +66,9 @@ class CYBModule(L.LightningModule):
             (both from the data module, by the CLI). ``init_from`` draws the reserved rows that the
             checkpoint's runs never trained afresh.
         activation_checkpointing: recompute each transformer block in the backward pass (any strategy).
-        chunked_loss: compute the loss from the decoder's final hidden states and output head chunk by chunk
-            (``cyb_lightning.losses.chunked``), never holding ``[N·W, V]`` logits; training and validation
-            losses equal the plain path's. Needs ``hidden_states``/``output_head`` on the decoder (our GPT,
-            HF families without logit soft-capping); the plain path is used otherwise, and under FSDP2.
-        loss_chunk_size: logit rows per chunk (0: automatic, ``losses.chunked.auto_chunk_size``).
+        loss_chunk_size: logit rows live at once in the loss (``losses.head.head_loss``, inside the decoder's
+            forward, so under FSDP2 too): None picks ``auto_chunk_size`` (never ``[N·W, V]`` logits); 0 puts
+            every row in one chunk (the plain loss on full logits). The numbers are the same either way.
         init_from: a checkpoint of one of our own runs (a Lightning ``.ckpt`` file or a distributed
             checkpoint folder) whose decoder weights initialise this run's decoder before fitting, e.g. a
             ``baseline.yaml`` run fine-tuned with a CYB or TBYS config. Loaded at ``on_fit_start``, after the
@@ -96,8 +96,7 @@ class CYBModule(L.LightningModule):
         seq_len: int = 0,
         activation_checkpointing: bool = False,
         init_from: str | None = None,
-        chunked_loss: bool = True,
-        loss_chunk_size: int = 0,
+        loss_chunk_size: int | None = None,
         pause_ids: tuple[int, ...] = (),
         reserved_ids: tuple[int, ...] = (),
         pause_filler_ids: tuple[int, ...] = (),
@@ -113,8 +112,8 @@ class CYBModule(L.LightningModule):
                 "`python -m cyb_lightning` (which links data.vocab_size/dk_id into the model) or pass them"
             )
         loss.check_steps(steps_per_token)
-        if loss_chunk_size < 0:
-            raise ValueError(f"loss_chunk_size must be >= 0 (0: automatic), got {loss_chunk_size}")
+        if loss_chunk_size is not None and loss_chunk_size < 0:
+            raise ValueError(f"loss_chunk_size must be >= 0 (0: one chunk, None: automatic), got {loss_chunk_size}")
         max_position = getattr(decoder, "max_position", None)
         if max_position is not None and seq_len > max_position:
             raise ValueError(
@@ -128,7 +127,6 @@ class CYBModule(L.LightningModule):
         # Reserved rows this run trains (pause inputs, DK when the loss reads it), plus those of the runs
         # its weights came from; saved in every checkpoint for a later ``init_from``.
         self.trained_rows = set(pause_ids) | ({dk_id} if loss.uses_dk else set())
-        self._chunked_ok: bool | None = None  # decided on the first step (the decoder is built by then)
         self.val_stats = StoppingStats(steps_per_token)
         self.val_loss = MeanMetric()
         self.val_accuracy = ReadoutAccuracy(steps_per_token)
@@ -197,112 +195,41 @@ class CYBModule(L.LightningModule):
         rank_zero_info(f"init_from: decoder weights loaded from {path}; rows {sorted(untrained)} drawn afresh")
 
     def forward(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+        """Logits ``[B, L, V]`` (generation, tests); training and evaluation go through :meth:`head_outputs`."""
         return self.decoder(input_ids, position_ids)
 
-    def grouped_logits(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Logits of the real tokens that count, ``[N, W, V]``, and their targets ``[N]``."""
-        logits = self(batch["input_ids"], batch["position_ids"])
-        B, T = batch["targets"].shape
-        if "step_index" in batch:  # variable pauses: packed groups, gathered onto the [T, W] grid
-            index = batch["step_index"].reshape(B, -1, 1).expand(-1, -1, logits.shape[-1])
-            logits = logits.gather(1, index)
-        logits = logits.view(B, T, -1, logits.shape[-1])
-        mask = batch["target_mask"]
-        return logits[mask], batch["targets"][mask]
+    def head_outputs(self, batch: LaidOutBatch, with_argmax: bool) -> HeadLoss:
+        """The loss and per-step statistics of the counted groups, computed by the decoder's own forward:
+        its final hidden states, gathered onto the groups, meet its output head chunk by chunk."""
 
-    def token_loss(self, logits: Tensor, targets: Tensor, batch: dict[str, Tensor]) -> Tensor:
-        """Per-token loss; with variable pauses (``step_mask``) over the granted steps only, d = 0 at the last."""
-        if "step_mask" not in batch:
-            return self.loss_fn(logits, targets, self.hparams.dk_id)
-        if not self.loss_fn.uses_dk:
-            raise ValueError("the variable-pause layout trains a DK loss (CYBAP); the baselines need no step_mask")
-        step_mask = batch["step_mask"][batch["target_mask"]]
-        bias = self.loss_fn.dk_bias(logits.shape[-1])
-        return LF.granted_steps_loss(logits, targets, self.hparams.dk_id, step_mask, bias)
+        def head_fn(hidden: Tensor, head: OutputHead) -> HeadLoss:
+            return head_loss(batch.groups(hidden), head, batch.targets, self.loss_fn, self.hparams.dk_id,
+                             chunk_size=self.hparams.get("loss_chunk_size"), step_mask=batch.step_mask,
+                             with_argmax=with_argmax)  # fmt: skip
 
-    @staticmethod
-    def group_inputs(batch: dict[str, Tensor]) -> Tensor:
-        """The real input token x_t of every counted group ``[N]`` (what the model pauses after)."""
-        B, T = batch["targets"].shape
-        if "step_index" in batch:
-            first = batch["input_ids"].gather(1, batch["step_index"][:, :, 0])
-        else:
-            first = batch["input_ids"].view(B, T, -1)[:, :, 0]
-        return first[batch["target_mask"]]
+        return self.decoder(batch.input_ids, batch.position_ids, head_fn=head_fn)
 
-    # -- chunked loss ----------------------------------------------------------------------------
-    def _use_chunked(self) -> bool:
-        """Chunked loss when asked for and the decoder exposes its hidden states and head (not under FSDP2)."""
-        if not self.hparams.get("chunked_loss", True):
-            return False
-        decoder = self.decoder
-        if not (hasattr(decoder, "hidden_states") and hasattr(decoder, "output_head")):
-            return False
-        if self._chunked_ok is None:
-            # FSDP2 all-gathers the root's parameters (head included) around ``forward`` only; calling
-            # hidden_states/output_head directly would see the shards.
-            self._chunked_ok = not any(hasattr(p, "full_tensor") for p in decoder.parameters())
-            if self._chunked_ok:
-                try:
-                    decoder.output_head()
-                except ChunkedLossUnsupported as e:
-                    rank_zero_warn(f"chunked_loss: falling back to the plain loss on full logits: {e}")
-                    self._chunked_ok = False
-        return self._chunked_ok
-
-    def grouped_hidden(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Final hidden states of the real tokens that count, ``[N, W, d]``, and their targets ``[N]``."""
-        hidden = self.decoder.hidden_states(batch["input_ids"], batch["position_ids"])
-        B, T = batch["targets"].shape
-        if "step_index" in batch:
-            index = batch["step_index"].reshape(B, -1, 1).expand(-1, -1, hidden.shape[-1])
-            hidden = hidden.gather(1, index)
-        hidden = hidden.view(B, T, -1, hidden.shape[-1])
-        mask = batch["target_mask"]
-        return hidden[mask], batch["targets"][mask]
-
-    def chunked_step(self, batch: dict[str, Tensor], with_stats: bool) -> tuple[Tensor, Tensor, TokenStats | None]:
-        """(Σ per-token loss, detached per-token loss [N], stats) through ``losses.chunked``."""
-        hidden, targets = self.grouped_hidden(batch)
-        weight, bias = self.decoder.output_head()
-        step_mask = batch["step_mask"][batch["target_mask"]] if "step_mask" in batch else None
-        out = chunked_loss(hidden, weight, targets, self.loss_fn, self.hparams.dk_id, bias=bias,
-                           chunk_size=self.hparams.get("loss_chunk_size", 0) or None, step_mask=step_mask,
-                           with_argmax=with_stats)  # fmt: skip
-        stats = self._stats_from_chunked(out, targets, weight.shape[0], step_mask) if with_stats else None
-        return out.total, out.per_token, stats
-
-    def _stats_from_chunked(self, out, targets: Tensor, vocab_size: int, step_mask: Tensor | None = None) -> TokenStats:
-        """``metrics.step_statistics`` from the chunked quantities instead of the logits (same numbers)."""
-        correct = out.best_id == targets[:, None]
-        if not self.loss_fn.uses_dk:
-            return token_stats(None, correct, nll=out.per_token.float())
-        steps = LF.log_probs_from_stats(out.lse_rest, out.z_y, out.z_dk, self.loss_fn.dk_bias(vocab_size))
-        return token_stats(steps, correct, step_mask=step_mask)
+    def statistics(self, out: HeadLoss, batch: LaidOutBatch) -> TokenStats:
+        stats = head_statistics(out.lse_rest, out.z_y, out.z_dk, out.best_id, batch.targets, self.loss_fn,
+                                out.vocab_size, batch.step_mask)  # fmt: skip
+        stats.inputs = batch.group_inputs
+        return stats
 
     # -- steps ---------------------------------------------------------------------------------
-    def reduce_tokens(self, per_token: Tensor) -> Tensor:
+    def reduce_tokens(self, total: Tensor, count: int) -> Tensor:
         """Σ local losses · world / global token count: the global token mean once DDP averages gradients."""
-        return self._reduce_sum(per_token.sum(), per_token.numel(), per_token.device)
-
-    def _reduce_sum(self, total: Tensor, count: int, device) -> Tensor:
         world = self._trainer.world_size if self._trainer is not None else 1
-        n = torch.tensor(float(count), device=device)
+        n = torch.tensor(float(count), device=total.device)
         if world > 1:
             n = self.trainer.strategy.reduce(n, reduce_op="sum")
         return total * world / n.clamp_min(1)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor | TokenStats]:
+        batch = LaidOutBatch.of(batch)
         logging = self._logging_step()
-        if self._use_chunked():
-            total, per_token, stats = self.chunked_step(batch, with_stats=logging)
-            loss = self._reduce_sum(total, per_token.numel(), per_token.device)
-        else:
-            logits, targets = self.grouped_logits(batch)
-            loss = self.reduce_tokens(self.token_loss(logits, targets, batch))
-            step_mask = batch["step_mask"][batch["target_mask"]] if "step_mask" in batch else None
-            stats = (step_statistics(logits.detach(), targets, self.hparams.dk_id, self.loss_fn, step_mask)
-                     if logging else None)  # fmt: skip
+        head = self.head_outputs(batch, with_argmax=logging)
+        loss = self.reduce_tokens(head.total, head.per_token.numel())
+        stats = self.statistics(head, batch) if logging else None
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         out: dict[str, Tensor | TokenStats] = {"loss": loss}
         if stats is not None:
@@ -330,19 +257,14 @@ class CYBModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._evaluation_epoch_end("test")
 
-    def evaluation_outputs(self, batch: dict[str, Tensor]) -> tuple[Tensor, TokenStats]:
+    def evaluation_outputs(self, batch: dict[str, Tensor] | LaidOutBatch) -> tuple[Tensor, TokenStats]:
         """Per-token loss ``[N]`` and statistics of a batch, as validation computes them (reports reuse it)."""
-        if self._use_chunked():
-            _, per_token, stats = self.chunked_step(batch, with_stats=True)
-        else:
-            logits, targets = self.grouped_logits(batch)
-            per_token = self.token_loss(logits, targets, batch)
-            step_mask = batch["step_mask"][batch["target_mask"]] if "step_mask" in batch else None
-            stats = step_statistics(logits, targets, self.hparams.dk_id, self.loss_fn, step_mask)
-        stats.inputs = self.group_inputs(batch)
-        return per_token, stats
+        batch = LaidOutBatch.of(batch)
+        out = self.head_outputs(batch, with_argmax=True)
+        return out.per_token, self.statistics(out, batch)
 
     def _evaluation_step(self, stage: str, batch: dict[str, Tensor]) -> dict[str, TokenStats]:
+        batch = LaidOutBatch.of(batch)
         per_token, stats = self.evaluation_outputs(batch)
         getattr(self, f"{stage}_stats").update(stats)
         getattr(self, f"{stage}_accuracy").update(stats)
@@ -352,11 +274,10 @@ class CYBModule(L.LightningModule):
         loss_metric = getattr(self, f"{stage}_loss")
         loss_metric.update(per_token)  # a torchmetrics mean: exact token weighting across batches and ranks
         self.log(f"{stage}/loss", loss_metric)
-        if "difficulty" not in batch:
+        if batch.difficulty is None:
             return {"stats": stats}
-        difficulty = batch["difficulty"][batch["target_mask"]]
-        getattr(self, f"{stage}_difficulty").update(stats, difficulty)
-        return {"stats": stats, "difficulty": difficulty}
+        getattr(self, f"{stage}_difficulty").update(stats, batch.difficulty)
+        return {"stats": stats, "difficulty": batch.difficulty}
 
     def _evaluation_epoch_end(self, stage: str) -> None:
         """Log the reduced metrics (torchmetrics syncs across ranks in ``compute``; no second sync here)."""

@@ -110,8 +110,8 @@ def test_consolidated_checkpoint_loads_on_one_cpu_process(fsdp2, reference, tmp_
         torch.testing.assert_close(state[k], v, rtol=1e-4, atol=1e-4, msg=k)
     batch = next(iter(torch.utils.data.DataLoader(fit_worker.LayoutRows(4), batch_size=4)))
     with torch.no_grad():
-        logits, targets = model.grouped_logits(batch)
-        assert torch.isfinite(model.loss_fn(logits, targets, fit_worker.DK)).all()
+        per_token, _ = model.evaluation_outputs(batch)
+        assert torch.isfinite(per_token).all() and per_token.numel() == int(batch["target_mask"].sum())
 
 
 def test_ddp_loss_matches_single_process(reference, tmp_path):

@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
+from cyb_lightning.data.batch import LaidOutBatch
 from cyb_lightning.generation import (
     AdaptiveRunner,
     PausePolicy,
     Sampling,
     adaptive_evaluate,
     answer_nll,
-    real_tokens,
 )
 from cyb_lightning.model.gpt import GPTConfig
 
@@ -86,7 +86,7 @@ def cyb_layout(real: torch.Tensor) -> dict[str, torch.Tensor]:
 def test_fixed_k_teacher_forcing_reads_the_training_layout_at_step_w(decoder):
     real = torch.randint(6, V, (2, 10), generator=torch.Generator().manual_seed(3))
     batch = cyb_layout(real)
-    trace = runner(decoder, "fixed").run(*real_tokens(batch)[:1], length=9)
+    trace = runner(decoder, "fixed").run(LaidOutBatch.of(batch).real_tokens(), length=9)
     with torch.no_grad():
         logits = decoder(batch["input_ids"], batch["position_ids"]).view(2, 9, K + 1, V)
     expected = answer_nll(logits[:, :, -1].reshape(-1, V), batch["targets"].reshape(-1), DK).view(2, 9)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from cyb_lightning.data.batch import LaidOutBatch
 from cyb_lightning.losses import CYBAP, CYBDP, CrossEntropy, TBYSPerToken
 from cyb_lightning.losses import functional as F
 from cyb_lightning.model import GPTConfig
@@ -39,12 +40,18 @@ def module(loss, k=3, **kw) -> CYBModule:
     return m
 
 
+def grouped_logits(m: CYBModule, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full logits of the counted groups ``[N, W, V]`` and their targets, through the batch's one gather."""
+    b = LaidOutBatch.of(batch)
+    return b.groups(m(b.input_ids, b.position_ids)), b.targets
+
+
 def test_grouped_logits_follow_the_layout():
     m = module(CYBAP())
     real = torch.randint(6, V, (2, 9))
     batch = cyb_batch(real, 3)
     batch["target_mask"][1, 5:] = False  # e.g. padding at the end of the validation set
-    logits, targets = m.grouped_logits(batch)
+    logits, targets = grouped_logits(m, batch)
     full = m(batch["input_ids"], batch["position_ids"])
     assert logits.shape == (8 + 5, 4, V)
     # Token t of row 1 is laid out at positions 4t … 4t+3.
@@ -56,10 +63,10 @@ def test_cyb_layout_first_step_sees_no_pause_of_its_own_group():
     # Step 1 of token t is the output at x_t; it must not depend on token t's pauses, only on earlier ones.
     m = module(CYBAP())
     batch = cyb_batch(torch.randint(6, V, (1, 5)), 3)
-    logits, _ = m.grouped_logits(batch)
+    logits, _ = grouped_logits(m, batch)
     changed = {k: v.clone() for k, v in batch.items()}
     changed["input_ids"][0, 4 * 2 + 1 :] = PAUSES[0]  # rewrite every pause from token 2 on
-    logits2, _ = m.grouped_logits(changed)
+    logits2, _ = grouped_logits(m, changed)
     torch.testing.assert_close(logits2[:2], logits[:2])
     torch.testing.assert_close(logits2[2, 0], logits[2, 0])
     assert not torch.allclose(logits2[2, 1:], logits[2, 1:])
@@ -70,7 +77,7 @@ def test_training_loss_is_the_token_mean_of_the_functional(loss):
     m = module(loss)
     batch = cyb_batch(torch.randint(6, V, (2, 9)), 3)
     out = m.training_step(batch, 0)
-    logits, targets = m.grouped_logits(batch)
+    logits, targets = grouped_logits(m, batch)
     expected = loss(logits, targets, DK).mean()
     torch.testing.assert_close(out["loss"], expected)
 
@@ -78,7 +85,7 @@ def test_training_loss_is_the_token_mean_of_the_functional(loss):
 def test_baseline_cross_entropy_is_ordinary_cross_entropy():
     m = module(CrossEntropy(), k=0)
     batch = cyb_batch(torch.randint(6, V, (2, 9)), 0)
-    logits, targets = m.grouped_logits(batch)
+    logits, targets = grouped_logits(m, batch)
     ref = torch.nn.functional.cross_entropy(m(batch["input_ids"], batch["position_ids"]).flatten(0, 1),
                                             batch["targets"].flatten())
     torch.testing.assert_close(CrossEntropy()(logits, targets, DK).mean(), ref)
@@ -126,13 +133,13 @@ def test_fit_learns_and_dk_prior_shows_in_the_stopping_distribution(tmp_path):
                         default_root_dir=tmp_path, limit_val_batches=2)
     batch = next(iter(data))
     with torch.no_grad():
-        before = m.loss_fn(*m.grouped_logits(batch), DK).mean().item()
+        before = m.loss_fn(*grouped_logits(m, batch), DK).mean().item()
         # With the 0.9 DK prior an untrained model says DK almost everywhere: it waits until the end.
-        log_s = m.loss_fn.stopping_log_probs(*m.grouped_logits(batch), DK)
+        log_s = m.loss_fn.stopping_log_probs(*grouped_logits(m, batch), DK)
         assert log_s.exp()[:, -1].mean() > 0.5
     trainer.fit(m, data, data)
     with torch.no_grad():
-        after = m.loss_fn(*m.grouped_logits(batch), DK).mean().item()
+        after = m.loss_fn(*grouped_logits(m, batch), DK).mean().item()
     assert after < 0.5 * before
     assert trainer.callback_metrics["val/ppl"] < math.exp(before)
     assert F.dk_prior_bias(V) == pytest.approx(math.log(9 * (V - 1)))
@@ -147,7 +154,7 @@ class _Record(L.Callback):
 
 
 def _fit(loss, chunked: bool, tmp_path, k=3, steps=6):
-    m = module(loss, k=k, lr=1e-2, chunked_loss=chunked, loss_chunk_size=12)
+    m = module(loss, k=k, lr=1e-2, loss_chunk_size=12 if chunked else 0)  # 0: one chunk, the full logits
     record = _Record()
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=2,
@@ -163,7 +170,7 @@ def _fit(loss, chunked: bool, tmp_path, k=3, steps=6):
 def test_chunked_and_plain_loss_train_the_same(loss, k, tmp_path):
     plain_losses, plain_metrics, plain_model = _fit(loss, False, tmp_path / "plain", k)
     chunked_losses, chunked_metrics, chunked_model = _fit(loss, True, tmp_path / "chunked", k)
-    assert chunked_model._use_chunked() and not plain_model._use_chunked()
+    assert (chunked_model.hparams.loss_chunk_size, plain_model.hparams.loss_chunk_size) == (12, 0)
     assert len(chunked_losses) == 6
     torch.testing.assert_close(torch.tensor(chunked_losses), torch.tensor(plain_losses), rtol=1e-4, atol=1e-5)
     assert set(chunked_metrics) == set(plain_metrics)  # the same train/ and val/ metrics are logged
@@ -174,14 +181,14 @@ def test_chunked_and_plain_loss_train_the_same(loss, k, tmp_path):
 
 
 def test_training_step_chunked_equals_plain_with_masked_targets():
-    m = module(CYBAP())
+    m = module(CYBAP(), loss_chunk_size=8)
     batch = cyb_batch(torch.randint(6, V, (2, 9)), 3)
     batch["target_mask"][1, 5:] = False
     chunked = m.training_step(batch, 0)["loss"]
     chunked.backward()
     grads = [p.grad.clone() for p in m.parameters()]
     m.zero_grad()
-    logits, targets = m.grouped_logits(batch)
+    logits, targets = grouped_logits(m, batch)
     plain = m.loss_fn(logits, targets, DK).mean()
     plain.backward()
     torch.testing.assert_close(chunked, plain)
@@ -196,7 +203,7 @@ def test_variable_layout_statistics_count_only_granted_pauses(chunked):
     from cyb_lightning.data.layout import layout_variable
     from cyb_lightning.data.tokenizer import standard_vocab
 
-    m = module(CYBAP(psi_dk=0.9), chunked_loss=chunked)  # a strong DK prior: the model wants every step
+    m = module(CYBAP(psi_dk=0.9), loss_chunk_size=5 if chunked else 0)  # a strong DK prior: the model wants every step
     vocab = standard_vocab(V - standard_vocab().num_reserved)
     rows = [layout_variable(torch.randint(11, V, (9,)).numpy(), 8, vocab.pause_ids[:3], vocab.pad_id,
                             (0.4, 0.3, 0.2, 0.1), seed=0, index=i) for i in range(4)]  # fmt: skip

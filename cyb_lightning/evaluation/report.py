@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from cyb_lightning.data.batch import LaidOutBatch
 from cyb_lightning.evaluation.tokens import QUADRANTS, quadrants
 from cyb_lightning.metrics import (
     CalibrationSpearman,
@@ -54,17 +55,17 @@ def evaluate(module, batches, *, min_count: int = 5, max_batches: int | None = N
     for b, batch in enumerate(batches):
         if max_batches is not None and b >= max_batches:
             break
-        batch = {k: v.to(module.device) for k, v in batch.items()}
-        if not bool(batch["target_mask"].any()):
+        batch = LaidOutBatch.of({k: v.to(module.device) for k, v in batch.items()})
+        if not bool(batch.target_mask.any()):
             continue
         per_token, stats = module.evaluation_outputs(batch)  # exactly what validation computes
         for m in (stats_m, acc_m, token_m) + ((calib_m,) if calib_m is not None else ()):
             m.update(stats)
         loss_m.update(per_token)
-        if "difficulty" in batch:
-            difficulty_m.update(stats, batch["difficulty"][batch["target_mask"]])
+        if batch.difficulty is not None:
+            difficulty_m.update(stats, batch.difficulty)
         if sample is None:
-            n0 = int(batch["target_mask"][0].sum())
+            n0 = int(batch.target_mask[0].sum())
             sample = {"ids": stats.inputs[: min(n0, sample_tokens)].tolist(),
                       "expected_pauses": stats.extra_pauses[: min(n0, sample_tokens)].tolist()}  # fmt: skip
     stop = stats_m.compute()

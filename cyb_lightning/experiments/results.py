@@ -182,12 +182,17 @@ def answer_lines(plan: dict, by_name: dict) -> list[str]:
           "|---|" + "---|" * len(others)]  # fmt: skip
     for c in cyb:
         L.append(f"| {label(c)} | " + " | ".join(compare(ppl[c], ppl[o]) for o in others) + " |")
-    L += ["", "**Equal compute** (the same laid-out tokens, i.e. forward positions: a run with K pauses per token "
-          "against the no-pause baseline given K + 1 times the steps, on more passes or more data):", "",
-          "| pause run (1×1, seed 0) | laid-out tokens | ppl | baseline run, same laid-out tokens | its ppl | Δ ppl "
-          "| training wall s (pause / baseline) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     base_runs = [r for r in by_name.values() if r["method"] == "baseline" and r["seed"] == seeds[0]]
-    for m in tbys + cyb:
+    if not {b["laid_out_tokens"] for b in base_runs} & {r["laid_out_tokens"] for r in by_name.values() if r["W"] > 1}:
+        L += ["", "**Equal compute**: this plan has no baseline run given the pause runs' laid-out tokens; compare "
+              "against laid-out tokens in the plots below."]  # fmt: skip
+        base_runs = []  # no table
+    else:
+        L += ["", "**Equal compute** (the same laid-out tokens, i.e. forward positions: a run with K pauses per "
+              "token against the no-pause baseline given K + 1 times the steps, on more passes or more data):", "",
+              "| pause run (1×1, seed 0) | laid-out tokens | ppl | baseline run, same laid-out tokens | its ppl | Δ ppl "
+              "| training wall s (pause / baseline) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for m in tbys + cyb if base_runs else []:
         r = by_name.get(f"ft-{m}-s{seeds[0]}")
         if not r:
             continue
@@ -234,7 +239,7 @@ def answer_lines(plan: dict, by_name: dict) -> list[str]:
 def write_results(out: Path, md_path: Path, img_dir: Path | None = None) -> Path:
     """Write ``md_path`` and its PNGs (default: ``img/results`` beside it) from ``out``'s result files."""
     out, md_path = Path(out), Path(md_path)
-    img_dir = Path(img_dir) if img_dir else md_path.parent / "img" / "results"
+    img_dir = Path(img_dir) if img_dir else md_path.parent / "img" / md_path.stem  # docs/img/results for results.md
     img_dir.mkdir(parents=True, exist_ok=True)
     meta, results = load_results(out)
     plan = meta["plan"]
@@ -246,13 +251,13 @@ def write_results(out: Path, md_path: Path, img_dir: Path | None = None) -> Path
     L: list[str] = []
     inv = meta["invocations"]
     total_wall = sum(i.get("wall_s", 0) for i in inv)
-    L += ["# Results: the CYB comparison at small scale", "",
-          "Produced by `python -m cyb_lightning experiment` (plan `conf/experiments/cyb_repro.yaml`, "
-          "docs/experiments.md) and written from its result files by `cyb_lightning/experiments/results.py`. "
-          "Paper numbers: CYB v1 (Gemma-1 2B fine-tuned on C4, read off the paper's figures, "
-          "`docs/method.md` §7). Ours: held-out perplexity of the step mixture (γ = 1, ω = (0,…,0,1); "
-          "ordinary perplexity without pauses) on this corpus, so the absolute values are not comparable "
-          "with C4's; the orderings and relative gaps are.", ""]  # fmt: skip
+    L += ["# " + plan.get("title", "Results: the CYB comparison at small scale"), "",
+          f"Produced by `{inv[0]['command']}` (docs/experiments.md) and written from its result files by "
+          "`cyb_lightning/experiments/results.py`. Paper numbers: CYB v1 (Gemma-1 2B fine-tuned on C4, read off the "
+          "paper's figures, `docs/method.md` §7). "
+          + plan.get("description", "Ours: held-out perplexity of the step mixture (γ = 1, ω = (0,…,0,1); "
+                     "ordinary perplexity without pauses) on this corpus, so the absolute values are not comparable "
+                     "with C4's; the orderings and relative gaps are."), ""]  # fmt: skip
     L += answer_lines(plan, by_name)
     kept = kept_discussion(md_path)
     if kept:
@@ -264,11 +269,15 @@ def write_results(out: Path, md_path: Path, img_dir: Path | None = None) -> Path
                  f"{v.get('load_average_at_start', ['?'])[0]} at start, {v.get('load_average_now', ['?'])[0]} at the end |")  # fmt: skip
     L += [f"| commit | {inv[-1]['commit']} |", f"| machine | {inv[-1]['machine']} |",
           f"| total wall time | {total_wall / 60:.1f} min (all invocations) |",
-          f"| sizes | T = {s['seq_len']} real tokens, batch {s['batch_size']}, pretraining {s['pretrain_steps']} "
-          f"steps, fine-tuning {s['finetune_steps']} steps (1×1), seeds {seeds} |", ""]  # fmt: skip
+          f"| sizes | T = {s['seq_len']} real tokens, batch {s['batch_size']}, "
+          + (f"pretraining {s['pretrain_steps']} steps, " if plan.get("pretrain") else "no pretraining stage, ")
+          + f"fine-tuning {s['finetune_steps']} steps (1×1), seeds {seeds} |", ""]  # fmt: skip
     c = meta["corpus"]
+    tok = c["params"].get("tokenizer")
     L += ["Corpus (`OUT/corpus/manifest.json`): " + ", ".join(f"{k}: {v:,} documents" for k, v in c["sources"].items())
-          + f"; BPE of {c['vocab_size']:,} ids trained on the pretraining part.", "",
+          + (f"; tokens of the pretrained model's own tokenizer ({tok['init_args']['name_or_path']}, "
+             f"{c['vocab_size']:,} ids with DK and the pauses)." if tok else
+             f"; BPE of {c['vocab_size']:,} ids trained on the pretraining part."), "",
           "| part | documents | tokens |", "|---|---|---|"]  # fmt: skip
     L += [f"| {k} | {v['documents']:,} | {v['tokens']:,} |" for k, v in c["parts"].items()] + [""]
 
@@ -276,12 +285,16 @@ def write_results(out: Path, md_path: Path, img_dir: Path | None = None) -> Path
     L += ["## Main comparison (CYB §6 table)", "",
           "Every fine-tune starts from the same pretrained decoder and reads the same real tokens in the same "
           f"number of steps ({s['finetune_steps']}); ppl per seed, then mean and spread (sample std over seeds).",
+          "The trained-rule reader is teacher-forced adaptive inference that stops at the first step with "
+          "d < 0.5 (its forward steps per token are its inference compute against the baseline's 1); laid-out "
+          "tokens are training compute (forward positions: FLOPs of the same decoder, attention aside).",
           "", "| model | paper C4 ppl | ours: held-out ppl (mean) | spread over seeds | per seed | extra pauses / token "
-          "| real tokens | laid-out tokens | training wall s |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+          "| trained-rule reader: ppl / steps per token (mean) | real tokens | laid-out tokens | training wall s |",
+          "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     pre = by_name.get("pretrain")
     if pre:
         L.append(f"| pretrained, no finetuning | {_f(paper.get('pretrained'), 2)} | {_f(pre['eval']['ppl'])} | – | – "
-                 f"| 0 | {pre['real_tokens']:,} | {pre['laid_out_tokens']:,} | {pre['train_wall_s']:.1f} |")  # fmt: skip
+                 f"| 0 | – | {pre['real_tokens']:,} | {pre['laid_out_tokens']:,} | {pre['train_wall_s']:.1f} |")  # fmt: skip
     means: dict[str, float] = {}
     for method, m in plan["methods"].items():
         runs = [by_name[f"ft-{method}-s{sd}"] for sd in seeds if f"ft-{method}-s{sd}" in by_name]
@@ -289,9 +302,12 @@ def write_results(out: Path, md_path: Path, img_dir: Path | None = None) -> Path
             continue
         ppl = [r["eval"]["ppl"] for r in runs]
         means[method] = statistics.fmean(ppl)
+        reader = [r["adaptive"]["threshold"] for r in runs if "threshold" in (r.get("adaptive") or {})]
+        read = (f"{statistics.fmean(a['ppl'] for a in reader):.3f} / {statistics.fmean(a['steps_per_token'] for a in reader):.2f}"
+                if reader else "–")  # fmt: skip
         L.append(f"| {m['label']} | {_f(m.get('paper'), 2)} | {_f(means[method])} | {_spread(ppl)} | "
                  + " / ".join(_f(x) for x in ppl) + f" | {statistics.fmean(r['eval']['extra_pauses'] for r in runs):.3f} "
-                 f"| {runs[0]['real_tokens']:,} | {runs[0]['laid_out_tokens']:,} "
+                 f"| {read} | {runs[0]['real_tokens']:,} | {runs[0]['laid_out_tokens']:,} "
                  f"| {statistics.fmean(r['train_wall_s'] for r in runs):.1f} |")  # fmt: skip
     L.append("")
     if "baseline" in means:

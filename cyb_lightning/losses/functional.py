@@ -97,7 +97,7 @@ def step_logit_stats(logits: Tensor, targets: Tensor, dk_id: int) -> tuple[Tenso
     """(LSE over the non-DK ids, target logit z_y, raw DK logit z_dk), each ``[N, W]`` in fp32/fp64.
 
     These three numbers per step are all any loss here needs from the ``V`` logits (no DK prior yet):
-    :mod:`cyb_lightning.losses.chunked` computes them chunk by chunk from hidden states and the output
+    :mod:`cyb_lightning.losses.head` computes them chunk by chunk from hidden states and the output
     head, the plain path from full logits; both then share the math below.
     """
     if logits.dim() != 3:
@@ -105,11 +105,21 @@ def step_logit_stats(logits: Tensor, targets: Tensor, dk_id: int) -> tuple[Tenso
     if targets.shape != logits.shape[:1]:
         raise ValueError(f"targets must be [N]={logits.shape[0]}, got shape {tuple(targets.shape)}")
     z = _fp32(logits)
-    # LSE over every id but DK from the two slices around it: exact (no cancellation when DK dominates)
-    # and without copying the vocabulary.
-    lse_rest = torch.logaddexp(torch.logsumexp(z[..., :dk_id], -1), torch.logsumexp(z[..., dk_id + 1 :], -1))
     z_y = z.gather(-1, targets.view(-1, 1, 1).expand(-1, z.shape[1], 1)).squeeze(-1)
-    return lse_rest, z_y, z[..., dk_id]
+    return _lse_rest(z, dk_id), z_y, z[..., dk_id]
+
+
+def _lse_rest(z: Tensor, dk_id: int) -> Tensor:
+    """LSE over every id but DK from the two slices around it: exact (no cancellation when DK dominates)
+    and without copying the vocabulary."""
+    return torch.logaddexp(torch.logsumexp(z[..., :dk_id], -1), torch.logsumexp(z[..., dk_id + 1 :], -1))
+
+
+def dk_log_prob(logits: Tensor, dk_id: int, dk_bias: float = 0.0) -> Tensor:
+    """log d = log p(DK) ``[...]`` of logits ``[..., V]`` with the DK prior applied (adaptive inference)."""
+    z = _fp32(logits)
+    z_dk = z[..., dk_id] + dk_bias
+    return z_dk - torch.logaddexp(z_dk, _lse_rest(z, dk_id))
 
 
 def log_probs_from_stats(

@@ -52,8 +52,10 @@ class PauseLoss(nn.Module):
         log_d, log_1md, _ = F.step_log_probs(logits, targets, dk_id, self.dk_bias(logits.shape[-1]))
         return F.halting_log_probs(log_d, log_1md)
 
-    def forward(self, logits: Tensor, targets: Tensor, dk_id: int) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def forward(self, logits: Tensor, targets: Tensor, dk_id: int) -> Tensor:
+        """The per-token loss ``[N]`` of full logits ``[N, W, V]``: the reference (tests, small inputs); training
+        takes the same math chunk by chunk from the head (:func:`~cyb_lightning.losses.head.head_loss`)."""
+        return self.loss_from_stats(*F.step_logit_stats(logits, targets, dk_id), logits.shape[-1])
 
     def loss_from_steps(self, steps: tuple[Tensor, Tensor, Tensor]) -> Tensor:  # pragma: no cover - abstract
         """The per-token loss ``[N]`` from (log d, log(1 − d), log t) ``[N, W]`` (DK prior applied)."""
@@ -62,8 +64,8 @@ class PauseLoss(nn.Module):
     def loss_from_stats(self, lse_rest: Tensor, z_y: Tensor, z_dk: Tensor, vocab_size: int) -> Tensor:
         """The per-token loss from :func:`~cyb_lightning.losses.functional.step_logit_stats`'s quantities.
 
-        The chunked path (:mod:`cyb_lightning.losses.chunked`) calls this; ``forward`` on full logits is
-        the reference. With ``last_step_only`` the quantities may hold the last step only (``[N, 1]``).
+        Every path calls this (:mod:`cyb_lightning.losses.head`, ``forward`` on full logits). With
+        ``last_step_only`` the quantities may hold the last step only (``[N, 1]``).
         """
         return self.loss_from_steps(F.log_probs_from_stats(lse_rest, z_y, z_dk, self.dk_bias(vocab_size)))
 
@@ -92,8 +94,6 @@ class CrossEntropy(PauseLoss):
                 "pause_groups"
             )
 
-    def forward(self, logits: Tensor, targets: Tensor, dk_id: int) -> Tensor:
-        return F.tbys_loss(logits, targets)
 
     def loss_from_steps(self, steps: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         _, log_1md, log_t = steps  # log p(y) = log t + log(1 − d): DK is an ordinary id here (no prior)
@@ -106,8 +106,6 @@ class TBYSPerToken(PauseLoss):
     uses_dk = False
     last_step_only = True
 
-    def forward(self, logits: Tensor, targets: Tensor, dk_id: int) -> Tensor:
-        return F.tbys_loss(logits, targets, dk_id)
 
     def loss_from_steps(self, steps: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         return -steps[2][:, -1]
@@ -153,8 +151,6 @@ class CYBAP(PauseLoss):
     def steps(self) -> int:
         return self.omega.numel()
 
-    def forward(self, logits: Tensor, targets: Tensor, dk_id: int) -> Tensor:
-        return F.cyb_loss(logits, targets, dk_id, self.omega, self.gamma, self.dk_bias(logits.shape[-1]))
 
     def loss_from_steps(self, steps: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         return F.cyb_loss_from(steps, self.omega, self.gamma)
@@ -178,8 +174,6 @@ class CYBVA(PauseLoss):
     def steps(self) -> int:
         return self.rho.numel()
 
-    def forward(self, logits: Tensor, targets: Tensor, dk_id: int) -> Tensor:
-        return F.cyb_va_loss(logits, targets, dk_id, self.rho, self.dk_bias(logits.shape[-1]))
 
     def loss_from_steps(self, steps: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         return F.cyb_va_loss_from(steps, self.rho)
@@ -202,8 +196,6 @@ class CYBDP(PauseLoss):
     def steps(self) -> int:
         return self.rho.numel()
 
-    def forward(self, logits: Tensor, targets: Tensor, dk_id: int) -> Tensor:
-        return F.cyb_dp_loss(logits, targets, dk_id, self.rho, self.alpha, self.dk_bias(logits.shape[-1]))
 
     def loss_from_steps(self, steps: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         return F.cyb_dp_loss_from(steps, self.rho, self.alpha)

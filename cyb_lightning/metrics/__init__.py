@@ -10,9 +10,9 @@ from cyb_lightning.metrics.evaluation import (
 from cyb_lightning.metrics.stopping import (
     StoppingStats,
     TokenStats,
+    head_statistics,
     step_statistics,
     stopping_readout,
-    token_stats,
 )
 
 __all__ = [
@@ -22,8 +22,8 @@ __all__ = [
     "StoppingStats",
     "TokenPauseStats",
     "TokenStats",
+    "head_statistics",
     "step_statistics",
     "stopping_readout",
-    "token_stats",
     "token_table",
 ]

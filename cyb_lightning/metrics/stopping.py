@@ -1,6 +1,6 @@
 """Stopping-time statistics (spec §5): perplexity of the step mixture, latency distribution, DK rate.
 
-``step_statistics`` turns the logits of real tokens into per-token quantities; ``StoppingStats``
+``head_statistics`` turns the head's per-step statistics of real tokens into per-token quantities; ``StoppingStats``
 accumulates token-weighted sums of them, which torchmetrics sums across ranks, so the global value is
 exact whatever the split of tokens between ranks.
 """
@@ -41,42 +41,47 @@ STOP_THRESHOLD = 0.5
 
 
 @torch.no_grad()
-def step_statistics(
-    logits: Tensor, targets: Tensor, dk_id: int, loss: PauseLoss, step_mask: Tensor | None = None
+def head_statistics(
+    lse_rest: Tensor,
+    z_y: Tensor,
+    z_dk: Tensor,
+    best_id: Tensor,
+    targets: Tensor,
+    loss: PauseLoss,
+    vocab_size: int,
+    step_mask: Tensor | None = None,
 ) -> TokenStats:
-    """``logits [N, W, V]`` of real tokens → their evaluation quantities under ``loss``'s DK prior.
+    """The evaluation quantities of real tokens from the head's per-step statistics ``[N, W]``
+    (:class:`~cyb_lightning.losses.head.HeadLoss`: LSE over the non-DK ids, z_y, z_dk, best non-DK id),
+    under ``loss``'s DK prior. Training, validation and ``report`` all come through here.
 
     ``step_mask [N, W]`` (variable pauses): the steps the world granted each token; s is then the
     distribution over those steps only (d forced to 0 at the last granted one), as the loss trains it.
+    A loss without DK answers at the last step, and its ``nll`` is its own per-token loss.
     """
-    z = logits.float()
-    top2 = z.topk(2, dim=-1).indices  # the best non-DK id without copying the vocabulary
-    correct = torch.where(top2[..., 0] == dk_id, top2[..., 1], top2[..., 0]) == targets[:, None]
+    correct = best_id == targets[:, None]
     if not loss.uses_dk:
-        return token_stats(None, correct, nll=loss(logits, targets, dk_id).float())
-    steps = F.step_log_probs(logits, targets, dk_id, loss.dk_bias(logits.shape[-1]))
-    return token_stats(steps, correct, step_mask=step_mask)
-
-
-def token_stats(
-    steps: tuple[Tensor, Tensor, Tensor] | None,
-    correct: Tensor,
-    nll: Tensor | None = None,
-    step_mask: Tensor | None = None,
-) -> TokenStats:
-    """:class:`TokenStats` from (log d, log(1 − d), log t) ``[N, W]`` (DK prior applied) and ``correct``.
-
-    ``steps`` None: a loss without DK, whose answer is read at the last step (``nll`` its own loss).
-    """
-    if steps is None:
+        nll = loss.loss_from_stats(lse_rest, z_y, z_dk, vocab_size).float()
         stop = torch.zeros(correct.shape, device=correct.device)
         stop[:, -1] = 1.0
         readout = torch.full(correct.shape[:1], correct.shape[1] - 1, dtype=torch.long, device=correct.device)
         return TokenStats(nll=nll, stop=stop, log_d=None, correct=correct, readout=readout)
-    log_d, log_1md, log_t = steps
+    log_d, log_1md, log_t = F.log_probs_from_stats(lse_rest, z_y, z_dk, loss.dk_bias(vocab_size))
     log_s = F.granted_halting_log_probs(log_d, log_1md, step_mask)
     return TokenStats(nll=-torch.logsumexp(log_s + log_t, -1), stop=log_s.exp(), log_d=log_d, log_t=log_t,
                       correct=correct, readout=stopping_readout(log_d, step_mask))  # fmt: skip
+
+
+@torch.no_grad()
+def step_statistics(
+    logits: Tensor, targets: Tensor, dk_id: int, loss: PauseLoss, step_mask: Tensor | None = None
+) -> TokenStats:
+    """:func:`head_statistics` of full logits ``[N, W, V]`` (tests and small inputs)."""
+    z = logits.float()
+    top2 = z.topk(2, dim=-1).indices  # the best non-DK id without copying the vocabulary
+    best_id = torch.where(top2[..., 0] == dk_id, top2[..., 1], top2[..., 0])
+    return head_statistics(*F.step_logit_stats(logits, targets, dk_id), best_id, targets, loss, logits.shape[-1],
+                           step_mask)  # fmt: skip
 
 
 def stopping_readout(log_d: Tensor, step_mask: Tensor | None = None, threshold: float = STOP_THRESHOLD) -> Tensor:

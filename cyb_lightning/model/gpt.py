@@ -14,12 +14,15 @@ generation uses that to run rows of a batch in lockstep while each row pauses a 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cyb_lightning.losses.head import OutputHead
 from cyb_lightning.model.spec import DecoderSpec
 
 
@@ -238,13 +241,17 @@ class GPT(nn.Module):
         position_ids: Tensor | None = None,
         cache: KVCache | None = None,
         key_mask: Tensor | None = None,
-    ) -> Tensor:
+        head_fn: Callable[[Tensor, OutputHead], Any] | None = None,
+    ) -> Tensor | Any:
         """``input_ids``, ``position_ids``: ``[B, L]`` → logits ``[B, L, V]``.
 
         With ``cache``, the inputs continue the cached ones (which they attend to) and the cache is extended
-        in place; ``key_mask`` (bool ``[B, L]``, cache only) hides inputs from every later query.
+        in place; ``key_mask`` (bool ``[B, L]``, cache only) hides inputs from every later query. With
+        ``head_fn``, returns ``head_fn(final hidden states [B, L, d], output head)`` instead of the logits:
+        the loss meets the head inside ``forward``, where FSDP2 has the head's weight gathered.
         """
-        return self.head(self.hidden_states(input_ids, position_ids, cache, key_mask))
+        hidden = self.hidden_states(input_ids, position_ids, cache, key_mask)
+        return self.head(hidden) if head_fn is None else head_fn(hidden, self.output_head())
 
     def hidden_states(
         self,
@@ -253,11 +260,7 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         key_mask: Tensor | None = None,
     ) -> Tensor:
-        """The final hidden states ``[B, L, d]`` (after the final norm): ``forward`` is ``head`` of these.
-
-        With :meth:`output_head`, this lets a loss compute the logits chunk by chunk
-        (:mod:`cyb_lightning.losses.chunked`) instead of holding ``[B, L, V]``.
-        """
+        """The final hidden states ``[B, L, d]`` (after the final norm): ``forward`` is ``head`` of these."""
         if position_ids is None:
             start = 0 if cache is None else len(cache)
             position_ids = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
@@ -271,6 +274,6 @@ class GPT(nn.Module):
             x = block(x, cos, sin, None if cache is None else cache.layers[i], key_mask)
         return self.norm(x)
 
-    def output_head(self) -> tuple[Tensor, Tensor | None]:
-        """(weight ``[V, d]``, bias ``[V]`` or None): logits = hidden_states @ weight.T (+ bias)."""
-        return self.head.weight, self.head.bias
+    def output_head(self) -> OutputHead:
+        """The output layer: logits = hidden_states @ weight.T."""
+        return OutputHead(self.head.weight, self.head.bias)

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -51,7 +52,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from cyb_lightning.losses.chunked import ChunkedLossUnsupported
+from cyb_lightning.losses.head import OutputHead
 from cyb_lightning.model.gguf import pretrained_source
 from cyb_lightning.model.spec import DecoderSpec
 
@@ -283,19 +284,22 @@ class HFCausalLM(nn.Module):
         position_ids: Tensor | None = None,
         cache: HFCache | None = None,
         key_mask: Tensor | None = None,
-    ) -> Tensor:
-        return self.model(**self._inputs(input_ids, position_ids, cache, key_mask)).logits
+        head_fn: Callable[[Tensor, OutputHead], Any] | None = None,
+    ) -> Tensor | Any:
+        """Logits ``[B, L, V]``; with ``head_fn`` (no cache), ``head_fn(final hidden states, output head)``
+        instead, inside ``forward`` (where FSDP2 has the head's weight gathered), as :class:`GPT` does."""
+        if head_fn is None:
+            return self.model(**self._inputs(input_ids, position_ids, cache, key_mask)).logits
+        if cache is not None:
+            raise ValueError("head_fn reads a whole laid-out batch; it takes no cache")
+        return head_fn(self.hidden_states(input_ids, position_ids), self.output_head())
 
     def hidden_states(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
-        """The last hidden states ``[B, L, d]`` (after the final norm): the output layer's input.
-
-        Requires a family whose logits are exactly ``lm_head(hidden)`` (see :meth:`output_head`).
-        """
+        """The last hidden states ``[B, L, d]`` (after the final norm): the output layer's input."""
         base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
         if base is None:
-            raise ChunkedLossUnsupported(
-                f"{type(self.model).__name__} exposes no base decoder (get_decoder()); set model.chunked_loss: false"
-            )
+            raise ValueError(f"{type(self.model).__name__} exposes no base decoder (get_decoder()); this family "
+                             "cannot be trained here")  # fmt: skip
         return base(**self._inputs(input_ids, position_ids)).last_hidden_state
 
     def _inputs(
@@ -335,30 +339,27 @@ class HFCausalLM(nn.Module):
         kwargs.update(attention_mask=cache.visible, past_key_values=cache.past, use_cache=True)
         return kwargs
 
-    def output_head(self) -> tuple[Tensor, Tensor | None]:
-        """(weight ``[V, d]``, bias or None) of the output layer, when logits = hidden @ weight.T + bias.
-
-        Refuses families that transform the logits further (soft-capping, scaling), whose chunked loss
-        would silently differ from the model's own logits: train those with ``chunked_loss: false``.
-        """
+    def output_head(self) -> OutputHead:
+        """The output layer with the family's own transforms of its logits: Gemma-2/3's soft cap
+        (``final_logit_softcapping``), Cohere's ``logit_scale``, Granite's ``logits_scaling`` (a divisor)."""
         cfg = self.model.config.get_text_config()
-        for name in _LOGIT_TRANSFORMS:
+        softcap = getattr(cfg, "final_logit_softcapping", None) or None
+        scale = float(getattr(cfg, "logit_scale", None) or 1.0) / float(getattr(cfg, "logits_scaling", None) or 1.0)
+        for name in _UNSUPPORTED_LOGIT_TRANSFORMS:
             value = getattr(cfg, name, None)
             if value not in (None, 0, 1, 1.0, False):
-                raise ChunkedLossUnsupported(
-                    f"{type(self.model).__name__} applies {name}={value} to its logits; the chunked loss computes "
-                    "plain hidden @ head logits, so set model.chunked_loss: false for this family"
+                raise ValueError(
+                    f"{type(self.model).__name__} applies {name}={value} to its logits, which the loss's head "
+                    "(losses.head.OutputHead: soft cap and scale) does not model; this family is not supported"
                 )
         head = self.model.get_output_embeddings()
         if not isinstance(head, nn.Linear):
-            raise ChunkedLossUnsupported(
-                f"the output layer is a {type(head).__name__}, not nn.Linear; set model.chunked_loss: false"
-            )
-        return head.weight, head.bias
+            raise ValueError(f"the output layer is a {type(head).__name__}, not nn.Linear; this family is not supported")
+        return OutputHead(head.weight, head.bias, softcap=softcap, scale=scale)
 
 
-# Config fields with which a family transforms ``lm_head(hidden)`` before returning logits.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+# Config fields with which a family transforms ``lm_head(hidden)`` in ways OutputHead does not model.
+_UNSUPPORTED_LOGIT_TRANSFORMS = ("output_multiplier_scale",)
 
 
 @torch.no_grad()

@@ -98,7 +98,7 @@ def embedding_keys(decoder: nn.Module) -> list[list[str]]:
     with both keys when they are tied)."""
     inner = getattr(decoder, "model", decoder)  # HFCausalLM wraps the transformers model
     inp = inner.get_input_embeddings().weight if hasattr(inner, "get_input_embeddings") else decoder.embed.weight
-    out = decoder.output_head()[0]
+    out = decoder.output_head().weight
     names: dict[int, list[str]] = {}
     for name, p in decoder.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name.replace("_checkpoint_wrapped_module.", ""))

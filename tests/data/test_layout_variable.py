@@ -137,4 +137,6 @@ def test_module_trains_on_granted_steps_only():
     per_token = F.granted_steps_loss(logits.view(16, 4, -1), batch["targets"].view(-1), VOCAB.dk_id,
                                      batch["step_mask"].view(16, 4), m.loss_fn.dk_bias(VOCAB.size))  # fmt: skip
     torch.testing.assert_close(out["loss"], per_token.mean())
-    assert m.group_inputs(batch).tolist() == [20 + b + t for b in range(2) for t in range(8)]
+    from cyb_lightning.data.batch import LaidOutBatch
+
+    assert LaidOutBatch.of(batch).group_inputs.tolist() == [20 + b + t for b in range(2) for t in range(8)]

@@ -1,30 +1,33 @@
-"""Every pause loss straight from the final hidden states and the output head, chunk by chunk.
+"""The one seam between a decoder's output head and everything after it.
 
-The plain path builds logits ``[N, W, V]`` and hands them to a loss (``PauseLoss.forward``); at V = 256k
-those fp32 logits and their gradient are most of a training step's memory. Yet per step every loss needs
-only three numbers (:func:`~cyb_lightning.losses.functional.step_logit_stats`): the log-sum-exp over the
-non-DK ids, the target logit z_y and the DK logit z_dk. :func:`chunked_loss` computes them for a chunk of
-whole tokens at a time (``chunk_size`` logit rows, ``[chunk, V]``), never the full logits, and applies the
-loss's own math to them (``PauseLoss.loss_from_stats``: the same functions as the plain path).
+Per step every pause loss, metric and readout needs three numbers from the V logits
+(:func:`~cyb_lightning.losses.functional.step_logit_stats`): the log-sum-exp over the non-DK ids, the
+target logit z_y and the DK logit z_dk (metrics add the best non-DK logit and its id). :func:`head_loss`
+computes them from the final hidden states and the output head (:class:`OutputHead`, logits included
+soft-capping and scaling) chunk by chunk, and applies the loss's own math to them
+(``PauseLoss.loss_from_stats``). ``chunk_size`` counts logit rows; 0 puts every row in one chunk (the
+plain loss on full logits: the one-chunk case, not a second path); None picks :func:`auto_chunk_size`.
+
+Decoders call it *inside* their ``forward`` (``decoder(ids, positions, head_fn=...)``), so FSDP2, which
+all-gathers the root module's parameters (the output head among them) around ``forward``, covers it.
 
 Gradients are computed in the forward pass, chunk by chunk, by a ``torch.autograd.Function``:
 
-1. logits of the chunk ``z = h Wᵀ (+ b)`` (in the weight's dtype, then fp32 / fp64);
+1. logits of the chunk ``z = cap·tanh(s·(h Wᵀ + b)/cap)`` (in the weight's dtype, then fp32 / fp64);
 2. (LSE_{v≠DK} z, z_y, z_dk) and the chunk's per-token losses; autograd on these small ``[n, W]``
    tensors gives g_lse, g_y, g_dk, the gradient of the chunk's summed loss w.r.t. the three quantities;
 3. the gradient w.r.t. the logits is ``dZ = g_lse · softmax_{v≠DK}(z) + g_y · e_y + g_dk · e_DK``, written
-   in place over the chunk's logits; then ``grad h = dZ W`` and ``grad W += dZᵀ h`` (``grad b += Σ dZ``).
+   in place over the chunk's logits (times s·(1 − tanh²) through scaling and the cap); then
+   ``grad h = dZ W`` and ``grad W += dZᵀ h`` (``grad b += Σ dZ``).
 
 This works because each token's loss depends only on its own W steps, so the gradient of a chunk of whole
 tokens is known as soon as its logits are. It costs the three head matmuls cross-entropy costs (forward,
 dZ·W, dZᵀ·h) and one pass of ``exp`` over the chunk; recomputing the logits in ``backward`` instead would
 cost a fourth matmul (+33 % head FLOPs). The price: what is differentiable is the **sum** of the per-token
 losses (a scalar, whose backward only scales the stored gradients); the per-token values come back
-detached, for metrics. Memory: one chunk of logits, the gradient of the hidden states (their size) and an
-fp32 gradient of the head weight (the size of its own ``.grad``), never ``[N·W, V]``.
-
-Soft-capped or scaled logits (Gemma-2's ``final_logit_softcapping``, Cohere's ``logit_scale``) are not
-supported: the decoders' ``output_head()`` refuses them, and the plain path serves them.
+detached, for metrics. Memory: one chunk of logits (two with a soft cap), the gradient of the hidden
+states (their size) and an fp32 gradient of the head weight (the size of its own ``.grad``), never
+``[N·W, V]``.
 """
 
 from __future__ import annotations
@@ -39,8 +42,28 @@ from torch import Tensor
 from cyb_lightning.losses import functional as F
 from cyb_lightning.losses.modules import PauseLoss
 
-class ChunkedLossUnsupported(ValueError):
-    """The decoder's logits are not ``hidden @ weight.T + bias`` (e.g. soft-capped): use the plain loss."""
+
+@dataclass(frozen=True)
+class OutputHead:
+    """A decoder's output layer: logits = cap · tanh(scale · (hidden @ weight.T + bias) / cap).
+
+    ``softcap`` None: no cap (Gemma-2 caps at 30); ``scale``: a multiplier on the logits (Cohere's
+    ``logit_scale``, Granite's ``1 / logits_scaling``).
+    """
+
+    weight: Tensor  # [V, d]
+    bias: Tensor | None = None  # [V]
+    softcap: float | None = None
+    scale: float = 1.0
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """The model's logits of ``hidden [..., d]`` (for tests and small inputs; the loss never builds them)."""
+        z = hidden @ self.weight.t() if self.bias is None else hidden @ self.weight.t() + self.bias
+        return _cap(z * self.scale if self.scale != 1.0 else z, self.softcap)
+
+
+def _cap(z: Tensor, softcap: float | None) -> Tensor:
+    return z if not softcap else torch.tanh(z / softcap) * softcap
 
 
 #: Logit elements per chunk when ``chunk_size`` is left to :func:`auto_chunk_size` (64 MiB in fp32).
@@ -49,7 +72,7 @@ CHUNK_ELEMENTS = 1 << 24
 
 @dataclass
 class HeadLoss:
-    """What :func:`chunked_loss` returns. Everything but ``total`` is detached.
+    """What :func:`head_loss` returns. Everything but ``total`` is detached.
 
     ``lse_rest``/``z_y``/``z_dk``/``best_rest``/``best_id`` are ``[N, W']`` with W' = W, or 1 when only the
     last step was computed (a ``last_step_only`` loss and no ``with_argmax``).
@@ -62,6 +85,7 @@ class HeadLoss:
     z_dk: Tensor  # raw DK logit (no prior)
     best_rest: Tensor | None = None  # largest non-DK logit (with_argmax)
     best_id: Tensor | None = None  # its id (with_argmax)
+    vocab_size: int = 0  # V of the head (the DK prior depends on it)
 
 
 def auto_chunk_size(vocab_size: int, steps: int, d_model: int = 0) -> int:
@@ -77,30 +101,31 @@ def auto_chunk_size(vocab_size: int, steps: int, d_model: int = 0) -> int:
 PerToken = Callable[[Tensor, Tensor, Tensor, slice], Tensor]
 
 
-def chunked_loss(
+def head_loss(
     hidden: Tensor,
-    weight: Tensor,
+    head: OutputHead,
     targets: Tensor,
     loss: PauseLoss,
     dk_id: int,
-    bias: Tensor | None = None,
     chunk_size: int | None = None,
     step_mask: Tensor | None = None,
     with_argmax: bool = False,
 ) -> HeadLoss:
-    """``loss`` of the logits ``hidden @ weight.T + bias``, computed without materialising them.
+    """``loss`` of the logits of ``hidden`` under ``head``, computed chunk by chunk.
 
     Args:
         hidden: final hidden states (after the final norm) of the counted tokens, ``[N, W, d]``.
-        weight, bias: the output head, ``[V, d]`` and ``[V]`` (or None).
+        head: the output layer (weight ``[V, d]``, bias, soft cap, scale).
         targets: ``[N]`` next real token of each group.
-        loss: the pause loss; its ``loss_from_stats`` is the math (shared with the plain path).
-        chunk_size: logit rows per chunk (rounded down to whole tokens); None: :func:`auto_chunk_size`.
+        loss: the pause loss; its ``loss_from_stats`` is the math.
+        chunk_size: logit rows per chunk (rounded down to whole tokens); 0: one chunk (full logits);
+            None: :func:`auto_chunk_size`.
         step_mask: ``[N, W]`` granted steps of the variable-pause layout (CYB "recipe 2"): the loss is then
             :func:`~cyb_lightning.losses.functional.granted_steps_loss` under ``loss``'s DK prior.
         with_argmax: also return the best non-DK logit and its id per step (metrics); this computes all W
             steps even for a ``last_step_only`` loss.
     """
+    weight, bias = head.weight, head.bias
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [N, W, d], got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
@@ -129,26 +154,33 @@ def chunked_loss(
         if loss.last_step_only and not with_argmax:
             hidden = hidden[:, -1:]  # the other steps' outputs never enter the loss: skip their head
     steps = hidden.shape[1]
-    rows = auto_chunk_size(V, steps, hidden.shape[-1]) if chunk_size is None else chunk_size
+    if chunk_size is None:
+        rows = auto_chunk_size(V, steps, hidden.shape[-1])
+    elif chunk_size == 0:
+        rows = max(1, hidden.shape[0]) * steps  # the plain case: every row in one chunk
+    else:
+        rows = chunk_size
     if rows < 1:
-        raise ValueError(f"chunk_size must be a positive number of logit rows (or None: automatic), got {rows}")
+        raise ValueError(f"chunk_size must be a number of logit rows >= 0 (0: one chunk; None: automatic), got {rows}")
     chunk_tokens = max(1, rows // steps)
-    run = _Run(targets, dk_id, per_token, chunk_tokens, with_argmax)
+    run = _Run(targets, dk_id, per_token, chunk_tokens, with_argmax, head.softcap, head.scale)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or
                                     (bias is not None and bias.requires_grad)):  # fmt: skip
-        out = _ChunkedHeadLoss.apply(hidden, weight, bias, run)
+        out = _HeadLossFunction.apply(hidden, weight, bias, run)
     else:
         out = run(hidden, weight, bias, (False, False, False))[0]
     total, per, lse_rest, z_y, z_dk, best, best_id = out
-    return HeadLoss(total, per, lse_rest, z_y, z_dk, best if with_argmax else None, best_id if with_argmax else None)
+    return HeadLoss(total, per, lse_rest, z_y, z_dk, best if with_argmax else None, best_id if with_argmax else None, V)
 
 
 class _Run:
     """The chunk loop: statistics, per-token losses and (when asked) gradients, for one call."""
 
-    def __init__(self, targets: Tensor, dk_id: int, per_token: PerToken, chunk_tokens: int, with_argmax: bool):
+    def __init__(self, targets: Tensor, dk_id: int, per_token: PerToken, chunk_tokens: int, with_argmax: bool,
+                 softcap: float | None = None, scale: float = 1.0):  # fmt: skip
         self.targets, self.dk_id, self.per_token = targets, dk_id, per_token
         self.chunk_tokens, self.with_argmax = chunk_tokens, with_argmax
+        self.softcap, self.scale = softcap or None, scale
 
     def __call__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, needs: tuple[bool, bool, bool]):
         N, W, d = hidden.shape
@@ -169,6 +201,13 @@ class _Run:
             h = hidden[rows].reshape(-1, d)
             z = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
             z = z.to(acc)  # [n·W, V]; no copy in fp32
+            if self.scale != 1.0:
+                z.mul_(self.scale)
+            slope = None
+            if self.softcap:  # z = cap·tanh(z / cap); its slope 1 − tanh² scales the gradient below
+                z.div_(self.softcap).tanh_()
+                slope = (1 - z * z) if any_grad else None
+                z.mul_(self.softcap)
             y = self.targets[rows].repeat_interleave(W)[:, None]
             zy = z.gather(1, y).squeeze(1)
             zdk = z[:, dk].clone()
@@ -194,6 +233,10 @@ class _Run:
             z.mul_((g_lse.reshape(-1) / total)[:, None])
             z[:, dk] = g_dk.reshape(-1)  # softmax_{v≠DK} is 0 there
             z.scatter_add_(1, y, g_y.reshape(-1, 1))
+            if slope is not None:
+                z.mul_(slope)
+            if self.scale != 1.0:
+                z.mul_(self.scale)
             dz = z.to(weight.dtype)
             if grad_h is not None:
                 grad_h[rows] = (dz @ weight).view(n, W, d).to(grad_h.dtype)
@@ -205,14 +248,14 @@ class _Run:
                     grad_w = chunk_grad_w if grad_w is None else grad_w.add_(chunk_grad_w)
             if grad_b is not None:
                 grad_b += z.sum(0)
-            del z, dz  # free this chunk's logits before the next chunk allocates its own
+            del z, dz, slope  # free this chunk's logits before the next chunk allocates its own
         if needs[1] and grad_w is None:  # no tokens at all
             grad_w = torch.zeros(V, d, **new)
         total_loss = per.sum()
         return (total_loss, per, lse_rest, z_y, z_dk, best, best_id), (grad_h, grad_w, grad_b)
 
 
-class _ChunkedHeadLoss(torch.autograd.Function):
+class _HeadLossFunction(torch.autograd.Function):
     """(hidden, weight, bias) → Σ per-token loss (+ detached statistics); gradients come from the forward."""
 
     @staticmethod

@@ -1,4 +1,4 @@
-"""The chunked loss (hidden states + output head, never full logits) against the plain loss on logits.
+"""The head loss (hidden states + output head, chunk by chunk) against the plain loss on full logits.
 
 Values and gradients w.r.t. the hidden states, the head weight and bias agree to ~1e-10 in float64 for
 every loss, several W, with and without the DK prior, at chunk sizes that do and do not divide the batch;
@@ -12,8 +12,8 @@ import torch
 
 from cyb_lightning.losses import CYBAP, CYBDP, CYBVA, CrossEntropy, TBYSPerToken
 from cyb_lightning.losses import functional as F
-from cyb_lightning.losses.chunked import auto_chunk_size, chunked_loss
-from cyb_lightning.metrics import step_statistics
+from cyb_lightning.losses.head import OutputHead, auto_chunk_size, head_loss
+from cyb_lightning.metrics import head_statistics, step_statistics
 
 DK = 2
 
@@ -51,6 +51,10 @@ def plain(hidden, weight, bias, targets, loss, weights=None):
     return per_token.detach(), grads
 
 
+def chunked_loss(hidden, weight, targets, loss, dk, bias=None, softcap=None, **kw):
+    return head_loss(hidden, OutputHead(weight, bias, softcap=softcap), targets, loss, dk, **kw)
+
+
 def chunked(hidden, weight, bias, targets, loss, scale=1.0, **kw):
     out = chunked_loss(hidden, weight, targets, loss, DK, bias=bias, **kw)
     (scale * out.total).backward()
@@ -62,7 +66,7 @@ def chunked(hidden, weight, bias, targets, loss, scale=1.0, **kw):
 
 
 @pytest.mark.parametrize("W", [1, 2, 4])
-@pytest.mark.parametrize("chunk_size", [1, 5, 8, None])
+@pytest.mark.parametrize("chunk_size", [1, 5, 8, None, 0])
 @pytest.mark.parametrize("name", list(losses_for(4)))
 def test_float64_values_and_gradients_match_the_plain_loss(W, chunk_size, name):
     loss = losses_for(W)[name]
@@ -164,7 +168,7 @@ def test_statistics_equal_step_statistics_on_the_logits():
         weight[DK] *= 3  # some steps answer, some pause
         out = chunked_loss(hidden, weight, targets, m.loss_fn, DK, chunk_size=8, with_argmax=True)
         ref = step_statistics(hidden @ weight.T, targets, DK, m.loss_fn)
-    got = m._stats_from_chunked(out, targets, 40)
+    got = head_statistics(out.lse_rest, out.z_y, out.z_dk, out.best_id, targets, m.loss_fn, out.vocab_size)
     for field in ("nll", "stop", "log_d", "log_t", "correct", "readout"):
         torch.testing.assert_close(getattr(got, field), getattr(ref, field).to(getattr(got, field).dtype))
 
@@ -184,7 +188,9 @@ def test_auto_chunk_size_and_bad_arguments():
     assert auto_chunk_size(1 << 30, 4) == 4  # at least one token
     hidden, weight, _, targets = problem(N=3, W=4, d=6, V=21, bias=False)
     with pytest.raises(ValueError, match="chunk_size"):
-        chunked_loss(hidden, weight, targets, CYBAP(), DK, chunk_size=0)
+        chunked_loss(hidden, weight, targets, CYBAP(), DK, chunk_size=-3)
+    one = chunked_loss(hidden, weight, targets, CYBAP(), DK, chunk_size=0)  # one chunk: the full logits
+    torch.testing.assert_close(one.per_token, CYBAP()(hidden @ weight.T, targets, DK), rtol=0, atol=1e-10)
     with pytest.raises(ValueError, match=r"weight must be \[V, d=6\]"):
         chunked_loss(hidden, weight.T, targets, CYBAP(), DK)
     with pytest.raises(ValueError, match="step_mask"):
@@ -198,27 +204,52 @@ def test_gpt_hidden_states_and_output_head_give_forward():
     model = GPTConfig(n_layer=2, n_head=2, d_model=16).build(30)
     ids = torch.randint(0, 30, (2, 8))
     pos = torch.arange(4).repeat_interleave(2).expand(2, -1)
-    weight, bias = model.output_head()
-    assert bias is None and weight is model.embed.weight  # tied
-    torch.testing.assert_close(model.hidden_states(ids, pos) @ weight.T, model(ids, pos))
+    head = model.output_head()
+    assert head.bias is None and head.weight is model.embed.weight  # tied
+    torch.testing.assert_close(head.logits(model.hidden_states(ids, pos)), model(ids, pos))
+    # The seam: head_fn sees exactly the hidden states and head that forward's logits come from.
+    got = model(ids, pos, head_fn=lambda h, hd: hd.logits(h))
+    torch.testing.assert_close(got, model(ids, pos))
 
 
-def test_hf_hidden_states_and_output_head_give_forward_and_refuse_soft_capping():
+def test_hf_output_head_gives_forward_with_soft_capping_and_scaling():
     transformers = pytest.importorskip("transformers")
-    from cyb_lightning.losses.chunked import ChunkedLossUnsupported
     from cyb_lightning.model import HFCausalLM
 
     lm = dict(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
               num_key_value_heads=1, max_position_embeddings=64)
     ids = torch.randint(0, 48, (2, 8))
     pos = torch.arange(4).repeat_interleave(2).expand(2, -1)
-    for config in (transformers.LlamaConfig(**lm, tie_word_embeddings=False),
-                   transformers.GPT2Config(vocab_size=48, n_embd=32, n_layer=2, n_head=2, n_positions=64)):
+    configs = {"llama": transformers.LlamaConfig(**lm, tie_word_embeddings=False),
+               "gpt2": transformers.GPT2Config(vocab_size=48, n_embd=32, n_layer=2, n_head=2, n_positions=64),
+               # Gemma-2 soft-caps its logits at 30; a cap of 0.5 makes the tanh bend for these small logits.
+               "gemma2": transformers.Gemma2Config(**lm, head_dim=16, final_logit_softcapping=0.5),
+               "cohere": transformers.CohereConfig(**lm, logit_scale=0.25)}  # fmt: skip
+    for name, config in configs.items():
         torch.manual_seed(0)
         model = HFCausalLM(transformers.AutoModelForCausalLM.from_config(config)).eval()
-        weight, bias = model.output_head()
-        logits = model.hidden_states(ids, pos) @ weight.T + (0 if bias is None else bias)
-        torch.testing.assert_close(logits, model(ids, pos))
-    gemma2 = HFCausalLM(transformers.AutoModelForCausalLM.from_config(transformers.Gemma2Config(**lm, head_dim=16)))
-    with pytest.raises(ChunkedLossUnsupported, match="final_logit_softcapping"):
-        gemma2.output_head()
+        head = model.output_head()
+        assert (head.softcap, head.scale) == {"gemma2": (0.5, 1.0), "cohere": (None, 0.25)}.get(name, (None, 1.0))
+        torch.testing.assert_close(model(ids, pos, head_fn=lambda h, hd: hd.logits(h)), model(ids, pos), msg=name)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.3])
+def test_soft_capped_and_scaled_heads_match_the_plain_loss_on_their_logits(scale):
+    """The cap and the scale are applied inside the chunk: values and gradients equal the plain loss on
+    cap·tanh(scale·z/cap) (Gemma-2's head), which trains instead of falling back to full logits."""
+    hidden, weight, bias, targets = problem(N=7, W=4, d=6, V=37)
+    with torch.no_grad():
+        weight.mul_(4.0)  # logits well into the tanh's bend at cap 3
+    for loss in losses_for(4).values():
+        head = OutputHead(weight, bias, softcap=3.0, scale=scale)
+        per_token = loss(head.logits(hidden), targets, DK)
+        per_token.sum().backward()
+        ref_grads = [t.grad.clone() for t in (hidden, weight, bias)]
+        for t in (hidden, weight, bias):
+            t.grad = None
+        out = head_loss(hidden, head, targets, loss, DK, chunk_size=8)
+        out.total.backward()
+        torch.testing.assert_close(out.per_token, per_token.detach(), rtol=0, atol=1e-10)
+        for t, r in zip((hidden, weight, bias), ref_grads):
+            torch.testing.assert_close(t.grad, r, rtol=0, atol=1e-10)
+            t.grad = None
