@@ -4,6 +4,7 @@
     python bench/loss_bench.py step         # a whole training step (decoder + loss + AdamW) per loss, same batch
     python bench/loss_bench.py model        # training tokens/s: our no-pause baseline vs litgpt's GPT
     python bench/loss_bench.py generation   # adaptive generation tokens/s vs fixed-K pausing vs no KV cache
+    python bench/loss_bench.py fsdp2        # the training step under FSDP2 (2 gloo ranks), V = 32k and 128k
     python bench/loss_bench.py all --out docs/benchmarks.md   # all three, tables appended to the file
 
 Every case: warm-up steps, then timed steps; the tables give the median and the spread (min–max), the
@@ -13,7 +14,7 @@ machine (``lscpu`` model name, cores), date, 1-minute load average before the ru
 ``[N, W, d]`` and the head weight ``[V, d]`` (fp32), on the same laid-out batch (N real tokens, W = K + 1).
 The reference is the usual TBYS cross-entropy: full logits ``[N·W, V]`` = ``hidden @ weight.T``, then
 ``F.cross_entropy`` with ``ignore_index`` on every step but the last. Each loss is measured plain (full
-logits, ``PauseLoss.forward``) and chunked (``cyb_lightning.losses.chunked``). Peak memory: each case runs
+logits, ``PauseLoss.forward``) and chunked (``cyb_lightning.losses.head``). Peak memory: each case runs
 in a fresh subprocess, and we report its ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` high-water mark
 minus the RSS measured once the inputs exist (so: what the step itself adds, gradients included).
 
@@ -21,8 +22,15 @@ minus the RSS measured once the inputs exist (so: what the step itself adds, gra
 256 by default) on one CYB-laid-out batch (B rows × T real tokens × W = K + 1): forward, loss, backward and
 AdamW. The reference is again TBYS cross-entropy as usually written: the decoder's full logits ``[B, T·W,
 V]`` and ``F.cross_entropy`` with ``ignore_index`` on the pause steps. The other cases are
-``CYBModule.training_step`` with each loss (chunked, the default; ``*_plain``: ``chunked_loss=False``).
-Peak memory added includes AdamW's state (two fp32 copies of the parameters), the same in every case.
+``CYBModule.training_step`` with each loss (chunked, the default; ``*_plain``: ``loss_chunk_size=0``, one
+chunk, the full logits). Peak memory added includes AdamW's state (two fp32 copies of the parameters), the
+same in every case.
+
+**fsdp2** — the **step** comparison under FSDP2: ``torchrun --nproc_per_node 2`` with gloo on CPU (the code
+path GPUs take: ``cyb_lightning.parallel.parallelize``, ``fully_shard`` per block and on the root, fp32),
+each rank its own batch. The CYB losses run inside the decoder's forward (``head_fn``), where FSDP2 has the
+root's head gathered; the reference is ``F.cross_entropy`` on the full logits of the same sharded model.
+Peak memory: the largest of the two ranks' added RSS; time: rank 0's median step (the ranks run in lockstep).
 
 **model** — optimizer steps (forward, loss, backward, AdamW) of the same architecture (RMSNorm, RoPE,
 SwiGLU, untied head, no biases) on the same random batch, fp32: our ``CYBModule`` with ``CrossEntropy``
@@ -62,6 +70,7 @@ sys.path.insert(0, str(ROOT))
 LOSS_METHODS = ["ce", "tbys_plain", "tbys_chunked", "ap_plain", "ap_chunked", "va_plain", "va_chunked",
                 "dp_plain", "dp_chunked"]  # fmt: skip
 STEP_METHODS = ["ce", "tbys_chunked", "ap_plain", "ap_chunked", "va_chunked", "dp_chunked"]
+FSDP2_METHODS = ["ce", "ap_chunked", "va_chunked", "dp_chunked"]
 LABELS = {"ce": "TBYS cross-entropy (F.cross_entropy, full logits)", "tbys": "TBYS CE (ours)", "ap": "CYB-AP",
           "va": "CYB-VA", "dp": "CYB-DP"}  # fmt: skip
 
@@ -112,7 +121,7 @@ def loss_case(args) -> dict:
     import torch.nn.functional as TF
 
     from cyb_lightning.losses import CYBAP, CYBDP, CYBVA, TBYSPerToken
-    from cyb_lightning.losses.chunked import chunked_loss
+    from cyb_lightning.losses.head import OutputHead, head_loss
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -134,7 +143,7 @@ def loss_case(args) -> dict:
         elif how == "plain":
             value = loss(hidden @ weight.T, targets, dk).mean()
         else:
-            value = chunked_loss(hidden, weight, targets, loss, dk, chunk_size=args.chunk_size or None).total / N
+            value = head_loss(hidden, OutputHead(weight), targets, loss, dk, chunk_size=args.chunk_size).total / N
         value.backward()
         return value
 
@@ -158,17 +167,18 @@ def merge_rounds(rows: list[dict]) -> list[dict]:
     return list(merged.values())
 
 
-def run_cases(args, case: str, methods: list[str]) -> list[dict]:
-    """Every (vocabulary, method) in a fresh process (``case``: ``_loss_case`` or ``_step_case``), CE first."""
+def run_cases(args, case: str, methods: list[str], launcher: list[str] | None = None) -> list[dict]:
+    """Every (vocabulary, method) in fresh processes (``case``: ``_loss_case``, ``_step_case``, ``_fsdp2_case``;
+    ``launcher``: e.g. torchrun instead of this Python), CE first."""
     if "ce" not in methods:
         methods = ["ce", *methods]  # every ratio is against it
     rows = []
     # Rounds interleave the cases, so that a change of machine load hits every case alike.
     for _, V, method in itertools.product(range(args.rounds), args.vocabs, methods):
-        cmd = [sys.executable, __file__, case, "--vocab", str(V), "--method", method,
+        cmd = [*(launcher or [sys.executable]), __file__, case, "--vocab", str(V), "--method", method,
                "--tokens", str(args.tokens), "--d-model", str(args.d_model), "--pauses", str(args.pauses),
                "--warmup", str(args.warmup), "--steps", str(args.steps), "--threads", str(args.threads),
-               "--chunk-size", str(args.chunk_size), "--batch", str(args.batch), "--seq-len", str(args.seq_len),
+               *(["--chunk-size", str(args.chunk_size)] if args.chunk_size is not None else []), "--batch", str(args.batch), "--seq-len", str(args.seq_len),
                "--layers", str(args.layers), "--heads", str(args.heads), "--model-d", str(args.model_d)]  # fmt: skip
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:
@@ -208,8 +218,9 @@ def run_loss(args) -> str:
         *TABLE_HEAD, *ratio_rows(args, rows)])  # fmt: skip
 
 
-def step_case(args) -> dict:
-    """One (vocabulary, method) training step of the whole model, in this (fresh) process."""
+def step_case(args, mesh=None) -> dict:
+    """One (vocabulary, method) training step of the whole model, in this (fresh) process; with ``mesh``,
+    one FSDP2 rank's (``fsdp2_case``)."""
     import torch
     import torch.nn.functional as TF
 
@@ -231,8 +242,9 @@ def step_case(args) -> dict:
     loss = {"tbys": TBYSPerToken(), "ap": CYBAP(), "va": CYBVA(), "dp": CYBDP()}.get(kind, TBYSPerToken())
     spec = GPTConfig(n_layer=args.layers, n_head=args.heads, d_model=args.model_d, max_position=T,
                      tie_embeddings=False)  # fmt: skip
-    m = CYBModule(spec, loss, vocab_size=V, dk_id=dk, steps_per_token=W, seq_len=T, chunked_loss=how == "chunked",
-                  loss_chunk_size=args.chunk_size)  # fmt: skip
+    m = CYBModule(spec, loss, vocab_size=V, dk_id=dk, steps_per_token=W, seq_len=T,
+                  loss_chunk_size=args.chunk_size if how == "chunked" else 0)  # fmt: skip
+    m._device_mesh = mesh  # FSDP2 (the fsdp2 case): configure_model shards the decoder over it
     m.configure_model()
     m.log = lambda *a, **k: None  # no trainer here
     m._logging_step = lambda: False
@@ -261,6 +273,40 @@ def step_case(args) -> dict:
     n_params = sum(p.numel() for p in m.parameters())
     return {"method": args.method, "vocab": V, **summary(times), "times": times, "peak_mib": (peak - base) / 1024,
             "params": n_params, "first_loss": first}  # fmt: skip
+
+
+def fsdp2_case(args) -> dict | None:
+    """One FSDP2 rank of a (vocabulary, method) case, under torchrun; rank 0 returns the report."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from cyb_lightning.__main__ import end_process_group
+
+    dist.init_process_group("gloo")
+    try:
+        args.threads = max(1, args.threads // dist.get_world_size())  # the ranks share the machine's cores
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        row = step_case(args, mesh)
+        peaks = [None] * dist.get_world_size()
+        dist.all_gather_object(peaks, row["peak_mib"])
+        row.update(peak_mib=max(peaks), peak_mib_per_rank=peaks, world=dist.get_world_size())
+        return row if dist.get_rank() == 0 else None
+    finally:
+        end_process_group()
+
+
+def run_fsdp2(args) -> str:
+    rows = run_cases(args, "_fsdp2_case", args.methods or FSDP2_METHODS, launcher=[
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])  # fmt: skip
+    W = args.pauses + 1
+    n = args.batch * args.seq_len
+    return "\n".join([
+        f"### Training step under FSDP2 (2 gloo ranks on CPU, fp32, `fully_shard` per block + root), "
+        f"{args.layers} layers, d = {args.model_d}, per rank: batch {args.batch} × {args.seq_len} real tokens × "
+        f"W = {W} ({n * W} laid-out positions); {max(1, args.threads // 2)} thread(s) per rank; {args.rounds} round(s) × "
+        f"{args.steps} timed steps per case", "",
+        *TABLE_HEAD, *ratio_rows(args, rows)])  # fmt: skip
 
 
 def run_step(args) -> str:
@@ -316,7 +362,7 @@ def model_case(args) -> dict:
         spec = GPTConfig(n_layer=args.layers, n_head=args.heads, d_model=args.d_model, ffn_hidden=ffn,
                          max_position=T, tie_embeddings=False)  # fmt: skip
         m = CYBModule(spec, CrossEntropy(), vocab_size=V, dk_id=2, steps_per_token=1, seq_len=T,
-                      chunked_loss=args.impl == "ours_chunked")  # fmt: skip
+                      loss_chunk_size=None if args.impl == "ours_chunked" else 0)  # fmt: skip
         m.configure_model()
         m.log = lambda *a, **k: None  # no trainer here
         m._logging_step = lambda: False
@@ -434,7 +480,8 @@ def run_generation(args) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["loss", "step", "model", "generation", "all", "_loss_case", "_step_case",
+    p.add_argument("what", choices=["loss", "step", "model", "generation", "fsdp2", "all", "_loss_case", "_step_case",
+                                    "_fsdp2_case",
                                     "_model_case"])  # fmt: skip
     p.add_argument("--out", help="append the tables (with machine, date, load, command) to this Markdown file")
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -445,7 +492,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=256, help="real tokens N (laid-out rows: N·(K+1))")
     p.add_argument("--pauses", type=int, default=3)
     p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--chunk-size", type=int, default=0, help="logit rows per chunk (0: automatic, the default)")
+    p.add_argument("--chunk-size", type=int, default=None, help="logit rows per chunk (default: automatic; 0: one chunk)")
     p.add_argument("--methods", nargs="+", choices=LOSS_METHODS,
                    help="a subset of the loss or step cases (default: all of loss; step: " + " ".join(STEP_METHODS) + ")")
     p.add_argument("--rounds", type=int, default=1, help="repeat the loss cases, interleaved, and pool the steps")
@@ -466,12 +513,14 @@ def main() -> None:
     p.add_argument("--warmup-gen", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    step_sizes = args.what in ("step", "_step_case")  # laid out: T real tokens become T·W positions
+    step_sizes = args.what in ("step", "_step_case", "fsdp2", "_fsdp2_case")  # laid out: T real tokens become T·W positions
     args.batch = args.batch or (4 if step_sizes else 8)
     args.seq_len = args.seq_len or (64 if step_sizes else 256)
-    cases = {"_loss_case": loss_case, "_step_case": step_case, "_model_case": model_case}
+    cases = {"_loss_case": loss_case, "_step_case": step_case, "_model_case": model_case, "_fsdp2_case": fsdp2_case}
     if args.what in cases:
-        print(json.dumps(cases[args.what](args)))
+        row = cases[args.what](args)
+        if row is not None:  # every FSDP2 rank but rank 0 returns None
+            print(json.dumps(row))
         return
     info = machine()
     header = (f"Machine: {info['cpu']}, {info['cores']} cores; {info['date']}; load average (1 min) before: "
@@ -483,6 +532,8 @@ def main() -> None:
         tables.append(run_loss(args))
     if args.what == "step":  # not in "all": its batch and sequence defaults differ from the model case's
         tables.append(run_step(args))
+    if args.what == "fsdp2":
+        tables.append(run_fsdp2(args))
     if args.what in ("model", "all"):
         tables.append(run_model(args))
     if args.what in ("generation", "all"):

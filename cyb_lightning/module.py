@@ -69,6 +69,8 @@ class CYBModule(L.LightningModule):
         loss_chunk_size: logit rows live at once in the loss (``losses.head.head_loss``, inside the decoder's
             forward, so under FSDP2 too): None picks ``auto_chunk_size`` (never ``[N·W, V]`` logits); 0 puts
             every row in one chunk (the plain loss on full logits). The numbers are the same either way.
+        chunked_loss: read from configs and checkpoints of earlier versions, which had a second, plain loss
+            path; ``false`` now means ``loss_chunk_size: 0`` (the same numbers). Leave it unset.
         init_from: a checkpoint of one of our own runs (a Lightning ``.ckpt`` file or a distributed
             checkpoint folder) whose decoder weights initialise this run's decoder before fitting, e.g. a
             ``baseline.yaml`` run fine-tuned with a CYB or TBYS config. Loaded at ``on_fit_start``, after the
@@ -97,6 +99,7 @@ class CYBModule(L.LightningModule):
         activation_checkpointing: bool = False,
         init_from: str | None = None,
         loss_chunk_size: int | None = None,
+        chunked_loss: bool | None = None,
         pause_ids: tuple[int, ...] = (),
         reserved_ids: tuple[int, ...] = (),
         pause_filler_ids: tuple[int, ...] = (),
@@ -112,6 +115,8 @@ class CYBModule(L.LightningModule):
                 "`python -m cyb_lightning` (which links data.vocab_size/dk_id into the model) or pass them"
             )
         loss.check_steps(steps_per_token)
+        if chunked_loss is False and loss_chunk_size is None:
+            self.hparams.loss_chunk_size = loss_chunk_size = 0
         if loss_chunk_size is not None and loss_chunk_size < 0:
             raise ValueError(f"loss_chunk_size must be >= 0 (0: one chunk, None: automatic), got {loss_chunk_size}")
         max_position = getattr(decoder, "max_position", None)

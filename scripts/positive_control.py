@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -271,8 +270,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine())  # fmt: skip
+    from cyb_lightning.provenance import cpu_model
+
+    cpu = cpu_model()
     meta = {"command": "python scripts/positive_control.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine": f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}",
             "date": time.strftime("%Y-%m-%d", time.gmtime()), "seeds": args.seeds, "steps": args.steps,

@@ -18,7 +18,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "experiments"
 
 
 def test_full_plan_has_every_run_of_the_issue():
-    plan = reproduce.load_plan(reproduce.PLAN)
+    plan = reproduce.load_plan(CONF / "cyb_repro.yaml")
     runs = reproduce.plan_runs(plan)
     names = {r["name"] for r in runs}
     methods = ["baseline", "tbys1", "tbys2", "tbys3", "cyb_ap", "cyb_ap_g099", "cyb_va", "cyb_dp"]
@@ -46,7 +46,7 @@ def printed(*configs: Path) -> dict:
 
 @pytest.mark.parametrize("method", ["baseline", "tbys2", "cyb_ap", "cyb_ap_g099", "cyb_va", "cyb_dp", "cyb_ap_psi05"])
 def test_method_stacks_keep_the_papers_loss_and_layout(method):
-    plan = reproduce.load_plan(reproduce.PLAN)
+    plan = reproduce.load_plan(CONF / "cyb_repro.yaml")
     stack = [reproduce._yaml_file(plan, c) for c in plan["methods"][method]["configs"] + plan["layers"]]
     cfg = printed(*stack)
     assert cfg["trainer"]["accelerator"] == "cpu" and cfg["data"]["lanes"] == 1
@@ -64,7 +64,7 @@ def test_method_stacks_keep_the_papers_loss_and_layout(method):
 def test_each_stage_trains_at_its_own_learning_rate():
     """Pretraining at layers/pretrain.yaml's rate, every fine-tune at layers/finetune.yaml's: no later layer
     of the stack overrides them (an earlier plan's CPU layer silently reset pretraining to the fine-tuning rate)."""
-    plan = reproduce.load_plan(reproduce.PLAN)
+    plan = reproduce.load_plan(CONF / "cyb_repro.yaml")
     runs = {r["name"]: r for r in reproduce.plan_runs(plan)}
     stage = lambda rel: yaml.safe_load(reproduce._yaml_file(plan, rel).read_text())["model"]  # noqa: E731
     pre, ft = stage("layers/pretrain.yaml"), stage("layers/finetune.yaml")
@@ -75,7 +75,7 @@ def test_each_stage_trains_at_its_own_learning_rate():
 
 
 def test_learning_rate_sweep_runs_differ_from_the_main_run_in_the_rate_only(tmp_path):
-    plan = reproduce.load_plan(reproduce.PLAN)
+    plan = reproduce.load_plan(CONF / "cyb_repro.yaml")
     runs = {r["name"]: r for r in reproduce.plan_runs(plan)}
     sweep = plan["lr_sweep"]
     corpus = {"params": {}}
@@ -92,7 +92,7 @@ def test_learning_rate_sweep_runs_differ_from_the_main_run_in_the_rate_only(tmp_
 
 
 def test_budget_estimate_scales_with_steps_and_pauses():
-    plan = reproduce.load_plan(reproduce.PLAN)
+    plan = reproduce.load_plan(CONF / "cyb_repro.yaml")
     runs = reproduce.plan_runs(plan)
     rows = {r["name"]: r["estimate_s"] for r in reproduce.estimate(plan, runs, {1: 4.0, 2: 2.0, 3: 1.5, 4: 1.0})}
     assert rows["ft-tbys3-s0"] > rows["ft-tbys1-s0"] > rows["ft-baseline-s0"]
@@ -124,10 +124,11 @@ def _numbers(obj):
 
 
 @pytest.mark.slow
-def test_reduced_experiment_end_to_end_resumes_and_writes_results(tmp_path):
+def test_reduced_experiment_end_to_end_resumes_and_writes_results(tmp_path, monkeypatch):
+    monkeypatch.chdir(CONF.parents[1])  # the plans stack the checkout's configs, read from the working directory
     out = tmp_path / "exp"
     reproduce.main(["--reduced", "--out", str(out)])
-    plan = reproduce.load_plan(reproduce.REDUCED_PLAN)
+    plan = reproduce.load_plan(CONF / "cyb_repro_reduced.yaml")
     runs = reproduce.plan_runs(plan)
     results = {}
     for run in runs:
@@ -196,7 +197,7 @@ def test_compare_calls_a_difference_only_beyond_the_seed_spread():
 
 
 def test_equal_compute_run_of_the_baseline_matches_the_pause_runs_laid_out_tokens():
-    plan = reproduce.load_plan(reproduce.PLAN)
+    plan = reproduce.load_plan(CONF / "cyb_repro.yaml")
     runs = {r["name"]: r for r in reproduce.plan_runs(plan)}
     base4, cyb = runs["de-baseline-4x1-s0"], runs["ft-cyb_ap-s0"]
     assert base4["steps"] * base4["W"] == cyb["steps"] * cyb["W"] and base4["data"] == cyb["data"] == 1
@@ -268,3 +269,9 @@ def test_corpus_of_a_pretrained_plan_is_counted_in_its_tokenizer_and_trains_no_b
     texts = [json.loads(line)["text"] for p in shards for line in gzip.open(p, "rt").read().splitlines()]
     assert manifest["parts"]["heldout"]["tokens"] == sum(len(x) + 1 for x in tok.encode_batch_np(texts)) >= 300
     assert manifest["vocab_size"] == tok.vocab.size
+
+
+def test_missing_plan_names_the_checkout_and_the_flag(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # e.g. the package installed from a wheel, run outside a checkout
+    with pytest.raises(SystemExit, match="run from a checkout of cyb_lightning .* or pass --plan"):
+        reproduce.main(["--budget-check"])

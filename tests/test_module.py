@@ -216,3 +216,10 @@ def test_variable_layout_statistics_count_only_granted_pauses(chunked):
     assert bool((stats.extra_pauses <= granted.sum(-1) - 1 + 1e-6).all())
     assert float(stats.extra_pauses.mean()) <= float((granted.sum(-1) - 1).float().mean()) + 1e-6
     assert bool((stats.readout <= granted.sum(-1) - 1).all())
+
+
+def test_earlier_versions_chunked_loss_false_is_the_one_chunk_case():
+    """Configs and checkpoints of earlier versions carry ``chunked_loss``; they load, and ``false`` (their plain
+    path on full logits) is ``loss_chunk_size: 0``."""
+    assert module(CYBAP(), chunked_loss=False).hparams.loss_chunk_size == 0
+    assert module(CYBAP(), chunked_loss=True).hparams.loss_chunk_size is None

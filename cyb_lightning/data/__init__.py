@@ -11,8 +11,17 @@ from .layout import (
     pause_group_tokens,
     random_pause_slots,
 )
-from .quickstart import QUICKSTART_DIR, CorpusBuild, QuickstartBuild, build_corpus, build_quickstart, build_tokenizer
-from .sources import HubC4, LocalShards, QuickstartCorpus, TextSource, hub_problem, source_tokenizer
+from .quickstart import QUICKSTART_DIR, CorpusBuild, build_corpus, build_tokenizer
+from .sources import (
+    HubC4,
+    LocalShards,
+    QuickstartBuild,
+    QuickstartCorpus,
+    TextSource,
+    build_quickstart,
+    hub_problem,
+    source_tokenizer,
+)
 from .stream import PackedStream
 from .tokenizer import MAX_PAUSES, CYBTokenizer, Vocab, reserved_tokens, standard_vocab
 

@@ -35,21 +35,20 @@ id (always a valid index) and must not count in any loss or metric.
   (see :func:`layout_variable`, at the end of this file).
 
 A chunk shorter than the layout needs (the end of the finite validation set) is padded: ``pad_id``
-inputs, ``target_mask`` False. A new layout (e.g. variable pauses per token) is one more function plus
-one more branch in :class:`Layout`.
+inputs, ``target_mask`` False. A new layout is one more function plus one more small :class:`Layout`
+subclass in ``LAYOUT_CLASSES``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from ..losses.functional import check_weights
 from .tokenizer import Vocab
-
-LAYOUTS = ("none", "cyb", "tbys_random", "pause_groups", "tbys_finetune", "variable")
 
 Example = dict[str, np.ndarray]
 
@@ -190,13 +189,17 @@ def layout_tbys_finetune(prompt, completion, seq_len: int, pause_id: int, num_pa
 
 @dataclass(frozen=True)
 class Layout:
-    """A layout with its parameters bound (picklable, so DataLoader workers get a copy).
+    """A layout with its parameters bound (picklable, so DataLoader workers get a copy); one subclass per
+    layout (``LAYOUT_CLASSES``), each a call of its function above. :func:`make_layout` checks and builds.
 
     ``real_tokens`` is how many real tokens one full example consumes (C); consecutive chunks overlap
     by one token, so the stream advances by C − 1.
     """
 
-    name: str
+    name: ClassVar[str]
+    inserts_pauses: ClassVar[bool] = False  # pauses take slots of the T + 1 (tbys_random, pause_groups, …)
+    pairs: ClassVar[bool] = False  # an example is one prompt/completion pair (tokens = (prompt, completion))
+
     seq_len: int
     pad_id: int
     pause_ids: tuple[int, ...] = ()
@@ -206,7 +209,7 @@ class Layout:
 
     @property
     def steps_per_token(self) -> int:
-        return 1 + len(self.pause_ids) if self.name in ("cyb", "variable") else 1
+        return 1
 
     @property
     def length(self) -> int:
@@ -215,48 +218,90 @@ class Layout:
 
     @property
     def real_tokens(self) -> int:
-        inserted = self.name in ("tbys_random", "pause_groups", "tbys_finetune")
-        return self.seq_len + 1 - (self.num_random_pauses if inserted else 0)
+        return self.seq_len + 1 - (self.num_random_pauses if self.inserts_pauses else 0)
 
-    @property
-    def pairs(self) -> bool:
-        """True when an example is one prompt/completion pair (``tokens`` = (prompt ids, completion ids))."""
-        return self.name == "tbys_finetune"
-
-    def __call__(self, tokens, index: int) -> Example:
-        """Example number ``index`` (the global example index: it seeds ``tbys_random``)."""
-        if self.name == "cyb":
-            return layout_cyb(tokens, self.seq_len, self.pause_ids, self.pad_id)
-        if self.name == "none":
-            return layout_none(tokens, self.seq_len, self.pad_id)
-        if self.name == "variable":
-            return layout_variable(tokens, self.seq_len, self.pause_ids, self.pad_id, self.omega, self.seed, index)
-        if self.name == "tbys_finetune":
-            prompt, completion = tokens
-            return layout_tbys_finetune(
-                prompt, completion, self.seq_len, self.pause_ids[0], self.num_random_pauses, self.pad_id
-            )
-        if self.name == "pause_groups":
-            groups = self.num_random_pauses // len(self.pause_ids)
-            return layout_pause_groups(tokens, self.seq_len, self.pause_ids, self.pad_id, groups, self.seed, index)
-        return layout_tbys_random(
-            tokens, self.seq_len, self.pause_ids[0], self.pad_id, self.num_random_pauses, self.seed, index
-        )
+    def __call__(self, tokens, index: int) -> Example:  # pragma: no cover - abstract
+        """Example number ``index`` (the global example index: it seeds the random layouts)."""
+        raise NotImplementedError
 
     def empty_example(self) -> Example:
         """All padding, nothing to score: fills a rank's last batches so every rank runs as many."""
-        extra = {}
-        if self.name == "variable":
-            w = self.steps_per_token
-            extra = {"step_mask": np.zeros((self.seq_len, w), dtype=bool),
-                     "step_index": np.repeat(np.arange(self.seq_len, dtype=np.int64) * w, w).reshape(-1, w)}  # fmt: skip
         return {
             "input_ids": np.full(self.length, self.pad_id, dtype=np.int64),
             "position_ids": np.repeat(np.arange(self.seq_len, dtype=np.int64), self.steps_per_token),
             "targets": np.full(self.seq_len, self.pad_id, dtype=np.int64),
             "target_mask": np.zeros(self.seq_len, dtype=bool),
-            **extra,
         }
+
+
+class NoPauses(Layout):
+    name = "none"
+
+    def __call__(self, tokens, index: int) -> Example:
+        return layout_none(tokens, self.seq_len, self.pad_id)
+
+
+class CYBPauses(Layout):
+    name = "cyb"
+
+    @property
+    def steps_per_token(self) -> int:
+        return 1 + len(self.pause_ids)
+
+    def __call__(self, tokens, index: int) -> Example:
+        return layout_cyb(tokens, self.seq_len, self.pause_ids, self.pad_id)
+
+
+class TBYSRandom(Layout):
+    name = "tbys_random"
+    inserts_pauses = True
+
+    def __call__(self, tokens, index: int) -> Example:
+        return layout_tbys_random(
+            tokens, self.seq_len, self.pause_ids[0], self.pad_id, self.num_random_pauses, self.seed, index
+        )
+
+
+class PauseGroups(Layout):
+    name = "pause_groups"
+    inserts_pauses = True
+
+    def __call__(self, tokens, index: int) -> Example:
+        groups = self.num_random_pauses // len(self.pause_ids)
+        return layout_pause_groups(tokens, self.seq_len, self.pause_ids, self.pad_id, groups, self.seed, index)
+
+
+class TBYSFinetune(Layout):
+    name = "tbys_finetune"
+    inserts_pauses = True
+    pairs = True
+
+    def __call__(self, tokens, index: int) -> Example:
+        prompt, completion = tokens
+        return layout_tbys_finetune(prompt, completion, self.seq_len, self.pause_ids[0], self.num_random_pauses,
+                                    self.pad_id)  # fmt: skip
+
+
+class VariablePauses(Layout):
+    name = "variable"
+
+    @property
+    def steps_per_token(self) -> int:
+        return 1 + len(self.pause_ids)
+
+    def __call__(self, tokens, index: int) -> Example:
+        return layout_variable(tokens, self.seq_len, self.pause_ids, self.pad_id, self.omega, self.seed, index)
+
+    def empty_example(self) -> Example:
+        w = self.steps_per_token
+        return {**super().empty_example(), "step_mask": np.zeros((self.seq_len, w), dtype=bool),
+                "step_index": np.repeat(np.arange(self.seq_len, dtype=np.int64) * w, w).reshape(-1, w)}  # fmt: skip
+
+
+LAYOUT_CLASSES: dict[str, type[Layout]] = {
+    cls.name: cls for cls in (NoPauses, CYBPauses, TBYSRandom, PauseGroups, TBYSFinetune, VariablePauses)
+}
+LAYOUTS = tuple(LAYOUT_CLASSES)
 
 
 def make_layout(
@@ -275,14 +320,14 @@ def make_layout(
     if seq_len < 1:
         raise ValueError(f"seq_len (T, real tokens per example) must be >= 1, got {seq_len}")
     if name == "none":
-        return Layout(name, seq_len, vocab.pad_id)
+        return NoPauses(seq_len, vocab.pad_id)
     if name == "cyb":
         if not 0 <= num_pauses <= vocab.max_pauses:
             raise ValueError(
                 f"num_pauses={num_pauses} but the tokenizer reserves {vocab.max_pauses} pause ids; "
                 f"choose 0 <= num_pauses <= {vocab.max_pauses} (0 is the no-pause baseline)"
             )
-        return Layout(name, seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:num_pauses])
+        return CYBPauses(seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:num_pauses])
     if name == "variable":
         return _make_variable(seq_len, vocab, num_pauses, seed, omega)
     if name == "pause_groups":
@@ -295,7 +340,7 @@ def make_layout(
                 f"tbys_finetune appends num_pauses={num_pauses} pauses (M_ft) after each prompt; choose "
                 f"1 <= num_pauses <= seq_len - 1 = {seq_len - 1} (TBYS uses 10 or 50)"
             )
-        return Layout(name, seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:1], num_random_pauses=num_pauses)
+        return TBYSFinetune(seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:1], num_random_pauses=num_pauses)
     if not vocab.pause_ids:
         raise ValueError("tbys_random needs a pause id, but the tokenizer reserves none (max_pauses=0)")
     if not 0.0 <= pause_fraction < 1.0:
@@ -306,7 +351,7 @@ def make_layout(
             f"pause_fraction={pause_fraction} leaves fewer than 2 real tokens in {seq_len + 1} slots; "
             "lower pause_fraction or raise seq_len"
         )
-    return Layout(name, seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:1], num_random_pauses=m, seed=seed)
+    return TBYSRandom(seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:1], num_random_pauses=m, seed=seed)
 
 
 def _make_pause_groups(seq_len: int, vocab: Vocab, num_pauses: int, pause_fraction: float, seed: int) -> Layout:
@@ -322,8 +367,8 @@ def _make_pause_groups(seq_len: int, vocab: Vocab, num_pauses: int, pause_fracti
             f"({groups} groups need {groups + 1} real tokens besides their {groups * num_pauses} pauses); "
             "lower pause_fraction or num_pauses, or raise seq_len"
         )
-    return Layout("pause_groups", seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:num_pauses],
-                  num_random_pauses=groups * num_pauses, seed=seed)  # fmt: skip
+    return PauseGroups(seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:num_pauses],
+                       num_random_pauses=groups * num_pauses, seed=seed)  # fmt: skip
 
 
 # -- variable pauses ("recipe 2" of CYB: proposed there, never run) -------------------------------------
@@ -384,4 +429,4 @@ def _make_variable(seq_len: int, vocab: Vocab, num_pauses: int, seed: int, omega
     w = num_pauses + 1
     # ω: the world distribution over 1 … W granted steps, checked and normalised as the losses do.
     omega_t = tuple(check_weights([1.0] * w if omega is None else omega, "omega", w, normalise=True).tolist())
-    return Layout("variable", seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:num_pauses], seed=seed, omega=omega_t)
+    return VariablePauses(seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:num_pauses], seed=seed, omega=omega_t)

@@ -187,14 +187,14 @@ def _folder_fingerprint(folder: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _unit_hash(text: str) -> float:
+def unit_hash(text: str) -> float:
     """A document's position in [0, 1), from its content alone."""
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2**64
 
 
 def is_validation(text: str, val_fraction: float) -> bool:
     """Content-addressed split: stable under reordering and under adding other documents."""
-    return _unit_hash(text) < val_fraction
+    return unit_hash(text) < val_fraction
 
 
 # -- caching ----------------------------------------------------------------------------------------------
@@ -319,7 +319,7 @@ def build_corpus(
             splits["validation" if is_validation(text, val_fraction) else "train"].append(text)
         if not splits["validation"] and len(unique) >= 2:
             # A tiny corpus can miss the hash range; the document nearest to it keeps the split non-empty.
-            nearest = min(splits["train"], key=_unit_hash)
+            nearest = min(splits["train"], key=unit_hash)
             splits["train"].remove(nearest)
             splits["validation"].append(nearest)
         for split, texts in splits.items():
@@ -399,46 +399,3 @@ def build_tokenizer(
 
 
 # -- both -----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class QuickstartBuild:
-    corpus: CorpusBuild
-    tokenizer: CYBTokenizer
-    tokenizer_dir: Path
-    tokenizer_manifest: dict
-
-    def summary(self) -> str:
-        s = self.corpus.manifest["stats"]
-        t = self.tokenizer_manifest.get("stats", {})
-        return (
-            f"quickstart corpus {self.corpus.directory} ({'built' if self.corpus.built else 'cached'}): "
-            f"train {s['train_documents']} docs / {s['train_chars']:,} chars"
-            + (f" / {t['train_tokens']:,} tokens" if "train_tokens" in t else "")
-            + f", validation {s['validation_documents']} docs / {s['validation_chars']:,} chars; "
-            f"tokenizer {self.tokenizer_dir}: {self.tokenizer.vocab.size} ids "
-            f"({self.tokenizer.num_reserved} reserved)"
-        )
-
-
-def build_quickstart(
-    root: str | os.PathLike = QUICKSTART_DIR,
-    vocab_size: int = 8192,
-    *,
-    tokenizer_dir: str | os.PathLike | None = None,
-    **corpus_kwargs: Any,
-) -> QuickstartBuild:
-    """Corpus under ``root/corpus``, tokenizer (trained on the train split) under ``root/tokenizer-V``.
-
-    Goes through :class:`~cyb_lightning.data.sources.QuickstartCorpus`, exactly like the DataModule, so
-    both find the same caches. ``corpus_kwargs`` are :func:`build_corpus`'s.
-    """
-    from .sources import QuickstartCorpus, source_tokenizer  # sources imports this module
-
-    source = QuickstartCorpus(str(root), **corpus_kwargs)
-    tokenizer, tok_dir, tok_manifest = source_tokenizer(
-        source, vocab_size, None if tokenizer_dir is None else str(tokenizer_dir)
-    )
-    result = QuickstartBuild(source.build, tokenizer, Path(tok_dir), tok_manifest)
-    log.info(result.summary())
-    return result

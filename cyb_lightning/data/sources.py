@@ -25,6 +25,7 @@ import os
 import time
 import zlib
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -688,3 +689,44 @@ class HubPromptCompletion(PromptCompletionSource, HubC4):
 
     def describe(self) -> str:
         return f"HubPromptCompletion {self.name} ({self.config}, revision {self.revision or 'main'}, streaming)"
+
+
+@dataclass(frozen=True)
+class QuickstartBuild:
+    corpus: quickstart.CorpusBuild
+    tokenizer: CYBTokenizer
+    tokenizer_dir: Path
+    tokenizer_manifest: dict
+
+    def summary(self) -> str:
+        s = self.corpus.manifest["stats"]
+        t = self.tokenizer_manifest.get("stats", {})
+        return (
+            f"quickstart corpus {self.corpus.directory} ({'built' if self.corpus.built else 'cached'}): "
+            f"train {s['train_documents']} docs / {s['train_chars']:,} chars"
+            + (f" / {t['train_tokens']:,} tokens" if "train_tokens" in t else "")
+            + f", validation {s['validation_documents']} docs / {s['validation_chars']:,} chars; "
+            f"tokenizer {self.tokenizer_dir}: {self.tokenizer.vocab.size} ids "
+            f"({self.tokenizer.num_reserved} reserved)"
+        )
+
+
+def build_quickstart(
+    root: str | os.PathLike = quickstart.QUICKSTART_DIR,
+    vocab_size: int = 8192,
+    *,
+    tokenizer_dir: str | os.PathLike | None = None,
+    **corpus_kwargs: Any,
+) -> QuickstartBuild:
+    """Corpus under ``root/corpus``, tokenizer (trained on the train split) under ``root/tokenizer-V``.
+
+    Goes through :class:`~cyb_lightning.data.sources.QuickstartCorpus`, exactly like the DataModule, so
+    both find the same caches. ``corpus_kwargs`` are :func:`~cyb_lightning.data.quickstart.build_corpus`'s.
+    """
+    source = QuickstartCorpus(str(root), **corpus_kwargs)
+    tokenizer, tok_dir, tok_manifest = source_tokenizer(
+        source, vocab_size, None if tokenizer_dir is None else str(tokenizer_dir)
+    )
+    result = QuickstartBuild(source.build, tokenizer, Path(tok_dir), tok_manifest)
+    log.info(result.summary())
+    return result

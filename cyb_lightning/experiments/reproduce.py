@@ -50,7 +50,6 @@ import re
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -58,9 +57,13 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-PLAN = REPO / "conf" / "experiments" / "cyb_repro.yaml"
-REDUCED_PLAN = REPO / "conf" / "experiments" / "cyb_repro_reduced.yaml"
+from cyb_lightning.data.quickstart import unit_hash
+from cyb_lightning.provenance import git_commit, machine
+
+# The plans live in a checkout's conf/experiments (they stack the repository's configs), read from the
+# working directory like every `--config`: run the command from the checkout, or pass --plan.
+PLAN = Path("conf") / "experiments" / "cyb_repro.yaml"
+REDUCED_PLAN = Path("conf") / "experiments" / "cyb_repro_reduced.yaml"
 APT_HINT = (
     "install Debian's Python documentation: `apt-get update && apt-get install -y python3.11-doc` (its "
     "reStructuredText sources land in /usr/share/doc/python3.11/html/_sources), or point --python-doc-dir at "
@@ -150,10 +153,6 @@ def _pieces(text: str, limit: int) -> list[str]:
     return out
 
 
-def _unit_hash(text: str) -> float:
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2**64
-
-
 def collect_documents(corpus: dict) -> tuple[list[str], dict]:
     """All documents (deduplicated, cut to ``max_doc_chars``) and a count per source."""
     from cyb_lightning.data import quickstart as qs
@@ -215,9 +214,9 @@ def build_corpus(out: Path, plan: dict) -> dict:
         shutil.rmtree(root)
     started = time.time()
     docs, counts = collect_documents(corpus)
-    docs.sort(key=_unit_hash)
-    pool = [d for d in docs if _unit_hash(d) < corpus["pool_fraction"]]
-    pretrain = [d for d in docs if _unit_hash(d) >= corpus["pool_fraction"]]
+    docs.sort(key=unit_hash)
+    pool = [d for d in docs if unit_hash(d) < corpus["pool_fraction"]]
+    pretrain = [d for d in docs if unit_hash(d) >= corpus["pool_fraction"]]
     if (plan.get("pretrain") and not pretrain) or not pool:
         raise SystemExit(f"experiment: corpus too small ({len(docs)} documents) to split; add text (--extra-dir)")
     tmp = out / ".corpus.tmp"
@@ -348,23 +347,8 @@ def fit_command(plan: dict, run: dict, layer_path: Path) -> list[str]:
     configs = [_yaml_file(plan, rel) for rel in run["configs"] + plan["layers"]]
     args = ["fit"]
     for c in configs + [layer_path]:
-        args += ["--config", os.path.relpath(c, REPO) if c.is_relative_to(REPO) else str(c)]
+        args += ["--config", os.path.relpath(c) if c.is_relative_to(Path.cwd()) else str(c)]
     return args
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}, " \
-           f"Python {platform.python_version()}"
 
 
 def execute(out: Path, plan: dict, run: dict, corpus: dict, force: bool = False) -> tuple[dict, bool]:
@@ -550,21 +534,11 @@ def budget_report(plan: dict, rows: list[dict], rates: dict[int, float], corpus:
 # -- command -----------------------------------------------------------------------------------------------
 
 
-def git_commit() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
-        return commit.stdout.strip() + (" (with uncommitted changes)" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     """``python -m cyb_lightning experiment [--reduced] [--budget-check] [--out DIR] …`` (module docstring)."""
     p = argparse.ArgumentParser(prog="python -m cyb_lightning experiment", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--plan", help=f"plan YAML (default {PLAN.relative_to(REPO)}; --reduced: "
-                   f"{REDUCED_PLAN.relative_to(REPO)})")  # fmt: skip
+    p.add_argument("--plan", help=f"plan YAML (default {PLAN}; --reduced: {REDUCED_PLAN}; from a checkout)")
     p.add_argument("--reduced", action="store_true", help="the minutes-long version (tiny model, few steps, one seed)")
     p.add_argument("--out", help="where corpus, runs and results go (default runs/cyb_repro[_reduced])")
     p.add_argument("--budget-check", "--dry-run", dest="budget", action="store_true",
@@ -589,7 +563,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"results: {write_results(Path(args.out), Path(args.results))}")
         return []
 
-    plan = load_plan(args.plan or (REDUCED_PLAN if args.reduced else PLAN))
+    plan_path = Path(args.plan or (REDUCED_PLAN if args.reduced else PLAN))
+    if not plan_path.is_file():
+        raise SystemExit(f"experiment: no plan at {plan_path.resolve()}; run from a checkout of cyb_lightning (the "
+                         "plans are conf/experiments/*.yaml there) or pass --plan PATH")  # fmt: skip
+    plan = load_plan(plan_path)
     if args.seeds:
         plan["seeds"] = args.seeds
     if args.finetune_steps:
@@ -602,7 +580,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         plan["corpus"]["python_doc_dir"] = None
     plan["corpus"]["extra_dirs"] = [str(Path(d).resolve()) for d in plan["corpus"].get("extra_dirs") or []] + [
         str(Path(d).resolve()) for d in args.extra_dir]  # fmt: skip
-    out = Path(args.out or REPO / "runs" / ("cyb_repro_reduced" if args.reduced else "cyb_repro"))
+    out = Path(args.out or Path("runs") / ("cyb_repro_reduced" if args.reduced else "cyb_repro"))
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     corpus = build_corpus(out, plan)
@@ -616,7 +594,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     meta_path = out / "experiment.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {"invocations": []}
     command = "python -m cyb_lightning experiment " + shlex.join(list(sys.argv[1:] if argv is None else argv))
-    invocation = {"command": command, "commit": git_commit(), "machine": machine(),
+    invocation = {"command": command, "commit": git_commit(plan["plan_dir"]), "machine": machine(),
                   "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "ran": [], "skipped": [],
                   "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}  # fmt: skip
     meta["invocations"].append(invocation)

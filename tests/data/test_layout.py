@@ -205,3 +205,18 @@ def test_bad_configs(kwargs, match):
     name, seq_len = kwargs.pop("name"), kwargs.pop("seq_len")
     with pytest.raises(ValueError, match=match):
         make_layout(name, seq_len, VOCAB, **kwargs)
+
+
+def test_every_layout_name_is_one_class_with_its_own_behaviour():
+    from cyb_lightning.data.layout import LAYOUT_CLASSES, LAYOUTS, make_layout
+    from cyb_lightning.data.tokenizer import standard_vocab
+
+    vocab = standard_vocab()
+    assert LAYOUTS == ("none", "cyb", "tbys_random", "pause_groups", "tbys_finetune", "variable")
+    built = {name: make_layout(name, 16, vocab, num_pauses=3) for name in LAYOUTS}
+    for name, layout in built.items():
+        assert type(layout) is LAYOUT_CLASSES[name] and layout.name == name
+    assert {n: lay.steps_per_token for n, lay in built.items()} == {
+        "none": 1, "cyb": 4, "tbys_random": 1, "pause_groups": 1, "tbys_finetune": 1, "variable": 4}
+    assert [n for n, lay in built.items() if lay.pairs] == ["tbys_finetune"]
+    assert set(built["variable"].empty_example()) - set(built["cyb"].empty_example()) == {"step_mask", "step_index"}

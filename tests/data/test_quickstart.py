@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cyb_lightning.data import build_corpus, build_quickstart
-from cyb_lightning.data.quickstart import _unit_hash, stdlib_files
+from cyb_lightning.data.quickstart import unit_hash, stdlib_files
 
 SMALL = dict(include_topics=False, max_stdlib_files=6, num_train_shards=3)
 
@@ -54,8 +54,8 @@ def test_deterministic_and_disjoint(tmp_path, extra):
     assert len(set(train)) == len(train)  # de-duplicated: dup.rst is b.md again
     assert sum("Some markdown text" in t for t in train + val) == 1
     # Content-addressed: validation is the hash range [0, 0.05), or its nearest document when that is empty.
-    cut = max(0.05, *map(_unit_hash, val))
-    assert all(_unit_hash(t) <= cut for t in val) and all(_unit_hash(t) > cut for t in train)
+    cut = max(0.05, *map(unit_hash, val))
+    assert all(unit_hash(t) <= cut for t in val) and all(unit_hash(t) > cut for t in train)
     assert stats["train_chars"] == sum(map(len, train))
     assert "tokens" in a.summary() and f"{len(train)} docs" in a.summary()
 
