@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from cyb_lightning.data.batch import LaidOutBatch
+from cyb_lightning.provenance import machine
 from cyb_lightning.evaluation.tokens import QUADRANTS, quadrants
 from cyb_lightning.metrics import (
     CalibrationSpearman,
@@ -378,8 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
         "loss": type(module.loss_fn).__name__,
         "steps_per_token": module.hparams.steps_per_token,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads",
+        "machine": machine(),
         "metrics": result["metrics"],
         "token_analysis": token_analysis(result["table"], datamodule.tokenizer, args.min_count, args.top),
         "adaptive": {},

@@ -17,7 +17,7 @@ def bench():
 
 def step_args(method: str, **kw) -> SimpleNamespace:
     sizes = dict(method=method, vocab=97, batch=2, seq_len=6, pauses=3, layers=1, heads=2, model_d=32,
-                 chunk_size=0, threads=1, warmup=0, steps=2)  # fmt: skip
+                 chunk_size=5, threads=1, warmup=0, steps=2)  # fmt: skip
     return SimpleNamespace(**{**sizes, **kw})
 
 
@@ -46,3 +46,28 @@ def test_ratio_rows_are_against_cross_entropy(bench):
     lines = bench.ratio_rows(args, rows)
     assert lines[0] == "| 32k | TBYS cross-entropy (F.cross_entropy, full logits) | plain | 2,000 ms (1,500–2,500) | 1.00 | 400 MiB | 1.00 |"
     assert lines[1] == "| 32k | CYB-AP | chunked | 1,000 ms (900–1,200) | 0.50 | 100 MiB | 0.25 |"
+
+
+def test_fsdp2_case_runs_the_sharded_step_with_the_single_process_objective(bench, tmp_path):
+    """Two gloo ranks under torchrun: the CYB-AP step runs its head inside the sharded decoder's forward, on
+    the same initial weights and batch as one process (the first loss agrees), and reports both ranks' memory."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    args = ["--vocab", "97", "--batch", "2", "--seq-len", "6", "--pauses", "3", "--layers", "1", "--heads", "2",
+            "--model-d", "32", "--chunk-size", "5", "--threads", "2", "--warmup", "0", "--steps", "2"]  # fmt: skip
+    rows = {}
+    for method in ("ce", "ap_chunked"):
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "bench/loss_bench.py", "_fsdp2_case", "--method", method, *args],
+                             capture_output=True, text=True, timeout=300, cwd=bench.ROOT,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+        rows[method] = json.loads(res.stdout.strip().splitlines()[-1])
+    single = bench.step_case(step_args("ap_chunked"))
+    assert rows["ap_chunked"]["first_loss"] == pytest.approx(single["first_loss"], rel=1e-5)
+    assert rows["ce"]["first_loss"] == pytest.approx(bench.step_case(step_args("ce"))["first_loss"], rel=1e-5)
+    for r in rows.values():
+        assert r["world"] == 2 and len(r["peak_mib_per_rank"]) == 2 and r["peak_mib"] == max(r["peak_mib_per_rank"])
