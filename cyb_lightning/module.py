@@ -70,7 +70,8 @@ class CYBModule(L.LightningModule):
             forward, so under FSDP2 too): None picks ``auto_chunk_size`` (never ``[N·W, V]`` logits); 0 puts
             every row in one chunk (the plain loss on full logits). The numbers are the same either way.
         chunked_loss: read from configs and checkpoints of earlier versions, which had a second, plain loss
-            path; ``false`` now means ``loss_chunk_size: 0`` (the same numbers). Leave it unset.
+            path and read ``loss_chunk_size: 0`` as automatic: with it set, ``true`` keeps their chunk size (0 →
+            automatic) and ``false`` means ``loss_chunk_size: 0`` (the same numbers). Leave it unset.
         init_from: a checkpoint of one of our own runs (a Lightning ``.ckpt`` file or a distributed
             checkpoint folder) whose decoder weights initialise this run's decoder before fitting, e.g. a
             ``baseline.yaml`` run fine-tuned with a CYB or TBYS config. Loaded at ``on_fit_start``, after the
@@ -115,8 +116,9 @@ class CYBModule(L.LightningModule):
                 "`python -m cyb_lightning` (which links data.vocab_size/dk_id into the model) or pass them"
             )
         loss.check_steps(steps_per_token)
-        if chunked_loss is False and loss_chunk_size is None:
-            self.hparams.loss_chunk_size = loss_chunk_size = 0
+        if chunked_loss is not None:  # an earlier version's config: there 0 meant automatic, false full logits
+            loss_chunk_size = (loss_chunk_size or None) if chunked_loss else 0
+            self.hparams.loss_chunk_size = loss_chunk_size
         if loss_chunk_size is not None and loss_chunk_size < 0:
             raise ValueError(f"loss_chunk_size must be >= 0 (0: one chunk, None: automatic), got {loss_chunk_size}")
         max_position = getattr(decoder, "max_position", None)

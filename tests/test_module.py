@@ -223,3 +223,6 @@ def test_earlier_versions_chunked_loss_false_is_the_one_chunk_case():
     path on full logits) is ``loss_chunk_size: 0``."""
     assert module(CYBAP(), chunked_loss=False).hparams.loss_chunk_size == 0
     assert module(CYBAP(), chunked_loss=True).hparams.loss_chunk_size is None
+    # Their default pair (chunked_loss: true, loss_chunk_size: 0) meant the automatic chunk, not full logits.
+    assert module(CYBAP(), chunked_loss=True, loss_chunk_size=0).hparams.loss_chunk_size is None
+    assert module(CYBAP(), chunked_loss=True, loss_chunk_size=12).hparams.loss_chunk_size == 12

@@ -6,7 +6,7 @@ Every layout (``data/layout.py``) yields ``input_ids``/``position_ids`` ``[B, L]
 tasks ``difficulty`` ``[B, T]``. :class:`LaidOutBatch` takes that dict once and answers what the model,
 the metrics and generation ask, in the order of the counted groups (``target_mask`` True, row-major):
 the outputs of each group's W steps (:meth:`LaidOutBatch.groups`), their targets, granted steps, inputs
-and difficulty. No caller looks for keys.
+and difficulty. The model, the metrics, ``report`` and generation read batches only through it.
 """
 
 from __future__ import annotations

@@ -396,6 +396,3 @@ def build_tokenizer(
     if built:
         log.info("trained tokenizer in %s: %s", d, manifest["stats"])
     return CYBTokenizer.load(d), manifest
-
-
-# -- both -----------------------------------------------------------------------------------------------

@@ -25,9 +25,14 @@ tokens is known as soon as its logits are. It costs the three head matmuls cross
 dZ·W, dZᵀ·h) and one pass of ``exp`` over the chunk; recomputing the logits in ``backward`` instead would
 cost a fourth matmul (+33 % head FLOPs). The price: what is differentiable is the **sum** of the per-token
 losses (a scalar, whose backward only scales the stored gradients); the per-token values come back
-detached, for metrics. Memory: one chunk of logits (two with a soft cap), the gradient of the hidden
-states (their size) and an fp32 gradient of the head weight (the size of its own ``.grad``), never
-``[N·W, V]``.
+detached, for metrics. Memory: one chunk of logits in fp32 (plus its copy in the compute dtype under
+bf16, and the cap's slope with a soft cap), the gradient of the hidden states (their size) and an fp32
+gradient of the whole head weight ``[V, d]`` (under FSDP2: of the gathered weight, world-size times the
+rank's ``.grad`` shard, until the backward hands it over), never ``[N·W, V]``.
+
+Under autocast (``bf16-mixed``) the three matmuls run in the autocast dtype for every chunk alike (autocast
+is switched off inside and the operands cast explicitly, since the in-place ``addmm_`` that accumulates
+the weight gradient would escape it); the statistics and the loss stay in fp32.
 """
 
 from __future__ import annotations
@@ -183,6 +188,16 @@ class _Run:
         self.softcap, self.scale = softcap or None, scale
 
     def __call__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, needs: tuple[bool, bool, bool]):
+        device = hidden.device.type
+        if not torch.is_autocast_enabled(device):
+            return self._run(hidden, weight, bias, needs)
+        compute = torch.get_autocast_dtype(device)  # what autocast would give the matmuls, now for all of them
+        with torch.autocast(device, enabled=False):
+            out, grads = self._run(hidden.to(compute), weight.to(compute), None if bias is None else bias.to(compute),
+                                   needs)  # fmt: skip
+        return out, grads
+
+    def _run(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, needs: tuple[bool, bool, bool]):
         N, W, d = hidden.shape
         V, dk = weight.shape[0], self.dk_id
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # the losses' dtype
@@ -270,7 +285,7 @@ class _HeadLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_total: Tensor, *_unused):
         if ctx.grads is None:
-            raise RuntimeError("the chunked loss stores its gradients for one backward pass (no retain_graph reuse)")
+            raise RuntimeError("head_loss stores its gradients for one backward pass (no retain_graph reuse)")
         grads = []
         for g, dtype in zip(ctx.grads, ctx.dtypes):  # in place: the stored gradients are used once
             grads.append(None if g is None else g.mul_(g_total.to(g.dtype)).to(dtype))

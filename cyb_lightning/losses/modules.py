@@ -22,7 +22,7 @@ class PauseLoss(nn.Module):
 
     uses_dk: bool = True
     psi_dk: float | None = None
-    last_step_only: bool = False  # only step W's output enters the loss (the chunked path skips the others)
+    last_step_only: bool = False  # only step W's output enters the loss (head_loss skips the others' head)
 
     @property
     def steps(self) -> int | None:
@@ -94,7 +94,6 @@ class CrossEntropy(PauseLoss):
                 "pause_groups"
             )
 
-
     def loss_from_steps(self, steps: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         _, log_1md, log_t = steps  # log p(y) = log t + log(1 − d): DK is an ordinary id here (no prior)
         return -(log_t + log_1md)[:, -1]
@@ -105,7 +104,6 @@ class TBYSPerToken(PauseLoss):
 
     uses_dk = False
     last_step_only = True
-
 
     def loss_from_steps(self, steps: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         return -steps[2][:, -1]
@@ -151,7 +149,6 @@ class CYBAP(PauseLoss):
     def steps(self) -> int:
         return self.omega.numel()
 
-
     def loss_from_steps(self, steps: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         return F.cyb_loss_from(steps, self.omega, self.gamma)
 
@@ -174,7 +171,6 @@ class CYBVA(PauseLoss):
     def steps(self) -> int:
         return self.rho.numel()
 
-
     def loss_from_steps(self, steps: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         return F.cyb_va_loss_from(steps, self.rho)
 
@@ -195,7 +191,6 @@ class CYBDP(PauseLoss):
     @property
     def steps(self) -> int:
         return self.rho.numel()
-
 
     def loss_from_steps(self, steps: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         return F.cyb_dp_loss_from(steps, self.rho, self.alpha)

@@ -231,6 +231,7 @@ class HFDecoder(DecoderSpec):
             wrapped = HFCausalLM(model)
             if self.check_position_ids:
                 check_position_ids(wrapped, self.name_or_path)
+            check_output_head(wrapped, self.name_or_path)
             rows = model.get_input_embeddings().weight.shape[0]
             if vocab_size > rows:
                 grow_vocabulary(model, vocab_size)
@@ -381,6 +382,31 @@ def check_position_ids(decoder: HFCausalLM, name: str = "the model") -> None:
             f"{name} ignores position_ids: the same tokens at positions 0,1,2,3 and 0,0,1,1 give identical "
             "outputs, so the CYB layout's shared positions would be silently dropped. Use a family with "
             "rotary or learned absolute positions (Llama, Gemma, Qwen2, Mistral, GPT-2, Pythia/GPT-NeoX …)."
+        )
+
+
+@torch.no_grad()
+def check_output_head(decoder: HFCausalLM, name: str = "the model") -> None:
+    """Raise unless the loss's head (:meth:`HFCausalLM.output_head` on the last hidden states) gives the
+    model's own logits (a 4-token probe): a family that transforms its logits in a way ``OutputHead`` does not
+    model (a multiplier, a second norm) would otherwise train on other logits than it predicts with."""
+    was_training = decoder.training
+    decoder.eval()
+    try:
+        device = next(decoder.parameters()).device
+        rows = decoder.model.get_input_embeddings().weight.shape[0]
+        ids = torch.tensor([[11, 12, 13, 14]], device=device) % rows
+        pos = torch.tensor([[0, 1, 2, 3]], device=device)
+        own = decoder(ids, pos).float()
+        ours = decoder(ids, pos, head_fn=lambda hidden, head: head.logits(hidden)).float()
+    finally:
+        decoder.train(was_training)
+    err = (own - ours).abs().max() / own.abs().max().clamp_min(1e-6)
+    if not err <= 1e-3:
+        raise ValueError(
+            f"{name}: hidden states @ output head (with the soft cap and logit scale its config names) differ from "
+            f"the model's own logits (max relative error {float(err):.2e}); this family transforms its logits in "
+            "a way cyb_lightning.losses.head.OutputHead does not model, so it cannot be trained here"
         )
 
 

@@ -7,6 +7,8 @@ fp32 and bf16 agree to stated tolerances.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -158,7 +160,8 @@ def test_low_precision_matches_the_float64_reference(dtype, tol, name):
         assert (g.double() - r).abs().max() <= tol * r.abs().max()
 
 
-def test_statistics_equal_step_statistics_on_the_logits():
+def test_statistics_equal_the_functional_math_on_the_logits():
+    """head_statistics of the chunked quantities against the loss math applied to full logits, written out here."""
     from cyb_lightning.model import GPTConfig
     from cyb_lightning.module import CYBModule
 
@@ -167,10 +170,39 @@ def test_statistics_equal_step_statistics_on_the_logits():
     with torch.no_grad():
         weight[DK] *= 3  # some steps answer, some pause
         out = chunked_loss(hidden, weight, targets, m.loss_fn, DK, chunk_size=8, with_argmax=True)
-        ref = step_statistics(hidden @ weight.T, targets, DK, m.loss_fn)
+        logits = hidden @ weight.T
+        log_d, log_1md, log_t = F.step_log_probs(logits, targets, DK, m.loss_fn.dk_bias(40))
+        log_s = F.halting_log_probs(log_d, log_1md)
+        no_dk = logits.clone()
+        no_dk[..., DK] = -torch.inf
+        ref = {"nll": -torch.logsumexp(log_s + log_t, -1), "stop": log_s.exp(), "log_d": log_d, "log_t": log_t,
+               "correct": no_dk.argmax(-1) == targets[:, None],
+               "readout": torch.where(log_d < math.log(0.5), 1, 0).index_fill(1, torch.tensor([3]), 1).argmax(-1)}
     got = head_statistics(out.lse_rest, out.z_y, out.z_dk, out.best_id, targets, m.loss_fn, out.vocab_size)
-    for field in ("nll", "stop", "log_d", "log_t", "correct", "readout"):
-        torch.testing.assert_close(getattr(got, field), getattr(ref, field).to(getattr(got, field).dtype))
+    assert 0 < int(got.readout.gt(0).sum()) < 9  # both kinds of token occur
+    for field, value in ref.items():
+        torch.testing.assert_close(getattr(got, field), value.to(getattr(got, field).dtype), msg=field)
+    same = step_statistics(logits, targets, DK, m.loss_fn)  # the full-logits entry point agrees too
+    torch.testing.assert_close(same.nll, got.nll.to(same.nll.dtype))
+
+
+def test_autocast_runs_every_chunk_in_the_autocast_dtype():
+    """Under bf16 autocast (fp32 parameters, ``bf16-mixed``) the head matmuls of every chunk run in bf16,
+    exactly as on bf16 copies of the operands; the statistics and losses stay fp32."""
+    hidden, weight, _, targets = problem(N=12, W=4, d=16, V=64, dtype=torch.float32, bias=False)
+    loss = CYBAP()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = chunked_loss(hidden, weight, targets, loss, DK, chunk_size=8)
+        out.total.backward()
+    got_h, got_w = hidden.grad.clone(), weight.grad.clone()
+    assert out.per_token.dtype == torch.float32 and got_w.dtype == torch.float32
+    h16, w16 = (t.detach().bfloat16().requires_grad_() for t in (hidden, weight))
+    ref = chunked_loss(h16, w16, targets, loss, DK, chunk_size=8)
+    ref.total.backward()
+    torch.testing.assert_close(out.per_token, ref.per_token, rtol=0, atol=0)
+    torch.testing.assert_close(got_h, h16.grad.float(), rtol=0, atol=0)
+    # The weight gradient is accumulated in fp32 both ways; the bf16 copy's is rounded once at the end.
+    torch.testing.assert_close(got_w.bfloat16(), w16.grad, rtol=0, atol=0)
 
 
 def test_no_grad_path_and_last_step_only_skip_work():

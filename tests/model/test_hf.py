@@ -159,6 +159,18 @@ def test_pause_rows_start_as_their_filler_tokens_when_asked(saved, family):
         torch.testing.assert_close(b.get_output_embeddings().weight, a.get_output_embeddings().weight, rtol=0, atol=0)
 
 
+def test_a_logit_transform_the_head_does_not_model_is_refused(saved, monkeypatch):
+    """The loss reads hidden states @ the output head; a family whose own logits differ (here: the head's output
+    doubled by a hook, as an unmodelled multiplier would) is refused at build instead of training wrongly."""
+    from cyb_lightning.model.hf import check_output_head
+
+    decoder = HFDecoder(saved("llama")).build(V)
+    check_output_head(decoder)  # the plain family passes
+    decoder.model.get_output_embeddings().register_forward_hook(lambda mod, inp, out: out * 2)
+    with pytest.raises(ValueError, match="differ from the model's own logits .* cannot be trained here"):
+        check_output_head(decoder, "doubled")
+
+
 def test_families_that_ignore_position_ids_are_refused(saved, tmp_path):
     with pytest.raises(PositionIdsIgnored, match="ALiBi"):
         HFDecoder(save_tiny(tmp_path, "bloom")).build(V)
