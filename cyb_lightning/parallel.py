@@ -181,10 +181,10 @@ def parallelize(
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again at the start of backward: keep them gathered.
         fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, **kwargs)
-    # The root (embedding, final norm, output head) stays gathered until backward: the loss's head gradients
-    # are computed inside forward (losses/head.py) and the embedding's come first in backward, so resharding
-    # it would only all-gather it again at once (torchtitan does the same).
-    fully_shard(model, reshard_after_forward=False, **kwargs)
+    # The root holds the embedding, final norm and output head; the loss's head gradients are computed inside
+    # forward (losses/head.py), and FSDP2 gathers the root again for backward through a hook on forward's
+    # outputs (torch walks the HeadLoss dataclass for them).
+    fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
     return model
 
 
