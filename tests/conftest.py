@@ -98,3 +98,23 @@ data:
   num_pauses: 3
   seq_len: 16
 """
+
+
+def assert_cache_contract(decoder, ids, pos, filler_id: int) -> None:
+    """A decoder's KV-cache contract (our GPT, HFCausalLM): inputs fed in chunks give the logits of one full
+    forward; an input fed with ``key_mask`` False in row 0 is as if never fed there, while row 1, which saw
+    it, changes."""
+    import torch
+
+    with torch.no_grad():
+        full = decoder(ids, pos)
+        cache = decoder.new_cache()
+        parts = [decoder(ids[:, a:b], pos[:, a:b], cache=cache) for a, b in ((0, 4), (4, 5), (5, ids.shape[1]))]
+        assert len(cache) == ids.shape[1]
+        torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+        cache = decoder.new_cache()
+        decoder(ids[:, :5], pos[:, :5], cache=cache)
+        decoder(torch.full((2, 1), filler_id), pos[:, 5:6], cache=cache, key_mask=torch.tensor([[False], [True]]))
+        rest = decoder(ids[:, 5:], pos[:, 5:], cache=cache)
+        torch.testing.assert_close(rest[0], full[0, 5:], rtol=1e-5, atol=1e-5)  # row 0 never saw it
+        assert not torch.allclose(rest[1], full[1, 5:], atol=1e-4)  # row 1 did

@@ -264,7 +264,9 @@ def test_corpus_of_a_pretrained_plan_is_counted_in_its_tokenizer_and_trains_no_b
     corpus = tmp_path / "out" / "corpus"
     assert not (corpus / "tokenizer").exists() and not (corpus / "pretrain").exists()
     assert set(manifest["parts"]) == {"heldout", "finetune set A", "unused (pool)"}
-    tok = reproduce.instantiate(tokenizer)
+    from lightning.pytorch.cli import instantiate_class
+
+    tok = instantiate_class((), tokenizer)
     shards = sorted((corpus / "finetune-1x").glob("*validation*"))
     texts = [json.loads(line)["text"] for p in shards for line in gzip.open(p, "rt").read().splitlines()]
     assert manifest["parts"]["heldout"]["tokens"] == sum(len(x) + 1 for x in tok.encode_batch_np(texts)) >= 300

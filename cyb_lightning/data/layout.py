@@ -197,6 +197,7 @@ class Layout:
     """
 
     name: ClassVar[str]
+    per_token_groups: ClassVar[bool] = False  # every real token is a group of itself + its pauses: W = 1 + K (cyb, variable)
     inserts_pauses: ClassVar[bool] = False  # pauses take slots of the T + 1 (tbys_random, pause_groups, …)
     pairs: ClassVar[bool] = False  # an example is one prompt/completion pair (tokens = (prompt, completion))
 
@@ -209,7 +210,7 @@ class Layout:
 
     @property
     def steps_per_token(self) -> int:
-        return 1
+        return 1 + len(self.pause_ids) if self.per_token_groups else 1
 
     @property
     def length(self) -> int:
@@ -243,10 +244,7 @@ class NoPauses(Layout):
 
 class CYBPauses(Layout):
     name = "cyb"
-
-    @property
-    def steps_per_token(self) -> int:
-        return 1 + len(self.pause_ids)
+    per_token_groups = True
 
     def __call__(self, tokens, index: int) -> Example:
         return layout_cyb(tokens, self.seq_len, self.pause_ids, self.pad_id)
@@ -284,10 +282,7 @@ class TBYSFinetune(Layout):
 
 class VariablePauses(Layout):
     name = "variable"
-
-    @property
-    def steps_per_token(self) -> int:
-        return 1 + len(self.pause_ids)
+    per_token_groups = True
 
     def __call__(self, tokens, index: int) -> Example:
         return layout_variable(tokens, self.seq_len, self.pause_ids, self.pad_id, self.omega, self.seed, index)

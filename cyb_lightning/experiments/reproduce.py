@@ -222,7 +222,9 @@ def build_corpus(out: Path, plan: dict) -> dict:
     tmp = out / ".corpus.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if pretrained:  # token counts in the pretrained model's own tokens; every run reads its tokenizer config
-        tok = instantiate(pretrained)
+        from lightning.pytorch.cli import instantiate_class
+
+        tok = instantiate_class((), pretrained)  # class_path + init_args, as LightningCLI builds it
     else:
         tok = CYBTokenizer.train(pretrain, corpus["bpe_vocab_size"])
         tok.save(tmp / "tokenizer")  # no manifest beside it: every run loads it as supplied, never retrains it
@@ -277,14 +279,6 @@ def plan_tokenizer(plan: dict) -> dict | None:
         data = (yaml.safe_load(_yaml_file(plan, rel).read_text()) or {}).get("data") or {}
         found = data.get("tokenizer", found)
     return found
-
-
-def instantiate(spec: dict):
-    """An object from a ``class_path`` / ``init_args`` mapping (as LightningCLI writes them)."""
-    import importlib
-
-    module, _, name = spec["class_path"].rpartition(".")
-    return getattr(importlib.import_module(module), name)(**(spec.get("init_args") or {}))
 
 
 # -- one run -----------------------------------------------------------------------------------------------

@@ -44,8 +44,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -363,19 +363,25 @@ class HFCausalLM(nn.Module):
 _UNSUPPORTED_LOGIT_TRANSFORMS = ("output_multiplier_scale",)
 
 
-@torch.no_grad()
-def check_position_ids(decoder: HFCausalLM, name: str = "the model") -> None:
-    """Raise :class:`PositionIdsIgnored` unless shared positions change the outputs (a 4-token probe)."""
+@contextmanager
+def _probe(decoder: HFCausalLM) -> Iterator[tuple[Tensor, Tensor]]:
+    """Four token ids at consecutive positions ``[1, 4]`` for a build-time check, the decoder in eval mode."""
     was_training = decoder.training
     decoder.eval()
     try:
         device = next(decoder.parameters()).device
         rows = decoder.model.get_input_embeddings().weight.shape[0]
-        ids = (torch.tensor([[11, 12, 13, 14]], device=device) % rows)
-        consecutive = decoder(ids, torch.tensor([[0, 1, 2, 3]], device=device)).float()
-        shared = decoder(ids, torch.tensor([[0, 0, 1, 1]], device=device)).float()
+        yield torch.tensor([[11, 12, 13, 14]], device=device) % rows, torch.tensor([[0, 1, 2, 3]], device=device)
     finally:
         decoder.train(was_training)
+
+
+@torch.no_grad()
+def check_position_ids(decoder: HFCausalLM, name: str = "the model") -> None:
+    """Raise :class:`PositionIdsIgnored` unless shared positions change the outputs (a 4-token probe)."""
+    with _probe(decoder) as (ids, pos):
+        consecutive = decoder(ids, pos).float()
+        shared = decoder(ids, torch.tensor([[0, 0, 1, 1]], device=ids.device)).float()
     scale = consecutive.abs().max().clamp_min(1e-6)
     if (consecutive[0, -1] - shared[0, -1]).abs().max() <= 1e-5 * scale:
         raise PositionIdsIgnored(
@@ -390,17 +396,9 @@ def check_output_head(decoder: HFCausalLM, name: str = "the model") -> None:
     """Raise unless the loss's head (:meth:`HFCausalLM.output_head` on the last hidden states) gives the
     model's own logits (a 4-token probe): a family that transforms its logits in a way ``OutputHead`` does not
     model (a multiplier, a second norm) would otherwise train on other logits than it predicts with."""
-    was_training = decoder.training
-    decoder.eval()
-    try:
-        device = next(decoder.parameters()).device
-        rows = decoder.model.get_input_embeddings().weight.shape[0]
-        ids = torch.tensor([[11, 12, 13, 14]], device=device) % rows
-        pos = torch.tensor([[0, 1, 2, 3]], device=device)
+    with _probe(decoder) as (ids, pos):
         own = decoder(ids, pos).float()
         ours = decoder(ids, pos, head_fn=lambda hidden, head: head.logits(hidden)).float()
-    finally:
-        decoder.train(was_training)
     err = (own - ours).abs().max() / own.abs().max().clamp_min(1e-6)
     if not err <= 1e-3:
         raise ValueError(

@@ -23,6 +23,7 @@ from cyb_lightning.model import HFCausalLM, HFDecoder, PositionIdsIgnored  # noq
 from cyb_lightning.model.hf import check_position_ids  # noqa: E402
 from cyb_lightning.model.init_from import rows_like  # noqa: E402
 from cyb_lightning.module import CYBModule  # noqa: E402
+from tests.conftest import assert_cache_contract  # noqa: E402
 
 V, T, K = 96, 6, 3
 _LM = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -345,19 +346,7 @@ def test_hf_cache_chunks_and_hidden_inputs(saved):
     decoder = HFDecoder(saved("llama")).build(V).eval()
     ids = torch.randint(0, V, (2, 11), generator=torch.Generator().manual_seed(6))
     pos = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 3, 4, 5]).expand(2, -1)  # shared positions, as the layout has
-    with torch.no_grad():
-        full = decoder(ids, pos)
-        cache = decoder.new_cache()
-        parts = [decoder(ids[:, a:b], pos[:, a:b], cache=cache) for a, b in ((0, 4), (4, 5), (5, 11))]
-        assert len(cache) == 11
-        torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
-        cache = decoder.new_cache()
-        decoder(ids[:, :5], pos[:, :5], cache=cache)
-        decoder(torch.zeros(2, 1, dtype=torch.long), pos[:, 5:6], cache=cache,
-                key_mask=torch.tensor([[False], [True]]))  # fmt: skip
-        rest = decoder(ids[:, 5:], pos[:, 5:], cache=cache)
-        torch.testing.assert_close(rest[0], full[0, 5:], rtol=1e-5, atol=1e-5)  # row 0 never saw it
-        assert not torch.allclose(rest[1], full[1, 5:], atol=1e-4)  # row 1 did
+    assert_cache_contract(decoder, ids, pos, filler_id=0)
     with pytest.raises(ValueError, match="needs a cache"):
         decoder(ids, pos, key_mask=torch.ones(2, 11, dtype=torch.bool))
 
