@@ -79,27 +79,34 @@ class CYBLightningCLI(LightningCLI):
 
 
 def summary(trainer) -> str:
-    """A few lines for the terminal: where the logs are and what the pause distribution looks like."""
+    """A few lines for the terminal: where the logs are, what the adaptive reader did (the model a user
+    deploys), and the pause distribution of the full layout."""
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     lines = [f"logs and checkpoints: {trainer.log_dir}", f"  tensorboard --logdir {trainer.log_dir}"]
+    if "val/adaptive/accuracy" in metrics:
+        lines.append(
+            f"adaptive reader (validation; each token gets only the pauses it asks for, d < 0.5 answers): accuracy "
+            f"{100 * metrics['val/adaptive/accuracy']:.1f} %, perplexity {metrics['val/adaptive/ppl']:.2f}, "
+            f"{metrics['val/adaptive/steps_per_token']:.2f} forward steps per token"
+        )
+    levels = sorted({int(k.split("/")[3]) for k in metrics if k.startswith("val/adaptive/difficulty/") and k.count("/") == 4})
+    if levels:  # data that labels the difficulty of its targets (the synthetic tasks)
+        lines += ["per difficulty level:            adaptive reader         full layout (every token keeps its pauses)",
+                  "  level   accuracy   pauses taken   accuracy   expected pauses"]  # fmt: skip
+        for k in levels:
+            a, f = f"val/adaptive/difficulty/{k}/", f"val/full_layout/difficulty/{k}/"
+            lines.append(f"  {k:5d}   {100 * metrics[a + 'accuracy']:7.1f} %   {metrics[a + 'steps_per_token'] - 1:12.2f}"
+                         f"   {100 * metrics.get(f + 'accuracy', float('nan')):7.1f} %   "
+                         f"{metrics.get(f + 'extra_pauses', float('nan')):15.2f}")  # fmt: skip
+        if "val/adaptive/difficulty/spearman_pauses" in metrics:
+            lines.append(f"Spearman(difficulty, pauses taken) = {metrics['val/adaptive/difficulty/spearman_pauses']:.2f}; "
+                         "histograms per level: val/adaptive/pauses_by_difficulty/<level>")  # fmt: skip
     if "val/ppl" in metrics:
-        lines.append(f"validation perplexity: {metrics['val/ppl']:.2f}")
+        lines.append(f"full layout: perplexity of the step mixture {metrics['val/ppl']:.2f}")
     p_stop = [metrics[k] for k in sorted(m for m in metrics if m.startswith("val/p_stop/step"))]
     if p_stop:
         dist = " / ".join(f"{p:.2f}" for p in p_stop)
-        lines.append(f"P(0..{len(p_stop) - 1} extra pauses) = {dist}; mean {metrics['val/extra_pauses']:.2f} per token")
-    levels = sorted({int(k.split("/")[2]) for k in metrics if k.startswith("val/difficulty/") and k.count("/") == 3})
-    if levels:  # data that labels the difficulty of its targets (the synthetic tasks)
-        lines += ["per difficulty level (validation; accuracy of the trained rule, answering at the first d < 0.5):",
-                  "  level   accuracy   expected pauses   forward steps"]  # fmt: skip
-        for k in levels:
-            m = {key: metrics[f"val/difficulty/{k}/{key}"] for key in ("accuracy", "extra_pauses", "readout_steps")}
-            lines.append(f"  {k:5d}   {100 * m['accuracy']:7.1f} %   {m['extra_pauses']:15.2f}   {m['readout_steps']:13.2f}")
-        if "val/difficulty/spearman_pauses" in metrics:
-            few = metrics.get("val/extra_pauses", 0.0) < 0.05  # a rank correlation of near-zero values
-            lines.append(f"Spearman(difficulty, expected pauses) = {metrics['val/difficulty/spearman_pauses']:.2f}"
-                         + (" (on pauses this rare it says little)" if few else "")
-                         + "; histograms per level: val/pauses_by_difficulty/<level>/stop_step")  # fmt: skip
+        lines.append(f"  P(0..{len(p_stop) - 1} extra pauses) = {dist}; mean {metrics['val/extra_pauses']:.2f} per token")
     return "\n".join(lines)
 
 

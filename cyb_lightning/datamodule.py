@@ -22,6 +22,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from .data.curriculum import Curriculum
 from .data.hf_tokenizer import HFTokenizer
 from .data.layout import make_layout
 from .data.sources import QuickstartCorpus, TextSource, source_tokenizer
@@ -124,7 +125,8 @@ class CYBDataModule(L.LightningDataModule):
             each token is granted 0 … K pauses drawn from ``omega``; validation and test then grant all K, so
             the model's own DK decides, as at inference), ``tbys_finetune`` (TBYS pause fine-tuning on the
             prompt/completion pairs of a ``PromptCompletionSource``: M_ft pauses after the prompt, loss on
-            the completion).
+            the completion), ``answer_pauses`` (the K pauses only before the scored targets of a source that
+            labels them, e.g. the answer of a ``DigitSum`` problem: the answer's own pauses).
         num_pauses: K for ``cyb``, ``pause_groups`` and ``variable`` (0 … 8; CYB uses 3); M_ft, the pauses
             appended after each prompt, for ``tbys_finetune`` (TBYS: 10 or 50). Ignored by the others.
         omega: ``variable`` only: the world's distribution over granted steps 1 … K+1 (None: uniform).
@@ -149,6 +151,9 @@ class CYBDataModule(L.LightningDataModule):
             tokenizer: the pause rows a pretrained model never read start as copies of these tokens' input
             rows (a filler it already reads as "nothing new") instead of draws from the embedding's
             statistics. None: drawn. Linked into the model as ``pause_filler_ids``.
+        curriculum: ``{start, ramp_steps}`` (``data/curriculum.py``): training draws rows of level ≤ a cap that
+            rises linearly with the optimizer step; needs a source with one labelled problem per row
+            (``DigitSum``). Part of the stream's order: a resumed run draws exactly the same rows.
     """
 
     def __init__(
@@ -156,7 +161,8 @@ class CYBDataModule(L.LightningDataModule):
         source: TextSource | None = None,
         tokenizer_dir: str | None = None,
         bpe_vocab_size: int = 8192,
-        layout: Literal["none", "cyb", "tbys_random", "pause_groups", "tbys_finetune", "variable"] = "cyb",
+        layout: Literal["none", "cyb", "tbys_random", "pause_groups", "tbys_finetune", "variable",
+                        "answer_pauses"] = "cyb",
         num_pauses: int = 3,
         pause_fraction: float = 0.1,
         omega: list[float] | None = None,
@@ -172,6 +178,7 @@ class CYBDataModule(L.LightningDataModule):
         max_document_chars: int = 100_000,
         tokenizer: HFTokenizer | None = None,
         pause_fillers: list[str] | None = None,
+        curriculum: Curriculum | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["source", "tokenizer"])  # objects; the CLI saves their config
@@ -199,10 +206,22 @@ class CYBDataModule(L.LightningDataModule):
             raise ValueError(f"bpe_vocab_size must be >= 256, one id per byte; got {bpe_vocab_size}")
 
         self.source = source if source is not None else QuickstartCorpus()
-        if hasattr(self.source, "target_difficulty") and layout not in ("none", "cyb", "variable"):
+        labelled = hasattr(self.source, "target_difficulty")
+        if labelled and layout not in ("none", "cyb", "variable", "answer_pauses"):
             raise ValueError(
                 f"{type(self.source).__name__} labels each target with its difficulty, which needs targets aligned "
-                f"with the chunk's tokens; {layout} moves them. Use layout none, cyb or variable"
+                f"with the chunk's tokens; {layout} moves them. Use layout none, cyb, variable or answer_pauses"
+            )
+        if checked.answers_only and not labelled:
+            raise ValueError(
+                f"layout {layout} puts pauses only before the scored targets, which {type(self.source).__name__} "
+                "does not label: use a source that labels them (DigitSum, WindowLookup) or layout cyb"
+            )
+        row = getattr(self.source, "row_tokens", None)
+        if getattr(self.source, "one_example_per_document", False) and row is not None and row > seq_len + 1:
+            raise ValueError(
+                f"{type(self.source).__name__} rows have up to {row} tokens (end of text included) but data.seq_len="
+                f"{seq_len} holds {seq_len + 1}: set data.seq_len to at least {row - 1}"
             )
         check_pairs(self.source, checked)
         if tokenizer is not None:
@@ -236,6 +255,7 @@ class CYBDataModule(L.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers, self.seed = num_workers, seed
         self.val_documents, self.tokenize_batch = val_documents, tokenize_batch
+        self.curriculum = curriculum
         self.lanes, self.max_document_chars = lanes, max_document_chars
         self._train_loader: LaggedStateLoader | None = None
         self._resume_stream: dict | None = None  # this rank's train stream state from a checkpoint
@@ -255,10 +275,11 @@ class CYBDataModule(L.LightningDataModule):
             return dist.get_rank(), dist.get_world_size()
         return 0, 1
 
-    def stream(self, split: Literal["train", "validation"]) -> PackedStream:
+    def stream(self, split: Literal["train", "validation", "test"]) -> PackedStream:
         """A fresh stream for ``split`` on this process's rank (also useful outside a Trainer)."""
         rank, world = self._rank_world()
         train = split == "train"
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
         return PackedStream(
             self.source,
             self.tokenizer,
@@ -272,6 +293,8 @@ class CYBDataModule(L.LightningDataModule):
             max_documents=None if train else self.val_documents,
             tokenize_batch=self.tokenize_batch,
             max_document_chars=self.max_document_chars,
+            curriculum=self.curriculum if train else None,
+            batches_per_step=accumulate if train else 1,
         )
 
     def _loader(self, stream: PackedStream, train: bool) -> LaggedStateLoader:
@@ -339,5 +362,7 @@ class CYBDataModule(L.LightningDataModule):
         return self._loader(self.stream("validation"), train=False)
 
     def test_dataloader(self) -> LaggedStateLoader:
-        """The fixed validation set again: C4 has no test split, and CYB reports on C4 validation."""
-        return self._loader(self.stream("validation"), train=False)
+        """The test split where the source has one (the synthetic tasks: held out from validation, where
+        settings are chosen), else the fixed validation set again (C4 has no test split; CYB reports on C4
+        validation). The first ``val_documents`` documents either way."""
+        return self._loader(self.stream("test" if "test" in self.source.splits else "validation"), train=False)

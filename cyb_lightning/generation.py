@@ -21,11 +21,14 @@ and the forward steps actually spent per token, against W = K + 1 for fixed-K pa
 Rows of a batch run in lockstep: a row that has already answered while another still pauses feeds an
 invisible input (``key_mask`` False), which no later query attends to, so each row sees exactly the
 context it would see alone.
+
+A model pauses only where its layout let it pause in training (``may_pause``): after every real token for
+``cyb`` and ``variable``, only before the scored targets (the answer) for ``answer_pauses``; teacher-forced
+evaluation reads that from the evaluation batch (:attr:`LaidOutBatch.pause_slots`).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -120,6 +123,8 @@ class AdaptiveRunner:
         dk_id, pause_ids: the output DK id and the K pause input ids ``P1..PK``.
         dk_bias: the DK logit prior of the loss the model was trained with (``loss.dk_bias(V)``).
         use_cache: False recomputes the whole sequence for every step (the reference; batch size 1 only).
+        any_rank: ``bool → bool``, whether any process still has a row pausing (a sharded decoder's ranks
+            must make the same decoder calls); None: this process alone decides.
     """
 
     def __init__(
@@ -133,6 +138,7 @@ class AdaptiveRunner:
         sampling: Sampling | None = None,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        any_rank=None,
     ) -> None:
         if use_cache and not hasattr(decoder, "new_cache"):
             raise ValueError(
@@ -146,6 +152,7 @@ class AdaptiveRunner:
         self.sampling = sampling or Sampling()
         self.use_cache = use_cache
         self.generator = generator
+        self.any_rank = any_rank
 
     @property
     def max_pauses(self) -> int:
@@ -153,12 +160,18 @@ class AdaptiveRunner:
 
     @torch.no_grad()
     def run(
-        self, tokens: Tensor, length: int, forced: int | None = None, stop_ids: Iterable[int] = ()
+        self,
+        tokens: Tensor,
+        length: int,
+        forced: int | None = None,
+        stop_ids: Iterable[int] = (),
+        may_pause: Tensor | None = None,
     ) -> Trace:
         """Real tokens ``tokens [B, n]`` → a trace over ``length`` real tokens.
 
         The next real token after position t is ``tokens[:, t + 1]`` while t + 1 < ``forced`` (default n),
         otherwise drawn from the model; generation stops early when every row has drawn a ``stop_ids`` id.
+        ``may_pause [B, length]`` bool: the tokens the model may pause after (None: every one).
         """
         B, n = tokens.shape
         forced = n if forced is None else forced
@@ -190,16 +203,18 @@ class AdaptiveRunner:
             logits = feed(out[:, t], t, torch.ones(B, dtype=torch.bool, device=device))
             answer = torch.empty_like(logits)
             active = torch.ones(B, dtype=torch.bool, device=device)
+            allowed = active if may_pause is None else may_pause[:, t].to(device)
             for i in range(self.max_pauses + 1):
                 if i == self.max_pauses:
                     pause = torch.zeros_like(active)
                 else:
-                    pause = self.policy.pause(logits, self.dk_id, self.dk_bias, self.generator)
+                    pause = self.policy.pause(logits, self.dk_id, self.dk_bias, self.generator) & allowed
                 answering = active & ~pause
                 answer[answering] = logits[answering]
                 steps[answering, t] = i + 1
                 active &= pause
-                if not active.any():
+                pausing = bool(active.any())
+                if not (pausing if self.any_rank is None else self.any_rank(pausing)):
                     break
                 ids = torch.where(active, self.pause_ids[i], self.pad_id)
                 logits = feed(ids, t, active)
@@ -218,13 +233,23 @@ class AdaptiveRunner:
         return Trace(tokens=out[:, : length + 1], steps=steps[:, :length], nll=nll[:, :length],
                      correct=correct[:, :length], forward_calls=calls)  # fmt: skip
 
-    def generate(self, prompt: Sequence[int], max_new_tokens: int, stop_ids: Iterable[int] = ()) -> Trace:
-        """One prompt (a list of real token ids) → prompt + up to ``max_new_tokens`` new tokens."""
+    def generate(
+        self, prompt: Sequence[int], max_new_tokens: int, stop_ids: Iterable[int] = (), answers_only: bool = False
+    ) -> Trace:
+        """One prompt (a list of real token ids) → prompt + up to ``max_new_tokens`` new tokens.
+
+        ``answers_only`` (a model of the ``answer_pauses`` layout): pauses only before the tokens the model
+        produces, none within the prompt.
+        """
         if len(prompt) < 1:
             raise ValueError("the prompt needs at least one token (e.g. the end-of-text id)")
         device = next(self.decoder.parameters()).device
         tokens = torch.tensor([list(prompt)], dtype=torch.long, device=device)
-        return self.run(tokens, len(prompt) - 1 + max_new_tokens, stop_ids=stop_ids)
+        length = len(prompt) - 1 + max_new_tokens
+        may_pause = None
+        if answers_only:
+            may_pause = (torch.arange(length, device=device) >= len(prompt) - 1)[None]
+        return self.run(tokens, length, stop_ids=stop_ids, may_pause=may_pause)
 
 
 def answer_nll(logits: Tensor, targets: Tensor, dk_id: int) -> Tensor:
@@ -235,63 +260,34 @@ def answer_nll(logits: Tensor, targets: Tensor, dk_id: int) -> Tensor:
 
 @torch.no_grad()
 def adaptive_evaluate(runner: AdaptiveRunner, batches: Iterable[dict[str, Tensor]], max_batches: int | None = None):
-    """Teacher-forced adaptive evaluation over laid-out batches (any layout: only their real tokens are read).
+    """Teacher-forced adaptive evaluation over laid-out batches (any layout: only their real tokens are read,
+    and where the layout lets a token pause, :attr:`LaidOutBatch.pause_slots`).
 
-    Returns a dict: ``ppl`` and ``accuracy`` at the answering step, ``steps_per_token`` actually spent per
-    token (1 … W), ``batch_steps_per_token`` (what a batch really computes per token: its rows run in
-    lockstep, so a row that has answered waits while another pauses), ``fixed_steps`` (W, what fixed-K
-    pausing spends), ``compute_saved`` = 1 − steps/W, ``p_pauses`` (share of tokens with 0 … K pauses),
-    ``tokens``, and, when the batches carry a per-target ``difficulty`` (the synthetic tasks),
-    ``by_difficulty``: {level: {tokens, accuracy, steps_per_token}} over the levels ≥ 0.
+    Returns a dict (:func:`~cyb_lightning.metrics.adaptive.readout_summary`): ``ppl`` and ``accuracy`` at the
+    answering step, ``steps_per_token`` actually spent per token (1 … W), ``batch_steps_per_token`` (what a
+    batch really computes per token: its rows run in lockstep, so a row that has answered waits while another
+    pauses), ``fixed_steps`` (W, what fixed-K pausing spends), ``compute_saved`` = 1 − steps/W, ``p_pauses``
+    (share of tokens with 0 … K pauses), ``tokens``, and, when the batches carry a per-target ``difficulty``
+    (the synthetic tasks), ``by_difficulty``: {level: {tokens, accuracy, steps_per_token, p_pauses}} over the
+    levels ≥ 0 and ``spearman`` (difficulty vs pauses taken).
     """
-    W = len(runner.pause_ids) + 1
-    nll_sum = steps_sum = correct_sum = count = computed = positions = 0.0
-    hist = torch.zeros(W, dtype=torch.float64)
-    levels: dict[int, list[float]] = {}  # level → [tokens, correct, steps]
+    from cyb_lightning.metrics.adaptive import AdaptiveReadout, readout_summary
+
+    metric = AdaptiveReadout(len(runner.pause_ids) + 1)
     for b, batch in enumerate(batches):
         if max_batches is not None and b >= max_batches:
             break
-        batch = LaidOutBatch.of(batch)
-        device = next(runner.decoder.parameters()).device
-        real, mask = batch.real_tokens().to(device), batch.target_mask.to(device)
-        trace = runner.run(real, real.shape[1] - 1)
-        nll_sum += float(trace.nll[mask].sum())
-        steps_sum += float(trace.steps[mask].sum())
-        correct_sum += float(trace.correct[mask].sum())
-        count += float(mask.sum())
-        computed += trace.forward_calls * real.shape[0]
-        positions += real.shape[0] * trace.steps.shape[1]
-        hist += torch.bincount(trace.steps[mask].cpu() - 1, minlength=W).double()
-        if batch.difficulty_grid is not None:
-            difficulty = batch.difficulty_grid.to(device)
-            for level in difficulty[mask].unique().tolist():
-                if level < 0:
-                    continue
-                sel = mask & (difficulty == level)
-                acc = levels.setdefault(int(level), [0.0, 0.0, 0.0])
-                acc[0] += float(sel.sum())
-                acc[1] += float(trace.correct[sel].sum())
-                acc[2] += float(trace.steps[sel].sum())
-    n = max(count, 1.0)
-    steps = steps_sum / n
-    out = {
-        "policy": runner.policy.kind,
-        "ppl": math.exp(nll_sum / n),
-        "nll": nll_sum / n,
-        "accuracy": correct_sum / n,
-        "steps_per_token": steps,
-        "batch_steps_per_token": computed / max(positions, 1.0),
-        "fixed_steps": float(W),
-        "compute_saved": 1.0 - steps / W,
-        "p_pauses": (hist / n).tolist(),
-        "tokens": int(count),
-    }
-    if levels:
-        out["by_difficulty"] = {
-            level: {"tokens": int(t), "accuracy": c / t, "steps_per_token": st / t}
-            for level, (t, c, st) in sorted(levels.items())
-        }
-    return out
+        read_batch(runner, LaidOutBatch.of(batch), metric)
+    return {"policy": runner.policy.kind, **readout_summary(metric.compute())}
+
+
+def read_batch(runner: AdaptiveRunner, batch: LaidOutBatch, metric) -> None:
+    """The adaptive reader, teacher-forced on one laid-out batch, into an ``AdaptiveReadout``."""
+    device = next(runner.decoder.parameters()).device
+    real, mask = batch.real_tokens().to(device), batch.target_mask.to(device)
+    trace = runner.run(real, real.shape[1] - 1, may_pause=batch.pause_slots.to(device))
+    difficulty = None if batch.difficulty_grid is None else batch.difficulty_grid.to(device)
+    metric.to(device).update(trace.steps, trace.correct, trace.nll, mask, difficulty, trace.forward_calls)
 
 
 def runner_for(module, policy: PausePolicy, sampling: Sampling | None = None, pause_ids=None, **kw) -> AdaptiveRunner:
@@ -301,92 +297,9 @@ def runner_for(module, policy: PausePolicy, sampling: Sampling | None = None, pa
     if pause_ids is None:
         from cyb_lightning.data.tokenizer import standard_vocab
 
-        pause_ids = standard_vocab().pause_ids
+        pause_ids = hp.get("pause_ids") or standard_vocab().pause_ids  # the run's own (linked from its data)
     pause_ids = tuple(pause_ids)[:k]  # W = 1 layouts (tbys_random, tbys_finetune…) insert pauses, none per token
     bias = module.loss_fn.dk_bias(hp.vocab_size) if module.loss_fn.uses_dk else 0.0
     if not module.loss_fn.uses_dk and policy.kind not in ("fixed", "none"):
         policy = PausePolicy("fixed")  # a model without DK never asks: it gets what it was trained with
     return AdaptiveRunner(module.decoder, hp.dk_id, pause_ids, dk_bias=bias, policy=policy, sampling=sampling, **kw)
-
-
-# -- command ------------------------------------------------------------------------------------
-
-
-def text_of(tokenizer, ids: Sequence[int]) -> str:
-    """The text of generated ids, without the ids that stand for a role (padding, end of text, DK, pauses)."""
-    roles = tokenizer.role_ids
-    return tokenizer.decode([i for i in ids if i not in roles])
-
-
-def _boolean(text: str) -> bool:
-    if text.lower() in ("true", "yes", "1"):
-        return True
-    if text.lower() in ("false", "no", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def prompt_ids(datamodule, text: str, num_prompt_pauses: int | None = None) -> list[int]:
-    """``<eot>`` + the prompt's tokens + M pauses (the input a prompt gets in training).
-
-    M (TBYS pause fine-tuning's M_ft, spec §4) defaults to the run's: ``data.num_pauses`` of a
-    ``tbys_finetune`` run, 0 for every other layout.
-    """
-    if num_prompt_pauses is None:
-        num_prompt_pauses = datamodule.num_pauses if datamodule.layout == "tbys_finetune" else 0
-    if num_prompt_pauses < 0:
-        raise ValueError(f"num_prompt_pauses must be >= 0, got {num_prompt_pauses}")
-    ids = [datamodule.eot_id, *datamodule.tokenizer.encode(text)]  # as the tbys_finetune stream builds a prompt
-    return ids + [datamodule.vocab.pause_ids[0]] * num_prompt_pauses
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m cyb_lightning generate --ckpt_path RUN/checkpoints/last.ckpt --prompt "..."``."""
-    parser = argparse.ArgumentParser(prog="python -m cyb_lightning generate", description=main.__doc__)
-    parser.add_argument("--ckpt_path", required=True)
-    parser.add_argument("--config", help="the run's config.yaml (default: next to the checkpoint's run)")
-    parser.add_argument("--prompt", default="")
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--policy", choices=POLICIES, default=DEFAULT_POLICY,
-                        help="when to pause: threshold (d_i > τ) and sample (with probability d_i) follow the rule the "
-                        "CYB losses train; greedy (DK is the argmax) does not")
-    parser.add_argument("--threshold", type=float, default=0.5)
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top_k", type=int, default=0)
-    parser.add_argument("--top_p", type=float, default=0.95)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--use_cache", type=_boolean, default=True, help="false: recompute everything at every step")
-    parser.add_argument("--compare", action="store_true", help="also run fixed-K and no-pause decoding")
-    parser.add_argument("--html", help="write the text coloured by pauses spent to this HTML file")
-    parser.add_argument("--num_prompt_pauses", type=int, default=None,
-                        help="pauses appended after the prompt (TBYS pause fine-tuning's M_ft); default: the "
-                             "checkpoint's data.num_pauses for a tbys_finetune run, else 0")  # fmt: skip
-    args, overrides = parser.parse_known_args(argv)
-
-    from cyb_lightning.evaluation.loading import load_run
-
-    module, datamodule = load_run(args.ckpt_path, args.config, overrides)
-    tok = datamodule.tokenizer
-    prompt = prompt_ids(datamodule, args.prompt, args.num_prompt_pauses)
-    sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    kinds = [args.policy] + ([k for k in ("fixed", "none") if k != args.policy] if args.compare else [])
-    for kind in kinds:
-        gen = torch.Generator().manual_seed(args.seed)
-        runner = runner_for(module, PausePolicy(kind, args.threshold), sampling, datamodule.pause_ids,
-                            use_cache=args.use_cache, generator=gen)  # fmt: skip
-        trace = runner.generate(prompt, args.max_new_tokens, stop_ids=[datamodule.eot_id])
-        ids = trace.tokens[0].tolist()
-        new = ids[len(prompt) :]
-        steps = trace.steps[0].tolist()
-        gen_steps = steps[len(prompt) - 1 :]
-        spent = sum(gen_steps) / max(1, len(gen_steps))
-        print(f"=== policy {kind}: {len(new)} new tokens, {spent:.2f} forward steps per token "
-              f"(fixed-K: {len(runner.pause_ids) + 1}; {trace.forward_calls} decoder calls)")  # fmt: skip
-        print(text_of(tok, ids))
-        if args.html and kind == args.policy:
-            from cyb_lightning.evaluation.render import token_pieces, write_html
-
-            # Token t's colour: the pauses spent after it (steps − 1), as in the report's coloured text.
-            pieces = token_pieces(tok, ids[1 : len(steps)])
-            write_html(args.html, pieces, [s - 1 for s in steps[1:]], len(runner.pause_ids), title=f"policy {kind}")
-            print(f"coloured text: {args.html}")

@@ -32,6 +32,7 @@ from cyb_lightning.metrics import (
     StoppingStats,
     head_statistics,
 )
+from cyb_lightning.metrics.adaptive import AdaptiveReadout
 from cyb_lightning.metrics.stopping import TokenStats
 from cyb_lightning.model import DecoderSpec
 from cyb_lightning.model.init_from import (
@@ -81,6 +82,17 @@ class CYBModule(L.LightningModule):
         pause_filler_ids: from the data module (``data.pause_fillers``): pause ``i``'s input row starts as a
             copy of row ``pause_filler_ids[i]`` instead of a draw, for the pause rows a pretrained model
             never read (rows the HF backend adds, untrained rows at ``init_from``). Empty: drawn.
+        adaptive_eval_batches: validation and test batches also read by the adaptive reader (the trained rule,
+            teacher-forced: each token gets only the pauses it asks for, and the rest of the compute is
+            skipped), logged as ``<stage>/adaptive/*``: the model a user deploys. None: every batch; 0: off.
+            It costs up to W decoder calls per real token (a KV cache; a tiny model's validation barely
+            notices, a long-context one may want a few batches).
+
+    Evaluation logs two readers. ``<stage>/adaptive/*``: the adaptive reader (accuracy, perplexity, forward
+    steps per token, per difficulty level). ``<stage>/full_layout/*``: the trained rule read on the
+    training layout, where every earlier token keeps its K pauses — an upper bound that credits the
+    model with context adaptive inference never creates. ``<stage>/ppl`` and the latency distribution
+    (``p_stop``, ``extra_pauses``) are the step mixture s on the full layout, as the CYB paper reports them.
     """
 
     def __init__(
@@ -104,6 +116,7 @@ class CYBModule(L.LightningModule):
         pause_ids: tuple[int, ...] = (),
         reserved_ids: tuple[int, ...] = (),
         pause_filler_ids: tuple[int, ...] = (),
+        adaptive_eval_batches: int | None = None,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
@@ -119,6 +132,9 @@ class CYBModule(L.LightningModule):
         if chunked_loss is not None:  # an earlier version's config: there 0 meant automatic, false full logits
             loss_chunk_size = (loss_chunk_size or None) if chunked_loss else 0
             self.hparams.loss_chunk_size = loss_chunk_size
+        if adaptive_eval_batches is not None and adaptive_eval_batches < 0:
+            raise ValueError(f"adaptive_eval_batches must be >= 0 (0: off) or None (every batch), got "
+                             f"{adaptive_eval_batches}")  # fmt: skip
         if loss_chunk_size is not None and loss_chunk_size < 0:
             raise ValueError(f"loss_chunk_size must be >= 0 (0: one chunk, None: automatic), got {loss_chunk_size}")
         max_position = getattr(decoder, "max_position", None)
@@ -143,6 +159,8 @@ class CYBModule(L.LightningModule):
         # Per difficulty level, for data that labels its targets (the synthetic tasks); idle otherwise.
         self.val_difficulty = DifficultyStats(steps_per_token)
         self.test_difficulty = DifficultyStats(steps_per_token)
+        self.val_adaptive = AdaptiveReadout(steps_per_token)
+        self.test_adaptive = AdaptiveReadout(steps_per_token)
         calibrated = loss.uses_dk and steps_per_token > 1
         self.val_calibration = CalibrationSpearman(steps_per_token) if calibrated else None
         self.test_calibration = CalibrationSpearman(steps_per_token) if calibrated else None
@@ -237,9 +255,9 @@ class CYBModule(L.LightningModule):
         head = self.head_outputs(batch, with_argmax=logging)
         loss = self.reduce_tokens(head.total, head.per_token.numel())
         stats = self.statistics(head, batch) if logging else None
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         out: dict[str, Tensor | TokenStats] = {"loss": loss}
-        if stats is not None:
+        if stats is not None:  # Lightning writes step metrics every log_every_n_steps; logging costs ms per call
+            self.log("train/loss", loss, prog_bar=True, sync_dist=True)
             out["stats"] = stats
             self.log("train/ppl", stats.nll.mean().exp(), sync_dist=True)
             self.log("train/extra_pauses", stats.extra_pauses.mean(), sync_dist=True)
@@ -252,14 +270,14 @@ class CYBModule(L.LightningModule):
         every = self._trainer.log_every_n_steps if self._trainer is not None else 1
         return every > 0 and self.global_step % every == 0
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, TokenStats]:
-        return self._evaluation_step("val", batch)
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor | TokenStats]:
+        return self._evaluation_step("val", batch, batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._evaluation_epoch_end("val")
 
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, TokenStats]:
-        return self._evaluation_step("test", batch)
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor | TokenStats]:
+        return self._evaluation_step("test", batch, batch_idx)
 
     def on_test_epoch_end(self) -> None:
         self._evaluation_epoch_end("test")
@@ -270,7 +288,7 @@ class CYBModule(L.LightningModule):
         out = self.head_outputs(batch, with_argmax=True)
         return out.per_token, self.statistics(out, batch)
 
-    def _evaluation_step(self, stage: str, batch: dict[str, Tensor]) -> dict[str, TokenStats]:
+    def _evaluation_step(self, stage: str, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor | TokenStats]:
         batch = LaidOutBatch.of(batch)
         per_token, stats = self.evaluation_outputs(batch)
         getattr(self, f"{stage}_stats").update(stats)
@@ -281,10 +299,32 @@ class CYBModule(L.LightningModule):
         loss_metric = getattr(self, f"{stage}_loss")
         loss_metric.update(per_token)  # a torchmetrics mean: exact token weighting across batches and ranks
         self.log(f"{stage}/loss", loss_metric)
-        if batch.difficulty is None:
-            return {"stats": stats}
-        getattr(self, f"{stage}_difficulty").update(stats, batch.difficulty)
-        return {"stats": stats, "difficulty": batch.difficulty}
+        out: dict[str, Tensor | TokenStats] = {"stats": stats}
+        if batch.difficulty is not None:
+            getattr(self, f"{stage}_difficulty").update(stats, batch.difficulty)
+            out["difficulty"] = batch.difficulty
+        limit = self.hparams.get("adaptive_eval_batches")
+        if limit is None or batch_idx < limit:  # the same batches on every rank (they run as many)
+            trace = self.adaptive_reader().run(*self._real(batch), may_pause=batch.pause_slots)
+            getattr(self, f"{stage}_adaptive").update(trace.steps, trace.correct, trace.nll, batch.target_mask,
+                                                      batch.difficulty_grid, trace.forward_calls)  # fmt: skip
+            out["adaptive_steps"] = trace.steps[batch.target_mask]
+        return out
+
+    @staticmethod
+    def _real(batch: LaidOutBatch) -> tuple[Tensor, int]:
+        real = batch.real_tokens()
+        return real, real.shape[1] - 1
+
+    def adaptive_reader(self, policy: str = "threshold"):
+        """The reader that really skips compute (``generation.AdaptiveRunner``) over this model: the trained
+        rule by default; under several processes the ranks agree on when every row has answered."""
+        from cyb_lightning.generation import PausePolicy, Sampling, runner_for
+
+        any_rank = None
+        if self._trainer is not None and self.trainer.world_size > 1:
+            any_rank = lambda pausing: self.trainer.strategy.reduce_boolean_decision(pausing, all=False)  # noqa: E731
+        return runner_for(self, PausePolicy(policy), Sampling(0.0), any_rank=any_rank)
 
     def _evaluation_epoch_end(self, stage: str) -> None:
         """Log the reduced metrics (torchmetrics syncs across ranks in ``compute``; no second sync here)."""
@@ -294,9 +334,10 @@ class CYBModule(L.LightningModule):
         accuracy.reset()
         self.log(f"{stage}/ppl", result["ppl"].float(), prog_bar=True, sync_dist=False)
         self.log(f"{stage}/extra_pauses", result["extra_pauses"].float(), sync_dist=False)
-        self.log(f"{stage}/accuracy", acc["accuracy"].float(), sync_dist=False)
-        self.log(f"{stage}/sampled_accuracy", acc["sampled_accuracy"].float(), sync_dist=False)
-        self.log(f"{stage}/readout_steps", acc["readout_steps"].float(), sync_dist=False)
+        self.log(f"{stage}/full_layout/accuracy", acc["accuracy"].float(), sync_dist=False)
+        self.log(f"{stage}/full_layout/sampled_accuracy", acc["sampled_accuracy"].float(), sync_dist=False)
+        self.log(f"{stage}/full_layout/readout_steps", acc["readout_steps"].float(), sync_dist=False)
+        self._log_adaptive(stage)
         # reshape: with W = 1 the per-step states come back 0-dim from the metric
         p_stop, dk_rate = result["p_stop"].reshape(-1), result["dk_rate"].reshape(-1)
         for i in range(self.hparams.steps_per_token):
@@ -312,7 +353,8 @@ class CYBModule(L.LightningModule):
                 self.log(f"{stage}/calibration/step{i + 1}", r.float(), sync_dist=False)
 
     def _log_difficulty(self, stage: str) -> None:
-        """``<stage>/difficulty/<level>/*`` scalars and the Spearman of pauses vs difficulty (synthetic tasks)."""
+        """``<stage>/full_layout/difficulty/<level>/*`` and the Spearman of expected pauses vs difficulty
+        (synthetic tasks)."""
         metric = getattr(self, f"{stage}_difficulty")
         if metric.update_count == 0:  # the data labels no difficulty (every rank reads the same data kind)
             return
@@ -320,9 +362,26 @@ class CYBModule(L.LightningModule):
         metric.reset()
         for level in torch.nonzero(result["tokens"] > 0).flatten().tolist():
             for key in ("accuracy", "sampled_accuracy", "last_step_accuracy", "extra_pauses", "readout_steps"):
-                self.log(f"{stage}/difficulty/{level}/{key}", result[key][level].float(), sync_dist=False)
+                self.log(f"{stage}/full_layout/difficulty/{level}/{key}", result[key][level].float(), sync_dist=False)
         if not torch.isnan(result["spearman"]):
-            self.log(f"{stage}/difficulty/spearman_pauses", result["spearman"].float(), sync_dist=False)
+            self.log(f"{stage}/full_layout/difficulty/spearman_pauses", result["spearman"].float(), sync_dist=False)
+
+    def _log_adaptive(self, stage: str) -> None:
+        """``<stage>/adaptive/*``: what the adaptive reader did, overall and per difficulty level."""
+        metric = getattr(self, f"{stage}_adaptive")
+        if metric.update_count == 0:
+            return
+        result = metric.compute()
+        metric.reset()
+        for key in ("accuracy", "ppl", "steps_per_token", "batch_steps_per_token"):
+            self.log(f"{stage}/adaptive/{key}", result[key].float(), sync_dist=False)
+        for level in torch.nonzero(result["level_tokens"] > 0).flatten().tolist():
+            self.log(f"{stage}/adaptive/difficulty/{level}/accuracy", result["level_accuracy"][level].float(),
+                     sync_dist=False)  # fmt: skip
+            self.log(f"{stage}/adaptive/difficulty/{level}/steps_per_token", result["level_steps"][level].float(),
+                     sync_dist=False)  # fmt: skip
+        if not torch.isnan(result["spearman"]):
+            self.log(f"{stage}/adaptive/difficulty/spearman_pauses", result["spearman"].float(), sync_dist=False)
 
     # -- optimisation ------------------------------------------------------------------------
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
@@ -338,7 +397,8 @@ class CYBModule(L.LightningModule):
 
         params = [p for group in optimizer.param_groups for p in group["params"]]
         norm = clip_grad_norm_(params, float(gradient_clip_val))
-        self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        if self._logging_step():
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -352,8 +412,14 @@ class CYBModule(L.LightningModule):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": hp.weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), foreach=_foreach(params))
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, decay_steps, hp.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def _foreach(params: list[Tensor]) -> bool | None:
+    """AdamW's multi-tensor path for plain CPU tensors too (torch picks it by itself only on accelerators):
+    one kernel per step and state, not one per parameter. None (torch's choice) for sharded DTensors."""
+    return True if params and all(type(p) is torch.nn.Parameter and p.device.type == "cpu" for p in params) else None

@@ -142,25 +142,32 @@ def test_the_entry_point_ends_the_process_group_after_success_only(tmp_path, mon
 
 
 def test_positive_control_fit_logs_every_difficulty_level(tmp_path, capsys):
-    """The demo's path, shortened: the synthetic task through the CLI logs per-level scalars, per-level
-    stopping-time histograms, and the summary prints a row per level."""
-    source = {"class_path": "cyb_lightning.data.synthetic.SyntheticTask",
-              "init_args": {"levels": [1, 3], "documents_per_shard": 20, "train_shards": 2,
+    """The demo's path, shortened: the digit-sum task through the CLI logs, per level, the adaptive reader's
+    accuracy and pauses taken (and its histograms) and the full layout's readout; the summary prints the
+    adaptive reader first, a row per level."""
+    source = {"class_path": "cyb_lightning.data.synthetic.DigitSum",
+              "init_args": {"levels": [1, 3], "documents_per_shard": 200, "train_shards": 2,
                             "root": str(tmp_path / "synthetic")}}  # fmt: skip
     cli = main(["fit", "--config", "conf/positive_control.yaml", "--data.source", json.dumps(source),
-                "--trainer.max_steps", "12", "--trainer.val_check_interval", "6", "--trainer.limit_val_batches", "2",
-                "--data.batch_size", "4", "--data.seq_len", "32", "--data.val_documents", "4",
-                "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
-                "--trainer.enable_progress_bar", "false"])  # fmt: skip
+                "--trainer.max_steps", "12", "--trainer.val_check_interval", "6", "--data.curriculum.ramp_steps", "6",
+                "--data.batch_size", "8", "--data.seq_len", "7", "--data.val_documents", "40",
+                "--data.val_batch_size", "16", "--trainer.default_root_dir", str(tmp_path),
+                "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"])  # fmt: skip
     out = capsys.readouterr().out
-    assert "per difficulty level" in out and "Spearman(difficulty, expected pauses)" in out
-    rows = [line.split() for line in out.splitlines() if line.strip() and line.split()[0] in ("0", "1", "3")]
-    assert [r[0] for r in rows] == ["0", "1", "3"]
+    assert out.index("adaptive reader") < out.index("full layout") and "per difficulty level" in out
+    rows = [line.split() for line in out.splitlines() if line.strip() and line.split()[0] in ("1", "2", "3")]
+    assert [r[0] for r in rows] == ["1", "3"]
     acc = EventAccumulator(cli.trainer.log_dir, size_guidance={"histograms": 0}).Reload()
-    for level in (0, 1, 3):
-        for key in ("accuracy", "extra_pauses", "readout_steps"):
-            values = scalars(acc, f"val/difficulty/{level}/{key}")
+    for level in (1, 3):
+        for key in ("accuracy", "steps_per_token"):
+            values = scalars(acc, f"val/adaptive/difficulty/{level}/{key}")
             assert len(values) == 2 and all(math.isfinite(v) for v in values)
-        assert 1.0 <= scalars(acc, f"val/difficulty/{level}/readout_steps")[-1] <= 4.0
+        assert 1.0 <= scalars(acc, f"val/adaptive/difficulty/{level}/steps_per_token")[-1] <= 4.0
+        for key in ("accuracy", "extra_pauses", "readout_steps"):
+            assert len(scalars(acc, f"val/full_layout/difficulty/{level}/{key}")) == 2
+        assert f"val/adaptive/pauses_by_difficulty/{level}" in acc.Tags()["histograms"]
         assert f"val/pauses_by_difficulty/{level}/stop_step" in acc.Tags()["histograms"]
-    assert "val/difficulty/2/accuracy" not in acc.Tags()["scalars"]  # no query of level 2 in this task
+    assert "val/adaptive/difficulty/2/accuracy" not in acc.Tags()["scalars"]  # no problem of level 2 in this task
+    # The summary's numbers are the logged ones (last validation).
+    summary = [r for r in rows if r[0] == "3"][0]
+    assert float(summary[1]) == pytest.approx(100 * scalars(acc, "val/adaptive/difficulty/3/accuracy")[-1], abs=0.05)

@@ -35,10 +35,15 @@ def build_loss(cfg: dict) -> PauseLoss:
 @pytest.mark.parametrize("path", TOP_LEVEL, ids=lambda p: p.name)
 def test_every_config_parses_and_its_loss_fits_its_layout(path):
     cfg = printed_config("--config", str(path))
-    loss = build_loss(cfg["model"]["loss"])
-    data = cfg["data"]
-    steps = data["num_pauses"] + 1 if data["layout"] == "cyb" else 1
-    loss.check_steps(steps)  # raises if ω/γ/ρ and the layout disagree
+    build_loss(cfg["model"]["loss"]).check_steps(steps_per_token(cfg["data"]))  # raises if ω/γ/ρ and the layout disagree
+
+
+def steps_per_token(data: dict) -> int:
+    """W of a config's layout, as the layout class states it."""
+    from cyb_lightning.data.layout import make_layout
+    from cyb_lightning.data.tokenizer import standard_vocab
+
+    return make_layout(data["layout"], data["seq_len"], standard_vocab(), num_pauses=data["num_pauses"]).steps_per_token
 
 
 def test_fragments_are_found():
@@ -86,7 +91,10 @@ def test_paper_configs_default_to_the_papers_settings(name):
     assert cfg["data"]["source"]["class_path"].endswith("HubC4")
 
 
-@pytest.mark.parametrize("layer", sorted((CONF / "positive_control").glob("*.yaml")), ids=lambda p: p.name)
+METHOD_LAYERS = sorted(p for p in (CONF / "positive_control").glob("*.yaml") if p.name != "finetune.yaml")
+
+
+@pytest.mark.parametrize("layer", METHOD_LAYERS, ids=lambda p: p.name)
 def test_positive_control_layers_change_only_the_method(layer):
     """Every method of the comparison stacks on conf/positive_control.yaml: the same decoder, data and steps."""
     base = printed_config("--config", str(CONF / "positive_control.yaml"))
@@ -94,5 +102,18 @@ def test_positive_control_layers_change_only_the_method(layer):
     assert cfg["model"]["decoder"] == base["model"]["decoder"]
     assert cfg["trainer"]["max_steps"] == base["trainer"]["max_steps"] and cfg["seed_everything"] == 0
     assert cfg["data"]["source"] == base["data"]["source"] and cfg["data"]["seq_len"] == base["data"]["seq_len"]
-    steps = cfg["data"]["num_pauses"] + 1 if cfg["data"]["layout"] in ("cyb", "variable") else 1
-    build_loss(cfg["model"]["loss"]).check_steps(steps)
+    build_loss(cfg["model"]["loss"]).check_steps(steps_per_token(cfg["data"]))
+
+
+def test_the_positive_control_fine_tuning_stage_changes_only_its_schedule():
+    """conf/positive_control/finetune.yaml (CYB from a trained pause model): a shorter run at a lower rate on every
+    level from the start; the decoder, task and layout stay those of the method it stacks on."""
+    base = printed_config("--config", str(CONF / "positive_control.yaml"), "--config",
+                          str(CONF / "positive_control" / "cyb_ap_answer.yaml"))  # fmt: skip
+    cfg = printed_config("--config", str(CONF / "positive_control.yaml"), "--config",
+                         str(CONF / "positive_control" / "cyb_ap_answer.yaml"), "--config",
+                         str(CONF / "positive_control" / "finetune.yaml"))  # fmt: skip
+    assert cfg["model"]["decoder"] == base["model"]["decoder"] and cfg["data"]["source"] == base["data"]["source"]
+    assert cfg["data"]["layout"] == base["data"]["layout"] == "answer_pauses"
+    assert cfg["trainer"]["max_steps"] < base["trainer"]["max_steps"] and cfg["model"]["lr"] < base["model"]["lr"]
+    assert base["data"]["curriculum"] is not None and cfg["data"]["curriculum"] is None

@@ -6,6 +6,9 @@ Two views, for training (every ``every_n_steps``) and for each validation run:
   k holds the summed probability mass (so its shape is the latency distribution).
 When the data labels each target with a difficulty (the synthetic tasks), validation also writes
 ``val/pauses_by_difficulty/<level>/stop_step``: the latency distribution of each level.
+Where validation runs the adaptive reader (the pauses a deployed model really takes, each earlier token
+given only what it asked for), ``val/adaptive/pauses`` is the share of tokens with k = 0…K pauses, and
+``val/adaptive/pauses_by_difficulty/<level>`` the same per level.
 The module computes per-token statistics on logging steps (``trainer.log_every_n_steps``) and for every
 validation batch; this callback only accumulates and writes them.
 """
@@ -36,10 +39,20 @@ class _Window:
         self.kept = 0
         self.stop_sum: Tensor | None = None
         self.level_stop: Tensor | None = None  # [MAX_LEVEL + 1, W]: Σ s per difficulty level
+        self.taken: Tensor | None = None  # [MAX_LEVEL + 2, W]: adaptive reader, tokens with k pauses (row 0: all)
 
-    def add(self, stats: TokenStats, difficulty: Tensor | None = None) -> None:
+    def add(self, stats: TokenStats, difficulty: Tensor | None = None, adaptive_steps: Tensor | None = None) -> None:
         stop = stats.stop.detach().double().sum(0).cpu()
         self.stop_sum = stop if self.stop_sum is None else self.stop_sum + stop
+        if adaptive_steps is not None:
+            if self.taken is None:
+                self.taken = torch.zeros(MAX_LEVEL + 2, stop.numel(), dtype=torch.float64)
+            pauses = adaptive_steps.long().cpu() - 1
+            self.taken[0] += torch.bincount(pauses, minlength=stop.numel()).double()
+            if difficulty is not None:
+                keep = ((difficulty >= 0) & (difficulty <= MAX_LEVEL)).cpu()
+                self.taken.index_put_((difficulty.cpu()[keep].long() + 1, pauses[keep]),
+                                      torch.ones(int(keep.sum()), dtype=torch.float64), accumulate=True)  # fmt: skip
         if difficulty is not None:
             if self.level_stop is None:
                 self.level_stop = torch.zeros(MAX_LEVEL + 1, stop.numel(), dtype=torch.float64)
@@ -71,7 +84,7 @@ class StoppingTimeHistograms(L.Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if isinstance(outputs, dict) and isinstance(outputs.get("stats"), TokenStats):
-            self._windows["val"].add(outputs["stats"], outputs.get("difficulty"))
+            self._windows["val"].add(outputs["stats"], outputs.get("difficulty"), outputs.get("adaptive_steps"))
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
@@ -85,7 +98,7 @@ class StoppingTimeHistograms(L.Callback):
         # Every rank takes part in the collectives, even one with nothing accumulated.
         stop_sum = window.stop_sum if window.stop_sum is not None else torch.zeros(steps, dtype=torch.float64)
         labelled = window.level_stop is not None  # the same on every rank: all read the same kind of data
-        level_stop = window.level_stop
+        level_stop, taken = window.level_stop, window.taken
         padded = torch.full((self.max_tokens,), float("nan"))
         if window.pauses:
             values = torch.cat(window.pauses)
@@ -95,6 +108,8 @@ class StoppingTimeHistograms(L.Callback):
         stop_sum = trainer.strategy.reduce(stop_sum.to(device), reduce_op="sum").cpu()
         if labelled:
             level_stop = trainer.strategy.reduce(level_stop.to(device), reduce_op="sum").cpu()
+        if taken is not None:  # every rank read the same batches with the reader (adaptive_eval_batches)
+            taken = trainer.strategy.reduce(taken.to(device), reduce_op="sum").cpu()
         gathered = pl_module.all_gather(padded.to(device)).flatten().cpu()
         pauses = gathered[~gathered.isnan()]
         if not trainer.is_global_zero or pauses.numel() == 0:
@@ -106,6 +121,11 @@ class StoppingTimeHistograms(L.Callback):
                     for level in torch.nonzero(level_stop.sum(1) > 0).flatten().tolist():
                         write_stop_histogram(logger.experiment, f"{stage}/pauses_by_difficulty/{level}/stop_step",
                                              level_stop[level], trainer.global_step)  # fmt: skip
+                if taken is not None:
+                    write_stop_histogram(logger.experiment, f"{stage}/adaptive/pauses", taken[0], trainer.global_step)
+                    for level in torch.nonzero(taken[1:].sum(1) > 0).flatten().tolist():
+                        write_stop_histogram(logger.experiment, f"{stage}/adaptive/pauses_by_difficulty/{level}",
+                                             taken[level + 1], trainer.global_step)  # fmt: skip
 
 
 def write_histograms(writer, stage: str, pauses: Tensor, stop_sum: Tensor, step: int) -> None:

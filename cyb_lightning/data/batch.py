@@ -11,7 +11,7 @@ and difficulty. The model, the metrics, ``report`` and generation read batches o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import torch
@@ -32,8 +32,21 @@ class LaidOutBatch:
     def of(cls, batch: dict[str, Tensor] | LaidOutBatch) -> LaidOutBatch:
         if isinstance(batch, LaidOutBatch):
             return batch
-        return cls(batch["input_ids"], batch["position_ids"], batch["targets"], batch["target_mask"].bool(),
-                   batch.get("step_index"), batch.get("step_mask"), batch.get("difficulty"))  # fmt: skip
+        out = cls(batch["input_ids"], batch["position_ids"], batch["targets"], batch["target_mask"].bool(),
+                  batch.get("step_index"), batch.get("step_mask"), batch.get("difficulty"))  # fmt: skip
+        return out._trimmed()
+
+    def _trimmed(self) -> LaidOutBatch:
+        """Without the trailing input columns no group reads. The packed layouts (``variable``,
+        ``answer_pauses``) pad every row to T·W; under causal attention the outputs of the columns kept do
+        not depend on those dropped, so the numbers are the same (``answer_pauses`` on one-problem rows:
+        T + K columns instead of T·W)."""
+        if self.step_index is None:
+            return self
+        used = int(self.step_index.max()) + 1
+        if used >= self.input_ids.shape[1]:
+            return self
+        return replace(self, input_ids=self.input_ids[:, :used], position_ids=self.position_ids[:, :used])
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -75,6 +88,16 @@ class LaidOutBatch:
     def group_inputs(self) -> Tensor:
         """``[N]``: the real input token x_t of every counted group (what the model pauses after)."""
         return self.first_inputs[self.target_mask]
+
+    @property
+    def pause_slots(self) -> Tensor:
+        """``[B, T]`` bool: the real tokens the layout lets pause (a group of more than one step). Evaluation
+        batches: every token of ``cyb`` (and ``variable``, evaluated as ``cyb``), the scored ones of
+        ``answer_pauses``, none of a layout without per-token pauses. The adaptive reader pauses only there."""
+        B, T = self.shape
+        if self.step_mask_grid is not None:
+            return self.step_mask_grid[..., 1:].any(-1)
+        return torch.full((B, T), self.input_ids.shape[1] > T, dtype=torch.bool, device=self.input_ids.device)
 
     def real_tokens(self) -> Tensor:
         """``[B, T + 1]``: each row's real tokens, x_0 … x_T (inputs, then the last target)."""

@@ -32,7 +32,11 @@ id (always a valid index) and must not count in any loss or metric.
   only. Its ``tokens`` are a pair (prompt ids, completion ids), from a prompt/completion source.
 - ``variable`` (CYB "recipe 2"): token x_t gets k_t pauses, k_t + 1 ~ ω, groups packed back to back;
   two extra keys ``step_index``/``step_mask`` ``[T, W]`` map the packed inputs onto the group grid
-  (see :func:`layout_variable`, at the end of this file).
+  (see :func:`layout_granted`, at the end of this file).
+- ``answer_pauses``: the K distinct pauses only after the inputs whose target is scored (the answer's own
+  pauses; the prompt gets none), packed as ``variable``. The stream hands the layout the scored targets of
+  a source that labels them (the synthetic tasks). Adaptive inference lets a model pause only where its
+  layout did (:attr:`Layout.answers_only`).
 
 A chunk shorter than the layout needs (the end of the finite validation set) is padded: ``pad_id``
 inputs, ``target_mask`` False. A new layout is one more function plus one more small :class:`Layout`
@@ -41,6 +45,7 @@ subclass in ``LAYOUT_CLASSES``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -200,6 +205,7 @@ class Layout:
     per_token_groups: ClassVar[bool] = False  # every real token is a group of itself + its pauses: W = 1 + K (cyb, variable)
     inserts_pauses: ClassVar[bool] = False  # pauses take slots of the T + 1 (tbys_random, pause_groups, …)
     pairs: ClassVar[bool] = False  # an example is one prompt/completion pair (tokens = (prompt, completion))
+    answers_only: ClassVar[bool] = False  # pauses only before scored targets (needs ``scored``; answer_pauses)
 
     seq_len: int
     pad_id: int
@@ -221,8 +227,9 @@ class Layout:
     def real_tokens(self) -> int:
         return self.seq_len + 1 - (self.num_random_pauses if self.inserts_pauses else 0)
 
-    def __call__(self, tokens, index: int) -> Example:  # pragma: no cover - abstract
-        """Example number ``index`` (the global example index: it seeds the random layouts)."""
+    def __call__(self, tokens, index: int, scored: np.ndarray | None = None) -> Example:  # pragma: no cover
+        """Example number ``index`` (the global example index: it seeds the random layouts). ``scored``: bool,
+        target j of the chunk counts (a source that labels its targets gives it; ``answer_pauses`` reads it)."""
         raise NotImplementedError
 
     def empty_example(self) -> Example:
@@ -238,7 +245,7 @@ class Layout:
 class NoPauses(Layout):
     name = "none"
 
-    def __call__(self, tokens, index: int) -> Example:
+    def __call__(self, tokens, index: int, scored: np.ndarray | None = None) -> Example:
         return layout_none(tokens, self.seq_len, self.pad_id)
 
 
@@ -246,7 +253,7 @@ class CYBPauses(Layout):
     name = "cyb"
     per_token_groups = True
 
-    def __call__(self, tokens, index: int) -> Example:
+    def __call__(self, tokens, index: int, scored: np.ndarray | None = None) -> Example:
         return layout_cyb(tokens, self.seq_len, self.pause_ids, self.pad_id)
 
 
@@ -254,7 +261,7 @@ class TBYSRandom(Layout):
     name = "tbys_random"
     inserts_pauses = True
 
-    def __call__(self, tokens, index: int) -> Example:
+    def __call__(self, tokens, index: int, scored: np.ndarray | None = None) -> Example:
         return layout_tbys_random(
             tokens, self.seq_len, self.pause_ids[0], self.pad_id, self.num_random_pauses, self.seed, index
         )
@@ -264,7 +271,7 @@ class PauseGroups(Layout):
     name = "pause_groups"
     inserts_pauses = True
 
-    def __call__(self, tokens, index: int) -> Example:
+    def __call__(self, tokens, index: int, scored: np.ndarray | None = None) -> Example:
         groups = self.num_random_pauses // len(self.pause_ids)
         return layout_pause_groups(tokens, self.seq_len, self.pause_ids, self.pad_id, groups, self.seed, index)
 
@@ -274,18 +281,16 @@ class TBYSFinetune(Layout):
     inserts_pauses = True
     pairs = True
 
-    def __call__(self, tokens, index: int) -> Example:
+    def __call__(self, tokens, index: int, scored: np.ndarray | None = None) -> Example:
         prompt, completion = tokens
         return layout_tbys_finetune(prompt, completion, self.seq_len, self.pause_ids[0], self.num_random_pauses,
                                     self.pad_id)  # fmt: skip
 
 
-class VariablePauses(Layout):
-    name = "variable"
-    per_token_groups = True
+class _GrantedPauses(Layout):
+    """Layouts whose tokens get different numbers of pauses, packed back to back (:func:`layout_granted`)."""
 
-    def __call__(self, tokens, index: int) -> Example:
-        return layout_variable(tokens, self.seq_len, self.pause_ids, self.pad_id, self.omega, self.seed, index)
+    per_token_groups = True
 
     def empty_example(self) -> Example:
         w = self.steps_per_token
@@ -293,8 +298,27 @@ class VariablePauses(Layout):
                 "step_index": np.repeat(np.arange(self.seq_len, dtype=np.int64) * w, w).reshape(-1, w)}  # fmt: skip
 
 
+class VariablePauses(_GrantedPauses):
+    name = "variable"
+
+    def __call__(self, tokens, index: int, scored: np.ndarray | None = None) -> Example:
+        return layout_variable(tokens, self.seq_len, self.pause_ids, self.pad_id, self.omega, self.seed, index)
+
+
+class AnswerPauses(_GrantedPauses):
+    name = "answer_pauses"
+    answers_only = True
+
+    def __call__(self, tokens, index: int, scored: np.ndarray | None = None) -> Example:
+        if scored is None:
+            raise ValueError("answer_pauses puts pauses before the scored targets, but none were given: it needs a "
+                             "source that labels its targets (DigitSum, WindowLookup)")  # fmt: skip
+        return layout_answer_pauses(tokens, self.seq_len, self.pause_ids, self.pad_id, scored)
+
+
 LAYOUT_CLASSES: dict[str, type[Layout]] = {
-    cls.name: cls for cls in (NoPauses, CYBPauses, TBYSRandom, PauseGroups, TBYSFinetune, VariablePauses)
+    cls.name: cls
+    for cls in (NoPauses, CYBPauses, TBYSRandom, PauseGroups, TBYSFinetune, VariablePauses, AnswerPauses)
 }
 LAYOUTS = tuple(LAYOUT_CLASSES)
 
@@ -325,6 +349,10 @@ def make_layout(
         return CYBPauses(seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:num_pauses])
     if name == "variable":
         return _make_variable(seq_len, vocab, num_pauses, seed, omega)
+    if name == "answer_pauses":
+        if not 1 <= num_pauses <= vocab.max_pauses:
+            raise ValueError(f"answer_pauses needs 1 <= num_pauses <= {vocab.max_pauses}, got {num_pauses}")
+        return AnswerPauses(seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:num_pauses])
     if name == "pause_groups":
         return _make_pause_groups(seq_len, vocab, num_pauses, pause_fraction, seed)
     if name == "tbys_finetune":
@@ -379,10 +407,8 @@ def variable_pause_counts(seq_len: int, omega: Sequence[float], seed: int, index
     return rng.choice(p.size, size=seq_len, p=p / p.sum()).astype(np.int64)
 
 
-def layout_variable(
-    tokens, seq_len: int, pause_ids: Sequence[int], pad_id: int, omega: Sequence[float], seed: int, index: int
-) -> Example:
-    """Real token x_t followed by its first k_t pauses ``P1..Pk_t`` (k_t from :func:`variable_pause_counts`).
+def layout_granted(tokens, seq_len: int, pause_ids: Sequence[int], pad_id: int, granted: np.ndarray) -> Example:
+    """Real token x_t followed by its first k_t = ``granted[t]`` pauses ``P1..Pk_t``.
 
     The groups are packed back to back (no gaps, so the model sees exactly what adaptive inference feeds
     it) and padded at the end to L = T·W. Two extra keys map the packed inputs onto the ``[T, W]`` grid:
@@ -390,32 +416,64 @@ def layout_variable(
     ``step_mask [T, W]`` (step i was granted). The loss forces d = 0 at the last granted step.
     """
     t_len, w = seq_len, 1 + len(pause_ids)
-    if len(omega) != w:
-        raise ValueError(f"omega has {len(omega)} entries but there are W={w} steps (1 + {len(pause_ids)} pauses)")
     chunk = _as_chunk(tokens, t_len + 1)
     n = chunk.size
-    real = np.full(t_len + 1, pad_id, dtype=np.int64)
-    real[:n] = chunk
-    granted = variable_pause_counts(t_len, omega, seed, index)
+    granted = np.array(granted, dtype=np.int64)
     granted[max(n - 1, 0) :] = 0  # groups without a target need no pauses
-    starts = np.concatenate(([0], np.cumsum(1 + granted)[:-1]))
-    input_ids = np.full(t_len * w, pad_id, dtype=np.int64)
-    position_ids = np.repeat(np.arange(t_len, dtype=np.int64), w)  # the tail (padding) keeps the cyb pattern
-    input_ids[starts] = real[:t_len]
-    step = np.arange(w)
-    step_mask = step[None, :] <= granted[:, None]
-    slots = starts[:, None] + np.minimum(step[None, :], granted[:, None])
-    pauses = np.asarray((pad_id, *pause_ids), dtype=np.int64)
-    input_ids[slots[step_mask]] = np.where(step[None, :] == 0, real[:t_len, None], pauses[None, :])[step_mask]
-    position_ids[: starts[-1] + 1 + granted[-1]] = np.repeat(np.arange(t_len, dtype=np.int64), 1 + granted)
+    source, position_ids, step_mask, slots = _granted_plan(t_len, w, granted.tobytes())
+    # Every input is a real token (index < T + 1), a pause (T + 1 … T + K) or padding (T + K + 1).
+    pool = np.empty(t_len + w + 1, dtype=np.int64)
+    pool[:n] = chunk
+    pool[n : t_len + 1] = pad_id
+    pool[t_len + 1 : t_len + w] = pause_ids
+    pool[-1] = pad_id
     return {
-        "input_ids": input_ids,
-        "position_ids": position_ids,
-        "targets": real[1:].copy(),
+        "input_ids": pool[source],
+        "position_ids": position_ids.copy(),
+        "targets": pool[1 : t_len + 1].copy(),
         "target_mask": np.arange(t_len) < n - 1,
-        "step_mask": step_mask,
-        "step_index": slots.astype(np.int64),
+        "step_mask": step_mask.copy(),
+        "step_index": slots.copy(),
     }
+
+
+@functools.lru_cache(maxsize=4096)
+def _granted_plan(t_len: int, w: int, granted_bytes: bytes) -> tuple[np.ndarray, ...]:
+    """Where each input of :func:`layout_granted` comes from, for one pattern of grants (few patterns recur:
+    one per problem length with pauses only before answers), and its positions, step mask and step slots."""
+    granted = np.frombuffer(granted_bytes, dtype=np.int64)
+    sizes = granted + 1
+    starts = np.cumsum(sizes) - sizes  # input slot of each real token
+    step = np.arange(w)
+    step_mask = step <= granted[:, None]
+    slots = starts[:, None] + np.minimum(step, granted[:, None])
+    grid = np.empty((t_len, w), dtype=np.int64)  # what step i of group t reads: x_t, then P1 … PK
+    grid[:, 0] = np.arange(t_len)
+    grid[:, 1:] = t_len + np.arange(1, w)
+    source = np.full(t_len * w, t_len + w, dtype=np.int64)  # padding
+    source[slots[step_mask]] = grid[step_mask]
+    position_ids = np.repeat(np.arange(t_len, dtype=np.int64), w)  # the tail (padding) keeps the cyb pattern
+    position_ids[: starts[-1] + sizes[-1]] = np.repeat(np.arange(t_len, dtype=np.int64), sizes)
+    return source, position_ids, step_mask, slots
+
+
+def layout_variable(
+    tokens, seq_len: int, pause_ids: Sequence[int], pad_id: int, omega: Sequence[float], seed: int, index: int
+) -> Example:
+    """Variable pauses: k_t from :func:`variable_pause_counts`, laid out by :func:`layout_granted`."""
+    if len(omega) != 1 + len(pause_ids):
+        raise ValueError(f"omega has {len(omega)} entries but there are W={1 + len(pause_ids)} steps "
+                         f"(1 + {len(pause_ids)} pauses)")  # fmt: skip
+    granted = variable_pause_counts(seq_len, omega, seed, index)
+    return layout_granted(tokens, seq_len, pause_ids, pad_id, granted)
+
+
+def layout_answer_pauses(tokens, seq_len: int, pause_ids: Sequence[int], pad_id: int, scored) -> Example:
+    """The K pauses after every input whose target is ``scored`` (bool, one per target), none elsewhere."""
+    granted = np.zeros(seq_len, dtype=np.int64)
+    n = min(seq_len, len(scored))
+    granted[:n] = np.where(np.asarray(scored[:n], dtype=bool), len(pause_ids), 0)
+    return layout_granted(tokens, seq_len, pause_ids, pad_id, granted)
 
 
 def _make_variable(seq_len: int, vocab: Vocab, num_pauses: int, seed: int, omega: Sequence[float] | None) -> Layout:

@@ -93,6 +93,7 @@ class TextSource(ABC):
     """
 
     trains_tokenizer = True  # False: documents a BPE must not be trained on (fine-tuning pairs)
+    splits: tuple[str, ...] = SPLITS  # the synthetic tasks add a test split
 
     @property
     def stats(self) -> dict[str, int]:
@@ -179,7 +180,8 @@ class TextSource(ABC):
 
     def shard_order(self, split: str, *, epoch: int = 0, shuffle_seed: int | None = None) -> list[str]:
         """Shards in reading order: canonical, or permuted by (shuffle_seed, epoch)."""
-        _check_split(split)
+        if split not in self.splits:
+            raise ValueError(f"split must be one of {self.splits}, got {split!r}")
         order = list(self.shards(split))
         if shuffle_seed is not None:
             perm = np.random.default_rng([shuffle_seed, epoch]).permutation(len(order))

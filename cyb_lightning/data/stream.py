@@ -36,10 +36,14 @@ The random pause slots (``tbys_random``, ``pause_groups``, ``variable``) of an e
 (seed, document key, token offset) of its first token (a 63-bit hash handed to the layout as the example
 ``index``), so no RNG state is saved and they do not depend on ranks, lanes or workers.
 
-Prompt/completion pairs (the ``tbys_finetune`` layout, a :class:`~.sources.PromptCompletionSource`) are
-not packed: each document is one pair and one example, with the same sharding, lanes, workers and state
-(the cursor names the pair's document, offset 0). The prompt is ``<eot>`` + its tokens (as ``generate``
-feeds a prompt), the completion its tokens + ``<eot>``.
+Two kinds of document are not packed: each is one example, with the same sharding, lanes, workers and
+state (the cursor names the example's document, offset 0). Prompt/completion pairs (the ``tbys_finetune``
+layout, a :class:`~.sources.PromptCompletionSource`): the prompt is ``<eot>`` + its tokens (as ``generate``
+feeds a prompt), the completion its tokens + ``<eot>``. One-problem rows of a synthetic task
+(``one_example_per_document``): the row's tokens + ``<eot>``, padded by the layout. A
+:class:`~.curriculum.Curriculum` skips training rows above its level cap at the step that will train on
+them (:meth:`PackedStream.step_of`, a function of the row's index alone), so it is part of the data order
+and resumes exactly.
 
 Long documents are tokenized in pieces of at most ``max_document_chars`` characters cut before a space
 (memory stays bounded for a 100 MB document; the tokens equal the whole document's up to the cut points,
@@ -60,6 +64,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
+from .curriculum import Curriculum
 from .layout import Layout
 from .sources import PromptCompletionSource, TextSource, document_pair
 from .tokenizer import CYBTokenizer
@@ -117,6 +122,8 @@ class PackedStream(torch.utils.data.IterableDataset):
     count; finite streams use 1). ``max_documents`` caps the split (the fixed validation set).
     ``infinite``/``shuffle`` default to True for "train", False otherwise. ``retries``/``backoff_s``:
     transient read errors are retried with exponential backoff (see :meth:`TextSource.read_shard`).
+    ``curriculum`` (training rows of a synthetic task only): the level cap per optimizer step, which is
+    the rank's batch index // ``batches_per_step`` (gradient accumulation).
     """
 
     def __init__(
@@ -138,6 +145,8 @@ class PackedStream(torch.utils.data.IterableDataset):
         max_document_chars: int = 100_000,
         retries: int = 5,
         backoff_s: float = 1.0,
+        curriculum: Curriculum | None = None,
+        batches_per_step: int = 1,
     ):
         super().__init__()
         if not 0 <= rank < world_size:
@@ -158,6 +167,15 @@ class PackedStream(torch.utils.data.IterableDataset):
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.max_documents = max_documents
         self.infinite = split == "train" if infinite is None else infinite
+        self.rows = getattr(source, "one_example_per_document", False)
+        if curriculum is not None and not (self.rows and self.infinite and self.scores_difficulty):
+            raise ValueError(
+                f"a curriculum draws training rows by difficulty: it needs an infinite (training) stream of a source "
+                f"with one labelled problem per row (DigitSum), not the {split} split of {type(source).__name__}"
+            )
+        if batches_per_step < 1:
+            raise ValueError(f"batches_per_step must be >= 1, got {batches_per_step}")
+        self.curriculum, self.batches_per_step = curriculum, batches_per_step
         self.shuffle = split == "train" if shuffle is None else shuffle
         self.lanes = lanes if self.infinite else 1
         self.tokenize_batch, self.max_document_chars = tokenize_batch, max_document_chars
@@ -230,8 +248,10 @@ class PackedStream(torch.utils.data.IterableDataset):
             "max_documents": self.max_documents,
             "sharding": [p["mode"], p["lanes"], p["num_shards"]],
         }
-        if p["lanes"] > 1:
+        if p["lanes"] > 1 or self.curriculum is not None:
             sig["batch_size"] = self.batch_size
+        if self.curriculum is not None:  # which rows are skipped depends on the step each one trains at
+            sig["curriculum"] = [self.curriculum.start, self.curriculum.ramp_steps, self.batches_per_step]
         return sig
 
     def set_epoch(self, epoch: int) -> None:
@@ -409,47 +429,78 @@ class PackedStream(torch.utils.data.IterableDataset):
             g += 1
         self._lane_total = g
 
-    def _pairs(self, lane: int, cursor: dict) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray], dict]]:
-        """(lane example index g, (prompt ids, completion ids), cursor of its document): one pair per document."""
-        eot = np.array([self.tokenizer.vocab.eot_id], dtype=np.int64)
-        bos = getattr(self.tokenizer, "bos_id", None)  # a pretrained tokenizer's BOS opens a prompt, not a completion
-        slots = self.layout.seq_len + 1 - self.layout.num_random_pauses
+    def step_of(self, g: int, lane: int) -> int:
+        """The optimizer step that trains on example ``g`` of ``lane``: the rank's batch b = ⌊j / B⌋·L + lane
+        (j the rank-local index of g, L the lanes; see ``lane_index``), over ``batches_per_step``."""
+        p = self.plan()
+        j = g // self.world_size if p["mode"] == "examples" else g
+        return ((j // self.batch_size) * p["lanes"] + lane) // self.batches_per_step
+
+    def _per_document(self, lane: int, cursor: dict) -> Iterator[tuple[int, object, dict]]:
+        """(lane example index g, example, cursor of its document): one example per document, a prompt/completion
+        pair or a row (see the module docstring); rows above the curriculum's cap at their step are skipped."""
         g = cursor["example"]
-        pending: list[tuple[tuple, str, str]] = []
+        top = max(getattr(self.source, "levels", [0]))
+        pending: list[tuple[tuple, str]] = []
 
         def flush() -> list:
-            ids = self.tokenizer.encode_batch_np([p for _, p, _ in pending] + [c for _, _, c in pending])
+            nonlocal g
             out = []
-            for k, ((epoch, shard, doc, n, sid), _, _) in enumerate(pending):
-                prompt, completion = ids[k], ids[len(pending) + k]
-                if bos is not None and completion[:1].tolist() == [bos]:
-                    completion = completion[1:]
-                pair = (np.concatenate([eot, prompt]), np.concatenate([completion, eot]))
-                if pair[0].size + pair[1].size > slots:
-                    self.source._warn(f"a prompt/completion pair has more than the {slots} tokens seq_len leaves "
-                                      "besides the pauses: the prompt's start (then the completion's end) is cut",
-                                      "truncated_pairs")  # fmt: skip
-                cur = {"epoch": epoch, "shard": shard, "doc": doc, "n": n, "offset": 0, "example": g + len(out),
-                       "sid": sid}  # fmt: skip
-                out.append((g + len(out), pair, cur))
+            encoded = self._encode_pairs if self.layout.pairs else self._encode_rows
+            for ((epoch, shard, doc, n, sid), _), example in zip(pending, encoded([d for _, d in pending])):
+                if self.curriculum is not None:
+                    level = int(self.source.target_difficulty(example, self.tokenizer).max(initial=-1))
+                    if level > self.curriculum.level_cap(self.step_of(g, lane), top):
+                        continue
+                cur = {"epoch": epoch, "shard": shard, "doc": doc, "n": n, "offset": 0, "example": g, "sid": sid}
+                out.append((g, example, cur))
+                g += 1
             pending.clear()
             return out
 
         for meta, document in self._documents(lane, cursor):
-            pending.append((meta, *document_pair(document)))
+            pending.append((meta, document))
             if len(pending) >= self.tokenize_batch:
-                batch = flush()
-                g += len(batch)
-                yield from batch
-        batch = flush() if pending else []
-        g += len(batch)
-        yield from batch
+                yield from flush()
+        yield from flush()
         self._lane_total = g
+
+    def _encode_pairs(self, documents: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(prompt ids, completion ids) of prompt/completion documents."""
+        eot = np.array([self.tokenizer.vocab.eot_id], dtype=np.int64)
+        bos = getattr(self.tokenizer, "bos_id", None)  # a pretrained tokenizer's BOS opens a prompt, not a completion
+        slots = self.layout.seq_len + 1 - self.layout.num_random_pauses
+        pairs = [document_pair(d) for d in documents]
+        ids = self.tokenizer.encode_batch_np([p for p, _ in pairs] + [c for _, c in pairs])
+        out = []
+        for k in range(len(pairs)):
+            prompt, completion = ids[k], ids[len(pairs) + k]
+            if bos is not None and completion[:1].tolist() == [bos]:
+                completion = completion[1:]
+            pair = (np.concatenate([eot, prompt]), np.concatenate([completion, eot]))
+            if pair[0].size + pair[1].size > slots:
+                self.source._warn(f"a prompt/completion pair has more than the {slots} tokens seq_len leaves "
+                                  "besides the pauses: the prompt's start (then the completion's end) is cut",
+                                  "truncated_pairs")  # fmt: skip
+            out.append(pair)
+        return out
+
+    def _encode_rows(self, documents: list[str]) -> list[np.ndarray]:
+        """The tokens + ``<eot>`` of one-problem rows; a row must fit one example whole."""
+        eot = np.array([self.tokenizer.vocab.eot_id], dtype=np.int64)
+        rows = [np.concatenate([x, eot]) for x in self.tokenizer.encode_batch_np(documents)]
+        longest = max((r.size for r in rows), default=0)
+        if longest > self.layout.real_tokens:
+            raise ValueError(
+                f"a row of {type(self.source).__name__} has {longest} tokens (its end of text included) but an example "
+                f"holds {self.layout.real_tokens} (data.seq_len + 1): raise data.seq_len to at least {longest - 1}"
+            )
+        return rows
 
     def _lane_examples(self, lane: int, cursor: dict, first_j: int) -> Iterator[tuple[int, np.ndarray, dict]]:
         """(lane-local index j, tokens, cursor) of this rank's examples of ``lane``, from j = first_j on."""
         by_example = self.plan()["mode"] == "examples"
-        examples = self._pairs if self.layout.pairs else self._chunks
+        examples = self._per_document if self.layout.pairs or self.rows else self._chunks
         for g, tokens, cur in examples(lane, cursor):
             if by_example:
                 if g % self.world_size != self.rank:
@@ -468,9 +519,11 @@ class PackedStream(torch.utils.data.IterableDataset):
 
     def _tensors(self, tokens: np.ndarray, cur: dict) -> dict[str, torch.Tensor]:
         key = example_key(cur["epoch"], cur["sid"], cur["doc"], cur["offset"])
-        example = self.layout(tokens, key)
         if self.scores_difficulty:
-            example = self._with_difficulty(example, self.source.target_difficulty(tokens, self.tokenizer))
+            difficulty = self.source.target_difficulty(tokens, self.tokenizer)
+            example = self._with_difficulty(self.layout(tokens, key, scored=difficulty >= 0), difficulty)
+        else:
+            example = self.layout(tokens, key)
         return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in example.items()}
 
     @property

@@ -1,32 +1,28 @@
-"""A synthetic task where extra compute steps provably help: the positive control of the pause methods.
+"""Synthetic tasks whose targets carry a difficulty: the positive controls of the pause methods.
 
 Pauses give a token more *parallel width* (more positions that read the context after it), not more
-serial depth (docs/method.md §6). The task below has targets that a small decoder answers from one position and
-targets whose computation does not fit in one position's feed-forward block, so that a model given K
-pauses per token can spread it over K + 1 positions. CYB's claim is that the model learns to ask for the
-extra steps exactly there; the difficulty of every target travels with the batch so the evaluation can
-check it.
+serial depth (docs/method.md §5c). A positive control needs targets that a small decoder answers from one
+position and targets whose computation does not fit there; the difficulty of every target travels with
+the batch so that evaluation can check where a model pauses. docs/positive_control.md has the measurements.
 
-**Window lookup** (``window_lookup``; found by experiment, docs/positive_control.md lists what else was
-tried). A document is a run of problems; a problem is
+**Digit sum** (:class:`DigitSum`, the positive control). One problem per row, ``^ d_1 … d_n = A``: n digits
+0 … ``max_digit``, and A = table(d_1 + … + d_n), a fixed random map from the digit sum to ``classes``
+answer symbols (drawn once from ``table_seed``: the same for training and evaluation). The answer has
+difficulty n; nothing else is scored (the digits are random). A random function of a sum is what a
+narrow feed-forward block cannot compute at one position, and what more positions — the answer's own
+pauses — can (the no-pause decoder uses earlier positions as a lookup table; a problem has at most
+n + 2 of them and the sums take n·max_digit + 1 values).
 
-    b_1 … b_R   Q_k   A   ;
+**Window lookup** (:class:`WindowLookup`, the first design: pauses did *not* help there). A document is a
+run of problems ``b_1 … b_R Q_k A ;``: R random bits, a query symbol naming the level k, the answer A =
+table_k(last k bits), a separator (difficulty 0). Packed like text.
 
-R random bits (R uniform in [k_max, k_max + extra_bits]), a query symbol Q_k naming the level k, the
-answer A = table_k(b_{R−k+1} … b_R), and a separator. table_k is a fixed random map from the 2^k values
-of the last k bits to 10 answer symbols of its own (drawn once from ``table_seed``: it is part of the
-task, the same for training and validation). The target after Q_k (the answer) has difficulty k; the
-target after A (the separator) has difficulty 0. The bits and the query are random: they are not
-scored (difficulty −1, no loss), since no computation predicts them.
-
-Every symbol is one character and the source is read with a character-level tokenizer
-(``bpe_vocab_size: 256``: the byte-level BPE with no merges), so each symbol is one token, and the
-difficulty of a target is a pure function of the chunk's token ids (:meth:`SyntheticTask.target_difficulty`).
-An answer whose window starts before its chunk (the stream cuts documents anywhere) is not scored.
-
-Documents are a pure function of (seed, split, shard, index), so the source is deterministic, resumable
-and shardable like every other :class:`~cyb_lightning.data.sources.TextSource`; training and validation
-use disjoint seeds (the validation split is held out).
+Every symbol is one character, read with the character-level tokenizer (``bpe_vocab_size: 256``: the
+byte-level BPE with no merges), so the difficulty of a target is a pure function of the token ids
+(:meth:`target_difficulty`). Documents are a pure function of (seed, split, shard, index), so the tasks are
+deterministic, resumable and shardable like every :class:`~cyb_lightning.data.sources.TextSource` (a shard's
+documents come from one generator seeded by (seed, split, shard): a resumed read draws the shard again up to
+its position); the splits (train, validation, test) are disjoint streams.
 """
 
 from __future__ import annotations
@@ -39,7 +35,166 @@ from pathlib import Path
 
 import numpy as np
 
-from .sources import SPLITS, TextSource, _check_split
+from .sources import TextSource
+
+SPLITS = ("train", "validation", "test")
+
+
+class SyntheticSource(TextSource):
+    """What the synthetic tasks share: shards of generated documents, the character-level tokenizer and
+    the token-id tables their :meth:`target_difficulty` reads. Subclasses define the documents."""
+
+    splits = SPLITS
+    one_example_per_document = False  # True: a document is one row (one problem), never packed
+
+    def __init__(self, levels: Sequence[int], max_level: int, documents_per_shard: int, train_shards: int,
+                 eval_shards: int, seed: int, root: str) -> None:  # fmt: skip
+        if not levels or any(not 1 <= k <= max_level for k in levels) or len(set(levels)) != len(levels):
+            raise ValueError(f"levels must be distinct difficulty levels in 1 … {max_level}, got {list(levels)}")
+        for name, value in (("documents_per_shard", documents_per_shard), ("train_shards", train_shards),
+                            ("eval_shards", eval_shards)):  # fmt: skip
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.levels = sorted(levels)
+        self.per_shard, self.seed, self.root = documents_per_shard, seed, root
+        self.num_shards = {"train": train_shards, "validation": eval_shards, "test": eval_shards}
+        self._ids: tuple[int, dict[str, int]] | None = None  # (id of the tokenizer, symbol → token id)
+
+    # -- what a task defines ------------------------------------------------------------------------
+
+    def alphabet(self) -> str:  # pragma: no cover - abstract
+        """Every symbol of the task, once."""
+        raise NotImplementedError
+
+    def documents(self, rng: np.random.Generator, count: int) -> Iterator[str]:  # pragma: no cover - abstract
+        """``count`` documents drawn in order from ``rng`` (one generator per shard)."""
+        raise NotImplementedError
+
+    def target_difficulty(self, tokens: np.ndarray, tokenizer) -> np.ndarray:  # pragma: no cover - abstract
+        """Long ``[n − 1]`` for ``n`` real tokens: the level of target j (``tokens[j + 1]``), −1 = not scored."""
+        raise NotImplementedError
+
+    # -- TextSource ---------------------------------------------------------------------------------
+
+    def _check(self, split: str) -> None:
+        if split not in self.splits:
+            raise ValueError(f"split must be one of {self.splits}, got {split!r}")
+
+    def shards(self, split: str) -> list[str]:
+        self._check(split)
+        return [f"{split}-{i:04d}" for i in range(self.num_shards[split])]
+
+    def iter_shard(self, split: str, shard: str) -> Iterator[str]:
+        self._check(split)
+        index = int(shard.rsplit("-", 1)[1])
+        yield from self.documents(np.random.default_rng([self.seed, self.splits.index(split), index]), self.per_shard)
+
+    def num_documents(self, split: str) -> int:
+        self._check(split)
+        return self.num_shards[split] * self.per_shard
+
+    def fingerprint(self) -> str:
+        # The tokenizer is trained on the alphabet alone (tokenizer_texts): it is all that keys the cache.
+        return "synthetic:" + hashlib.sha256(json.dumps(sorted(self.alphabet())).encode()).hexdigest()
+
+    def default_tokenizer_dir(self, vocab_size: int) -> str:
+        return str(Path(self.root) / f"tokenizer-{vocab_size}")
+
+    def tokenizer_texts(self, max_documents: int | None):
+        return lambda: iter([self.alphabet()])
+
+    def describe(self) -> str:
+        return (f"{type(self).__name__} (levels {self.levels}; train {self.num_documents('train')} / validation "
+                f"{self.num_documents('validation')} / test {self.num_documents('test')} documents)")  # fmt: skip
+
+    # -- token ids ----------------------------------------------------------------------------------
+
+    def symbol_ids(self, tokenizer) -> dict[str, int]:
+        """Symbol → token id; checks that the tokenizer reads every symbol as one token."""
+        if self._ids is None or self._ids[0] != id(tokenizer):
+            alphabet = self.alphabet()
+            probe = alphabet + next(self.iter_shard("train", self.shards("train")[0]))  # symbols, then a document
+            if len(tokenizer.encode(probe)) != len(probe):
+                raise ValueError(
+                    f"{type(self).__name__} needs one token per symbol, but {tokenizer} merges symbols "
+                    f"({len(probe)} symbols → {len(tokenizer.encode(probe))} tokens): use the character-level "
+                    "tokenizer (data.bpe_vocab_size: 256, and no data.tokenizer)"
+                )
+            self._ids = (id(tokenizer), {c: tokenizer.encode(c)[0] for c in alphabet})
+        return self._ids[1]
+
+
+# -- digit sum: the positive control --------------------------------------------------------------------
+
+BOS, EQUALS, DIGITS, ANSWERS = "^", "=", string.digits, string.ascii_uppercase
+
+
+def sum_table(max_sum: int, classes: int, table_seed: int) -> np.ndarray:
+    """The answer class of every digit sum 0 … ``max_sum``, fixed by ``table_seed`` (the task itself)."""
+    return np.random.default_rng([table_seed, 0xD5]).integers(0, classes, max_sum + 1)
+
+
+class DigitSum(SyntheticSource):
+    """``^ d_1 … d_n = A`` with A = table(Σ d_i), one problem per row (see the module docstring).
+
+    Args:
+        levels: the numbers of digits n (difficulty levels) drawn uniformly; default 1 … 8.
+        max_digit: digits are 0 … max_digit (≤ 9).
+        classes: answer symbols (≤ 26).
+        documents_per_shard, train_shards: the training split (documents are problems).
+        eval_shards: shards of the validation split and of the test split each.
+        seed: draws the problems (validation and test use streams of their own: held out).
+        table_seed: draws the sum → answer table (the task itself; keep it fixed to compare runs).
+        root: where the character-level tokenizer is kept (``root/tokenizer-256``).
+    """
+
+    one_example_per_document = True
+
+    def __init__(self, levels: list[int] | None = None, max_digit: int = 5, classes: int = 10,
+                 documents_per_shard: int = 100_000, train_shards: int = 8, eval_shards: int = 1, seed: int = 0,
+                 table_seed: int = 1234, root: str = "data/synthetic") -> None:  # fmt: skip
+        super().__init__(list(range(1, 9)) if levels is None else levels, 32, documents_per_shard, train_shards,
+                         eval_shards, seed, root)  # fmt: skip
+        if not 1 <= max_digit <= 9 or not 2 <= classes <= len(ANSWERS):
+            raise ValueError(f"need 1 <= max_digit <= 9 and 2 <= classes <= {len(ANSWERS)}; got {max_digit}, {classes}")
+        self.max_digit, self.classes, self.table_seed = max_digit, classes, table_seed
+        self.table = sum_table(max_digit * max(self.levels), classes, table_seed)
+
+    @property
+    def row_tokens(self) -> int:
+        """Tokens of the longest row: ``^``, the digits, ``=``, the answer and the end of text."""
+        return max(self.levels) + 4
+
+    def alphabet(self) -> str:
+        return BOS + EQUALS + DIGITS[: self.max_digit + 1] + ANSWERS[: self.classes]
+
+    def answer(self, digits: Sequence[int]) -> str:
+        return ANSWERS[int(self.table[int(sum(digits))])]
+
+    def documents(self, rng: np.random.Generator, count: int, block: int = 4096) -> Iterator[str]:
+        top = max(self.levels)
+        for start in range(0, count, block):  # drawn a block at a time: a training run reads millions
+            size = min(block, count - start)
+            n = np.asarray(self.levels)[rng.integers(len(self.levels), size=size)]
+            digits = rng.integers(0, self.max_digit + 1, (size, top))
+            digits[np.arange(top)[None, :] >= n[:, None]] = 0
+            answers = self.table[digits.sum(1)]
+            for k in range(size):
+                yield BOS + "".join(DIGITS[d] for d in digits[k, : n[k]]) + EQUALS + ANSWERS[answers[k]]
+
+    def target_difficulty(self, tokens: np.ndarray, tokenizer) -> np.ndarray:
+        """n for the answer (the input is ``=`` after ``^`` and n digits in the chunk), −1 for every other target."""
+        ids = self.symbol_ids(tokenizer)
+        inputs = np.asarray(tokens, dtype=np.int64)[:-1]
+        where = np.arange(inputs.size)
+        last_bos = np.maximum.accumulate(np.where(inputs == ids[BOS], where, -1))  # the problem's start
+        return np.where((inputs == ids[EQUALS]) & (last_bos >= 0), where - last_bos - 1, -1)
+
+    def describe(self) -> str:
+        return f"{super().describe()}, digits 0 … {self.max_digit}, {self.classes} answer classes"
+
+
+# -- window lookup: the first design --------------------------------------------------------------------
 
 ANSWERS_PER_LEVEL = 10
 MAX_LEVEL = 8  # queries Q_1 … Q_8; with 10 answers per level that is 88 symbols besides "0", "1" and ";"
@@ -78,120 +233,47 @@ def window_lookup_document(
     return "".join(out)
 
 
-class SyntheticTask(TextSource):
-    """The window-lookup task as a text source (select it with ``data.source.class_path``).
+class WindowLookup(SyntheticSource):
+    """The window-lookup task, packed like text (see the module docstring).
 
     Args:
-        levels: the difficulty levels k (window lengths, 1 … 8) the queries draw uniformly.
+        levels: the window lengths k (1 … 8) the queries draw uniformly.
         problems_per_document: problems in one document.
-        documents_per_shard: documents in one shard.
-        train_shards / validation_shards: shards per split (the stream deals them to ranks and lanes).
+        documents_per_shard, train_shards, eval_shards, seed, table_seed, root: as :class:`DigitSum`.
         extra_bits: a problem has k_max … k_max + extra_bits bits before its query.
-        seed: draws the documents (validation uses a stream of its own: held out).
-        table_seed: draws the lookup tables (the task itself; keep it fixed to compare runs).
-        root: where the tokenizer built for the task is kept (``root/tokenizer-256``).
     """
 
-    def __init__(
-        self,
-        levels: list[int] | None = None,
-        problems_per_document: int = 32,
-        documents_per_shard: int = 2000,
-        train_shards: int = 8,
-        validation_shards: int = 1,
-        extra_bits: int = 2,
-        seed: int = 0,
-        table_seed: int = 1234,
-        root: str = "data/synthetic",
-    ):
-        levels = [1, 2, 3, 4, 5] if levels is None else list(levels)
-        if not levels or any(not 1 <= k <= MAX_LEVEL for k in levels) or len(set(levels)) != len(levels):
-            raise ValueError(f"levels must be distinct window lengths in 1 … {MAX_LEVEL}, got {levels}")
-        for name, value in (("problems_per_document", problems_per_document), ("documents_per_shard",
-                            documents_per_shard), ("train_shards", train_shards),
-                            ("validation_shards", validation_shards)):  # fmt: skip
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if extra_bits < 0:
-            raise ValueError(f"extra_bits must be >= 0, got {extra_bits}")
-        self.levels = sorted(levels)
-        self.problems, self.per_shard = problems_per_document, documents_per_shard
-        self.num_shards = {"train": train_shards, "validation": validation_shards}
-        self.extra_bits, self.seed, self.table_seed, self.root = extra_bits, seed, table_seed, root
+    def __init__(self, levels: list[int] | None = None, problems_per_document: int = 32,
+                 documents_per_shard: int = 2000, train_shards: int = 8, eval_shards: int = 1, extra_bits: int = 2,
+                 seed: int = 0, table_seed: int = 1234, root: str = "data/synthetic") -> None:  # fmt: skip
+        super().__init__([1, 2, 3, 4, 5] if levels is None else levels, MAX_LEVEL, documents_per_shard,
+                         train_shards, eval_shards, seed, root)  # fmt: skip
+        if problems_per_document < 1 or extra_bits < 0:
+            raise ValueError(f"need problems_per_document >= 1 and extra_bits >= 0, got {problems_per_document}, "
+                             f"{extra_bits}")  # fmt: skip
+        self.problems, self.extra_bits, self.table_seed = problems_per_document, extra_bits, table_seed
         self.tables = lookup_tables(self.levels, table_seed)
-        self._id_tables: tuple[int, np.ndarray, np.ndarray] | None = None  # (tokenizer id, query level, answer)
 
-    # -- TextSource ---------------------------------------------------------------------------------
+    def alphabet(self) -> str:
+        return BITS + SEPARATOR + "".join(query_symbol(k) for k in range(1, MAX_LEVEL + 1)) + "".join(
+            answer_symbol(k, v) for k in range(1, MAX_LEVEL + 1) for v in range(ANSWERS_PER_LEVEL))
 
-    def shards(self, split: str) -> list[str]:
-        _check_split(split)
-        return [f"{split}-{i:04d}" for i in range(self.num_shards[split])]
-
-    def iter_shard(self, split: str, shard: str) -> Iterator[str]:
-        _check_split(split)
-        index = int(shard.rsplit("-", 1)[1])
-        for doc in range(self.per_shard):
-            rng = np.random.default_rng([self.seed, SPLITS.index(split), index, doc])
+    def documents(self, rng: np.random.Generator, count: int) -> Iterator[str]:
+        for _ in range(count):
             yield window_lookup_document(rng, self.levels, self.tables, self.problems, self.extra_bits)
 
-    def num_documents(self, split: str) -> int:
-        _check_split(split)
-        return self.num_shards[split] * self.per_shard
-
-    def fingerprint(self) -> str:
-        params = {"task": "window_lookup", "levels": self.levels, "problems": self.problems,
-                  "per_shard": self.per_shard, "shards": self.num_shards, "extra_bits": self.extra_bits,
-                  "seed": self.seed, "table_seed": self.table_seed}  # fmt: skip
-        return "synthetic:" + hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
-
-    def default_tokenizer_dir(self, vocab_size: int) -> str:
-        return str(Path(self.root) / f"tokenizer-{vocab_size}")
-
-    def tokenizer_texts(self, max_documents: int | None):
-        # Every symbol, once: the character-level tokenizer needs no more (and trains in no time).
-        alphabet = BITS + SEPARATOR + "".join(query_symbol(k) for k in range(1, MAX_LEVEL + 1)) + "".join(
-            answer_symbol(k, v) for k in range(1, MAX_LEVEL + 1) for v in range(ANSWERS_PER_LEVEL))
-        return lambda: iter([alphabet])
-
-    def describe(self) -> str:
-        return (f"SyntheticTask window_lookup (levels {self.levels}, {self.problems} problems/document, "
-                f"train {self.num_documents('train')} / validation {self.num_documents('validation')} documents)")  # fmt: skip
-
-    # -- difficulty of every target -----------------------------------------------------------------
-
-    def _tables_for(self, tokenizer) -> tuple[np.ndarray, np.ndarray]:
-        """Per token id: the level of a query id (−1 otherwise), and whether the id is an answer."""
-        if self._id_tables is None or self._id_tables[0] != id(tokenizer):
-            size = tokenizer.vocab.size
-            query_level = np.full(size, -1, dtype=np.int64)
-            is_answer = np.zeros(size, dtype=bool)
-
-            sample = next(self.iter_shard("train", self.shards("train")[0]))
-            if len(tokenizer.encode(sample)) != len(sample):
-                raise ValueError(
-                    f"SyntheticTask needs one token per symbol, but {tokenizer} merges symbols ({len(sample)} symbols "
-                    f"→ {len(tokenizer.encode(sample))} tokens): use the character-level tokenizer "
-                    "(data.bpe_vocab_size: 256, and no data.tokenizer)"
-                )
-
-            def one_id(ch: str) -> int:
-                return tokenizer.encode(ch)[0]
-
-            for k in self.levels:
-                query_level[one_id(query_symbol(k))] = k
-                for v in range(ANSWERS_PER_LEVEL):
-                    is_answer[one_id(answer_symbol(k, v))] = True
-            self._id_tables = (id(tokenizer), query_level, is_answer)
-        return self._id_tables[1], self._id_tables[2]
-
     def target_difficulty(self, tokens: np.ndarray, tokenizer) -> np.ndarray:
-        """Long ``[n − 1]`` for the ``n`` real tokens of a chunk: the difficulty of target j (``tokens[j + 1]``).
-
-        k for an answer (the input is Q_k) whose k window bits lie inside the chunk, 0 for a separator (the
-        input is an answer), −1 for everything else (random bits and queries, the end of a document).
-        """
-        query_level, is_answer = self._tables_for(tokenizer)
+        """k for an answer (the input is Q_k) whose k window bits lie inside the chunk, 0 for a separator (the
+        input is an answer), −1 for everything else (random bits and queries, the end of a document)."""
+        ids = self.symbol_ids(tokenizer)
+        size = max(ids.values()) + 1
+        query_level = np.full(size, -1, dtype=np.int64)
+        is_answer = np.zeros(size, dtype=bool)
+        for k in self.levels:
+            query_level[ids[query_symbol(k)]] = k
+            is_answer[[ids[answer_symbol(k, v)] for v in range(ANSWERS_PER_LEVEL)]] = True
         inputs = np.asarray(tokens, dtype=np.int64)[:-1]
-        level = query_level[inputs]
+        inside = inputs < size  # ids of other symbols (pauses, end of text) are none of these
+        level = np.where(inside, query_level[np.minimum(inputs, size - 1)], -1)
         level = np.where(level > np.arange(inputs.size), -1, level)  # window before the chunk's start
-        return np.where(is_answer[inputs], 0, level)
+        return np.where(inside & is_answer[np.minimum(inputs, size - 1)], 0, level)

@@ -149,6 +149,28 @@ class CYBTokenizer(TextTokenizer):
         self.vocab = _reserved_vocab(max_pauses, bpe.get_vocab_size())
         self._offset = self.vocab.num_reserved
         self._reserved_names = reserved_tokens(max_pauses)
+        self._byte_ids = self._byte_table()
+
+    def _byte_table(self) -> np.ndarray | None:
+        """With no merges (the 256 byte ids alone: the synthetic tasks' character-level tokenizer) a text's
+        ids are its UTF-8 bytes looked up in a table, which is ~50x faster than the BPE's batch call on short
+        rows. The table is read off the BPE itself (every byte valid UTF-8 can hold) and checked on a probe;
+        None for any other tokenizer."""
+        if self._bpe.get_vocab_size() != 256:
+            return None
+        table = np.full(256, -1, dtype=np.int64)
+        # Every lead byte: 1 and 2 bytes (< 0x800), 3 bytes (0x800, 0x1000·k: E0 … EF), 4 bytes (F0 … F4).
+        chars = [chr(c) for c in range(0x800)] + [chr(0x800)] + [chr(0x1000 * k) for k in range(1, 16)]
+        chars += [chr(0x10000 * k) for k in (1, 4, 8, 12, 16)]
+        for char, enc in zip(chars, self._bpe.encode_batch_fast(chars, add_special_tokens=False)):
+            data = char.encode("utf-8")
+            if len(enc.ids) != len(data):
+                return None
+            table[np.frombuffer(data, dtype=np.uint8)] = enc.ids
+        probe = "the 1st probe: é, €, 😀, \t\n" + "".join(chars[::37])
+        if (table[np.frombuffer(probe.encode("utf-8"), dtype=np.uint8)] != self._bpe.encode(probe).ids).any():
+            return None
+        return table + self._offset
 
     # -- building -------------------------------------------------------------------------------------
 
@@ -221,6 +243,8 @@ class CYBTokenizer(TextTokenizer):
 
     def encode_batch_np(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Token ids as int64 arrays, offset past the reserved block: never an id below ``num_reserved``."""
+        if self._byte_ids is not None:
+            return [self._byte_ids[np.frombuffer(t.encode("utf-8"), dtype=np.uint8)] for t in texts]
         encs = self._bpe.encode_batch_fast(list(texts), add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int64) + self._offset for e in encs]
 

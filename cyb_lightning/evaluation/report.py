@@ -230,6 +230,31 @@ def markdown(report: dict) -> str:
         f"{report['loss']} · W = {K + 1} steps per token · {m['tokens']:,} validation tokens · "
         f"step {report['global_step']} · {report['date']} on {report['machine']}",
         "",
+    ]
+    if report.get("adaptive"):  # first: what a deployed model does
+        lines += ["## Adaptive inference (teacher-forced; each token gets only the pauses it asks for)", "",
+                  "The compute actually spent. threshold and sample follow the stopping rule the loss trains; greedy "
+                  "(pause while DK is the argmax) does not. *Batch steps*: what a batch computes per token, rows waiting "
+                  "for others included.", "",
+                  "| policy | ppl at the answering step | accuracy | forward steps / token | batch steps / token "
+                  "| P(0…K pauses) | tokens |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for name, r in report["adaptive"].items():
+            lines.append(f"| {name} | {r['ppl']:.3f} | {r['accuracy']:.3f} | {r['steps_per_token']:.3f} | "
+                         f"{r['batch_steps_per_token']:.3f} | {' / '.join(f'{p:.2f}' for p in r['p_pauses'])} "
+                         f"| {r['tokens']:,} |")  # fmt: skip
+        first = next(iter(report["adaptive"].values()))
+        if first.get("by_difficulty"):
+            rho = first.get("spearman")
+            lines += ["", f"Per difficulty level, policy {next(iter(report['adaptive']))} (Spearman ρ(difficulty, pauses "
+                      f"taken) = {'n/a' if rho is None else f'{rho:.3f}'}):", "",
+                      "| level | tokens | accuracy | pauses taken | P(0…K pauses) |", "|---|---|---|---|---|"]  # fmt: skip
+            for level, r in first["by_difficulty"].items():
+                lines.append(f"| {level} | {r['tokens']:,} | {r['accuracy']:.3f} | {r['steps_per_token'] - 1:.3f} | "
+                             f"{' / '.join(f'{p:.2f}' for p in r['p_pauses'])} |")  # fmt: skip
+        lines.append("")
+    lines += [
+        "## The full layout (every token keeps its K pauses, as in training: an upper bound)",
+        "",
         "| metric | value |",
         "|---|---|",
         f"| perplexity (step mixture, γ = 1) | {m['ppl']:.3f} |",
@@ -245,7 +270,7 @@ def markdown(report: dict) -> str:
         "",
     ]
     if m.get("by_difficulty"):
-        lines += ["## Per difficulty level", "",
+        lines += ["### Per difficulty level (full layout)", "",
                   f"Spearman ρ(difficulty, expected pauses) = {m['by_difficulty']['spearman']:.3f}", "",
                   "| level | tokens | accuracy (trained rule) | accuracy, no pause | accuracy, K pauses "
                   "| expected pauses | forward steps (trained rule) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -255,26 +280,15 @@ def markdown(report: dict) -> str:
         lines.append("")
     comp = report.get("comparators") or {}
     if comp:
-        lines += ["## Against what (the tokens of the adaptive runs below)", "",
+        lines += ["## Against what (the tokens of the adaptive runs above)", "",
                   "| reader | ppl | forward steps / token |", "|---|---|---|",
                   f"| this model's step mixture, all {K} pauses given (its training context) | "
                   f"{comp['step_mixture']['ppl']:.3f} | {comp['step_mixture']['steps_per_token']:.0f} computed, "
                   f"{comp['step_mixture']['expected_steps_per_token']:.2f} expected |"]  # fmt: skip
         if "baseline" in comp:
             b = comp["baseline"]
-            lines.append(f"| no-pause baseline `{b['checkpoint']}` (same tokens as the adaptive runs below) | "
+            lines.append(f"| no-pause baseline `{b['checkpoint']}` (same tokens as the adaptive runs above) | "
                          f"{b['ppl']:.3f} | {b['steps_per_token']:.2f} |")  # fmt: skip
-        lines.append("")
-    if report.get("adaptive"):
-        lines += ["## Adaptive inference (teacher-forced; compute actually spent)", "",
-                  "threshold and sample follow the stopping rule the loss trains; greedy (pause while DK is the argmax) "
-                  "does not. *Batch steps*: what a batch computes per token, rows waiting for others included.", "",
-                  "| policy | ppl at the answering step | accuracy | forward steps / token | batch steps / token "
-                  "| P(0…K pauses) | tokens |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-        for name, r in report["adaptive"].items():
-            lines.append(f"| {name} | {r['ppl']:.3f} | {r['accuracy']:.3f} | {r['steps_per_token']:.3f} | "
-                         f"{r['batch_steps_per_token']:.3f} | {' / '.join(f'{p:.2f}' for p in r['p_pauses'])} "
-                         f"| {r['tokens']:,} |")  # fmt: skip
         lines.append("")
     lines += [f"## Tokens (seen at least {a['min_count']} times: {len(a['tokens'])})", ""]
     for q, rows in a["quadrants"].items():
@@ -392,11 +406,15 @@ def main(argv: list[str] | None = None) -> dict:
     write_report(out, report, result, datamodule.tokenizer)
     report["seconds"] = round(time.time() - started, 1)
     m = report["metrics"]
-    print(f"report: {out}/report.md  (ppl {m['ppl']:.3f}, {m['extra_pauses']:.3f} pauses/token, "
-          f"P(0..K) = {' / '.join(f'{p:.2f}' for p in m['p_stop'])}, accuracy {m['accuracy']:.3f})")  # fmt: skip
+    print(f"report: {out}/report.md")
     for kind, r in report["adaptive"].items():
-        print(f"  adaptive {kind:9s} ppl {r['ppl']:.3f} at {r['steps_per_token']:.2f} steps/token "
-              f"({r['batch_steps_per_token']:.2f} computed by the batch)")  # fmt: skip
+        print(f"  adaptive {kind:9s} accuracy {r['accuracy']:.3f}, ppl {r['ppl']:.3f} at {r['steps_per_token']:.2f} "
+              f"steps/token ({r['batch_steps_per_token']:.2f} computed by the batch)")  # fmt: skip
+        for level, lv in r.get("by_difficulty", {}).items():
+            print(f"    level {level}: accuracy {lv['accuracy']:.3f}, {lv['steps_per_token'] - 1:.2f} pauses taken")
+    print(f"  full layout (every token keeps its K pauses): step-mixture ppl {m['ppl']:.3f}, {m['extra_pauses']:.3f} "
+          f"expected pauses/token, P(0..K) = {' / '.join(f'{p:.2f}' for p in m['p_stop'])}, accuracy of the trained rule "
+          f"{m['accuracy']:.3f}")  # fmt: skip
     if "baseline" in report["comparators"]:
         b = report["comparators"]["baseline"]
         print(f"  no-pause baseline ppl {b['ppl']:.3f} at 1.00 steps/token on the same tokens")

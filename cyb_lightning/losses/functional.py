@@ -145,12 +145,13 @@ def step_log_probs(
 def _stopping(log_d: Tensor, log_1md: Tensor, omega: Tensor) -> Tensor:
     """log s_i = log[ω_i + (1 − d_i) Σ_{j>i} ω_j] + Σ_{j<i} log d_j  (CYB Eq. 2), with d_W := 0.
 
-    ``omega`` is normalised. Where ω_i or the tail Σ_{j>i} ω_j is 0 the sum has one term; taking the
+    ``omega`` is normalised, ``[W]`` or ``[N, W]``. Where ω_i or the tail Σ_{j>i} ω_j is 0 the sum has one term; taking the
     other branch of a logaddexp(−inf, −inf) would put NaN into the gradient, so only finite values ever
     reach logaddexp.
     """
+    W = omega.shape[-1]  # ω is [W], or [N, W] per token (granted steps)
     tail = omega.flip(-1).cumsum(-1).flip(-1) - omega  # Σ_{j>i} ω_j, exactly 0 at i = W
-    tail = torch.where(torch.arange(omega.numel(), device=omega.device) == omega.numel() - 1, 0.0, tail)
+    tail = torch.where(torch.arange(W, device=omega.device) == W - 1, 0.0, tail)
     log_w, log_tail = _safe_log(omega), _safe_log(tail)
     w_pos, tail_pos = omega > 0, tail > 0
     stop_by_model = log_1md + torch.where(tail_pos, log_tail, 0.0)
@@ -203,14 +204,34 @@ def cyb_loss(
     return cyb_loss_from(step_log_probs(logits, targets, dk_id, dk_bias), omega, gamma)
 
 
-def cyb_loss_from(steps: tuple[Tensor, Tensor, Tensor], omega: Weights, gamma: Weights) -> Tensor:
-    """:func:`cyb_loss` from ``steps`` = (log d, log(1 − d), log t) ``[N, W]``."""
+def cyb_loss_from(
+    steps: tuple[Tensor, Tensor, Tensor], omega: Weights, gamma: Weights, step_mask: Tensor | None = None
+) -> Tensor:
+    """:func:`cyb_loss` from ``steps`` = (log d, log(1 − d), log t) ``[N, W]``; ``step_mask``: see
+    :func:`granted_weights` (ω truncated at each token's granted steps, γ unchanged)."""
     log_d, log_1md, log_t = steps
     W = log_d.shape[-1]
-    omega_t = _on(check_weights(omega, "omega", W, normalise=True), log_d)
+    omega_t = _granted(_on(check_weights(omega, "omega", W, normalise=True), log_d), step_mask)
     log_gamma = _on(_safe_log(check_discount(gamma, W)), log_d)
     log_s = _stopping(log_d, log_1md, omega_t)
     return -torch.logsumexp(log_s + log_gamma + log_t, dim=-1)
+
+
+def granted_weights(weights: Tensor, step_mask: Tensor) -> Tensor:
+    """A distribution over steps ``[W]`` (ω, ρ) for tokens granted only their first g steps (``step_mask
+    [N, W]``, a prefix: variable pauses, pauses only before answers) → ``[N, W]``: w_i for i < g, the tail
+    Σ_{j≥g} w_j at g, 0 after. The world that would have granted more steps grants g: with every step
+    granted it is ``weights`` itself, and ω = (0, …, 0, 1) becomes the one-hot at g, so s_g = Π_{j<g} d_j
+    (d forced to 0 at the last granted step) and the steps after g do not exist.
+    """
+    mask = step_mask.bool()
+    w = weights.expand(mask.shape)
+    tail = w.flip(-1).cumsum(-1).flip(-1)  # Σ_{j≥i} w_j
+    return torch.where(last_granted_step(mask), tail, torch.where(mask, w, 0.0))
+
+
+def _granted(weights: Tensor, step_mask: Tensor | None) -> Tensor:
+    return weights if step_mask is None else granted_weights(weights, step_mask.to(weights.device))
 
 
 def _finite(log_s: Tensor) -> Tensor:
@@ -226,8 +247,9 @@ def cyb_va_loss(logits: Tensor, targets: Tensor, dk_id: int, rho: Weights, dk_bi
     return cyb_va_loss_from(step_log_probs(logits, targets, dk_id, dk_bias), rho)
 
 
-def cyb_va_loss_from(steps: tuple[Tensor, Tensor, Tensor], rho: Weights) -> Tensor:
-    """:func:`cyb_va_loss` from ``steps`` = (log d, log(1 − d), log t) ``[N, W]``."""
+def cyb_va_loss_from(steps: tuple[Tensor, Tensor, Tensor], rho: Weights, step_mask: Tensor | None = None) -> Tensor:
+    """:func:`cyb_va_loss` from ``steps`` = (log d, log(1 − d), log t) ``[N, W]``; ``step_mask``: see
+    :func:`granted_weights` (s and ρ over each token's granted steps)."""
     log_d, log_1md, log_t = steps
     W = log_d.shape[-1]
     rho_t = check_weights(rho, "rho", W, normalise=True)
@@ -236,8 +258,10 @@ def cyb_va_loss_from(steps: tuple[Tensor, Tensor, Tensor], rho: Weights) -> Tens
             f"CYB-VA needs a strictly positive prior rho (KL(s||rho) is infinite where rho is 0), got "
             f"{rho_t.tolist()}; give every step some mass, or use CYB-DP, whose KL(rho||s) allows zeros"
         )
-    log_s = _finite(_stopping(log_d, log_1md, _last_only(W, log_d)))
-    return (log_s.exp() * (log_s - _on(rho_t.log(), log_d) - log_t)).sum(-1)
+    rho_g = _granted(_on(rho_t, log_d), step_mask)
+    log_s = _finite(_stopping(log_d, log_1md, _granted(_last_only(W, log_d), step_mask)))
+    log_rho = torch.where(rho_g > 0, rho_g.clamp_min(torch.finfo(rho_g.dtype).tiny).log(), 0.0)  # s = 0 there
+    return (log_s.exp() * (log_s - log_rho - log_t)).sum(-1)
 
 
 def cyb_dp_loss(
@@ -247,18 +271,20 @@ def cyb_dp_loss(
     return cyb_dp_loss_from(step_log_probs(logits, targets, dk_id, dk_bias), rho, alpha)
 
 
-def cyb_dp_loss_from(steps: tuple[Tensor, Tensor, Tensor], rho: Weights, alpha: float) -> Tensor:
-    """:func:`cyb_dp_loss` from ``steps`` = (log d, log(1 − d), log t) ``[N, W]``."""
+def cyb_dp_loss_from(
+    steps: tuple[Tensor, Tensor, Tensor], rho: Weights, alpha: float, step_mask: Tensor | None = None
+) -> Tensor:
+    """:func:`cyb_dp_loss` from ``steps`` = (log d, log(1 − d), log t) ``[N, W]``; ``step_mask``: see
+    :func:`granted_weights` (s and ρ over each token's granted steps)."""
     if alpha < 0 or not math.isfinite(alpha):
         raise ValueError(f"alpha must be a finite non-negative weight, got {alpha}")
     log_d, log_1md, log_t = steps
     W = log_d.shape[-1]
-    rho_t = check_weights(rho, "rho", W, normalise=True)
-    log_s = _stopping(log_d, log_1md, _last_only(W, log_d))
+    rho_t = _granted(_on(check_weights(rho, "rho", W, normalise=True), log_d), step_mask)
+    log_s = _stopping(log_d, log_1md, _granted(_last_only(W, log_d), step_mask))
     base = -torch.logsumexp(log_s + log_t, dim=-1)
     # Σ_i ρ_i (log ρ_i − log s_i) over the support of ρ only (ρ is a constant, so masking is safe).
-    rho_log_rho = torch.special.xlogy(rho_t, rho_t)
-    kl = (_on(rho_log_rho, log_d) - _on(rho_t, log_d) * _finite(log_s)).sum(-1)
+    kl = (torch.special.xlogy(rho_t, rho_t) - rho_t * _finite(log_s)).sum(-1)
     return base + alpha * kl
 
 
@@ -275,26 +301,6 @@ def tbys_loss(logits: Tensor, targets: Tensor, dk_id: int | None = None) -> Tens
     return torch.nn.functional.cross_entropy(_fp32(logits[:, -1]), targets, reduction="none")
 
 
-def granted_steps_loss(
-    logits: Tensor, targets: Tensor, dk_id: int, step_mask: Tensor, dk_bias: float = 0.0
-) -> Tensor:
-    """Variable pauses ("recipe 2"): ℓ = −log Σ_{i ≤ g} s_i t_i over the g granted steps of each token.
-
-    ``step_mask [N, W]`` marks the granted steps (a prefix, step 1 always). d is forced to 0 at the last
-    granted step g: s_i = (1 − d_i) Π_{j<i} d_j for i < g, s_g = Π_{j<g} d_j; steps after g do not exist.
-    This is ℓ_CYB with a per-token ω = one-hot at g and γ = 1.
-    """
-    if step_mask.shape != logits.shape[:2]:
-        raise ValueError(f"step_mask must be [N, W]={tuple(logits.shape[:2])}, got {tuple(step_mask.shape)}")
-    return granted_steps_loss_from(step_log_probs(logits, targets, dk_id, dk_bias), step_mask)
-
-
-def granted_steps_loss_from(steps: tuple[Tensor, Tensor, Tensor], step_mask: Tensor) -> Tensor:
-    """:func:`granted_steps_loss` from ``steps`` = (log d, log(1 − d), log t) ``[N, W]``."""
-    log_d, log_1md, log_t = steps
-    return -torch.logsumexp(granted_halting_log_probs(log_d, log_1md, step_mask) + log_t, dim=-1)
-
-
 def last_granted_step(step_mask: Tensor) -> Tensor:
     """Bool ``[N, W]``: the last granted step of each token (``step_mask`` marks a prefix of the steps)."""
     mask = step_mask.bool()
@@ -307,10 +313,11 @@ def granted_halting_log_probs(log_d: Tensor, log_1md: Tensor, step_mask: Tensor 
     d is forced to 0 at the last granted step g: s_i = (1 − d_i) Π_{j<i} d_j for i < g, s_g = Π_{j<g} d_j,
     and s_i = 0 (log −inf) for the steps after g, which the world never granted.
     """
+    return _stopping(log_d, log_1md, _granted(_last_only(log_d.shape[-1], log_d), step_mask))
+
+
+def last_granted_log_t(log_t: Tensor, step_mask: Tensor | None) -> Tensor:
+    """log t ``[N]`` at each token's last granted step (the last step when ``step_mask`` is None)."""
     if step_mask is None:
-        return halting_log_probs(log_d, log_1md)
-    mask = step_mask.bool()
-    last = last_granted_step(mask)
-    survive = torch.nn.functional.pad(torch.cumsum(log_d[:, :-1], dim=-1), (1, 0))
-    log_s = survive + torch.where(last, 0.0, log_1md)
-    return torch.where(mask, log_s, -math.inf)
+        return log_t[:, -1]
+    return log_t.gather(-1, (step_mask.bool().sum(-1, keepdim=True) - 1).to(log_t.device)).squeeze(-1)

@@ -125,8 +125,8 @@ def head_loss(
         loss: the pause loss; its ``loss_from_stats`` is the math.
         chunk_size: logit rows per chunk (rounded down to whole tokens); 0: one chunk (full logits);
             None: :func:`auto_chunk_size`.
-        step_mask: ``[N, W]`` granted steps of the variable-pause layout (CYB "recipe 2"): the loss is then
-            :func:`~cyb_lightning.losses.functional.granted_steps_loss` under ``loss``'s DK prior.
+        step_mask: ``[N, W]`` granted steps (the ``variable`` and ``answer_pauses`` layouts): the loss's own
+            form for tokens granted fewer steps (``PauseLoss.loss_from_steps``).
         with_argmax: also return the best non-DK logit and its id per step (metrics); this computes all W
             steps even for a ``last_step_only`` loss.
     """
@@ -140,24 +140,14 @@ def head_loss(
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"bias must be [V]={weight.shape[0]}, got shape {tuple(bias.shape)}")
     V = weight.shape[0]
-    if step_mask is not None:
-        if not loss.uses_dk:
-            raise ValueError("the variable-pause layout trains a DK loss (CYBAP); the baselines need no step_mask")
-        if step_mask.shape != hidden.shape[:2]:
-            raise ValueError(f"step_mask must be [N, W]={tuple(hidden.shape[:2])}, got {tuple(step_mask.shape)}")
-        dk_bias = loss.dk_bias(V)
+    if step_mask is not None and step_mask.shape != hidden.shape[:2]:
+        raise ValueError(f"step_mask must be [N, W]={tuple(hidden.shape[:2])}, got {tuple(step_mask.shape)}")
 
-        def per_token(lse_rest: Tensor, z_y: Tensor, z_dk: Tensor, rows: slice) -> Tensor:
-            steps = F.log_probs_from_stats(lse_rest, z_y, z_dk, dk_bias)
-            return F.granted_steps_loss_from(steps, step_mask[rows])
+    def per_token(lse_rest: Tensor, z_y: Tensor, z_dk: Tensor, rows: slice) -> Tensor:
+        return loss.loss_from_stats(lse_rest, z_y, z_dk, V, None if step_mask is None else step_mask[rows])
 
-    else:
-
-        def per_token(lse_rest: Tensor, z_y: Tensor, z_dk: Tensor, rows: slice) -> Tensor:
-            return loss.loss_from_stats(lse_rest, z_y, z_dk, V)
-
-        if loss.last_step_only and not with_argmax:
-            hidden = hidden[:, -1:]  # the other steps' outputs never enter the loss: skip their head
+    if loss.last_step_only and step_mask is None and not with_argmax:
+        hidden = hidden[:, -1:]  # the other steps' outputs never enter the loss: skip their head
     steps = hidden.shape[1]
     if chunk_size is None:
         rows = auto_chunk_size(V, steps, hidden.shape[-1])

@@ -2,7 +2,10 @@
 
 Each module validates its hyperparameters when it is built (so a bad YAML fails before any data is
 read) and maps ``(logits [N, W, V], targets [N], dk_id)`` to the per-token loss ``[N]``. The DK logit
-prior is derived from the vocabulary size of the logits it sees. ω, γ, ρ are kept as float64 CPU
+prior is derived from the vocabulary size of the logits it sees. Each loss also owns its form for tokens
+granted fewer than W steps (``step_mask``: the ``variable`` and ``answer_pauses`` layouts): its step
+distributions (ω, ρ) truncated at the granted steps (``functional.granted_weights``), the last granted
+step answering; with every step granted it is the plain loss. ω, γ, ρ are kept as float64 CPU
 tensors, not buffers: moving the model (``bf16-true`` included) must never round them.
 """
 
@@ -52,22 +55,28 @@ class PauseLoss(nn.Module):
         log_d, log_1md, _ = F.step_log_probs(logits, targets, dk_id, self.dk_bias(logits.shape[-1]))
         return F.halting_log_probs(log_d, log_1md)
 
-    def forward(self, logits: Tensor, targets: Tensor, dk_id: int) -> Tensor:
+    def forward(self, logits: Tensor, targets: Tensor, dk_id: int, step_mask: Tensor | None = None) -> Tensor:
         """The per-token loss ``[N]`` of full logits ``[N, W, V]``: the reference (tests, small inputs); training
         takes the same math chunk by chunk from the head (:func:`~cyb_lightning.losses.head.head_loss`)."""
-        return self.loss_from_stats(*F.step_logit_stats(logits, targets, dk_id), logits.shape[-1])
+        return self.loss_from_stats(*F.step_logit_stats(logits, targets, dk_id), logits.shape[-1], step_mask)
 
-    def loss_from_steps(self, steps: tuple[Tensor, Tensor, Tensor]) -> Tensor:  # pragma: no cover - abstract
-        """The per-token loss ``[N]`` from (log d, log(1 − d), log t) ``[N, W]`` (DK prior applied)."""
+    def loss_from_steps(
+        self, steps: tuple[Tensor, Tensor, Tensor], step_mask: Tensor | None = None
+    ) -> Tensor:  # pragma: no cover - abstract
+        """The per-token loss ``[N]`` from (log d, log(1 − d), log t) ``[N, W]`` (DK prior applied);
+        ``step_mask [N, W]``: the steps each token was granted (a prefix; None: all W)."""
         raise NotImplementedError
 
-    def loss_from_stats(self, lse_rest: Tensor, z_y: Tensor, z_dk: Tensor, vocab_size: int) -> Tensor:
+    def loss_from_stats(
+        self, lse_rest: Tensor, z_y: Tensor, z_dk: Tensor, vocab_size: int, step_mask: Tensor | None = None
+    ) -> Tensor:
         """The per-token loss from :func:`~cyb_lightning.losses.functional.step_logit_stats`'s quantities.
 
         Every path calls this (:mod:`cyb_lightning.losses.head`, ``forward`` on full logits). With
-        ``last_step_only`` the quantities may hold the last step only (``[N, 1]``).
+        ``last_step_only`` and no ``step_mask`` the quantities may hold the last step only (``[N, 1]``).
         """
-        return self.loss_from_steps(F.log_probs_from_stats(lse_rest, z_y, z_dk, self.dk_bias(vocab_size)))
+        steps = F.log_probs_from_stats(lse_rest, z_y, z_dk, self.dk_bias(vocab_size))
+        return self.loss_from_steps(steps, step_mask)
 
 
 def _psi(psi_dk: float | None) -> float | None:
@@ -94,9 +103,9 @@ class CrossEntropy(PauseLoss):
                 "pause_groups"
             )
 
-    def loss_from_steps(self, steps: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    def loss_from_steps(self, steps: tuple[Tensor, Tensor, Tensor], step_mask: Tensor | None = None) -> Tensor:
         _, log_1md, log_t = steps  # log p(y) = log t + log(1 − d): DK is an ordinary id here (no prior)
-        return -(log_t + log_1md)[:, -1]
+        return -(log_t + log_1md)[:, -1]  # W = 1: the one step is always granted
 
 
 class TBYSPerToken(PauseLoss):
@@ -105,8 +114,8 @@ class TBYSPerToken(PauseLoss):
     uses_dk = False
     last_step_only = True
 
-    def loss_from_steps(self, steps: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-        return -steps[2][:, -1]
+    def loss_from_steps(self, steps: tuple[Tensor, Tensor, Tensor], step_mask: Tensor | None = None) -> Tensor:
+        return -F.last_granted_log_t(steps[2], step_mask)
 
 
 class CYBAP(PauseLoss):
@@ -149,8 +158,8 @@ class CYBAP(PauseLoss):
     def steps(self) -> int:
         return self.omega.numel()
 
-    def loss_from_steps(self, steps: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-        return F.cyb_loss_from(steps, self.omega, self.gamma)
+    def loss_from_steps(self, steps: tuple[Tensor, Tensor, Tensor], step_mask: Tensor | None = None) -> Tensor:
+        return F.cyb_loss_from(steps, self.omega, self.gamma, step_mask)
 
 
 class CYBVA(PauseLoss):
@@ -171,8 +180,8 @@ class CYBVA(PauseLoss):
     def steps(self) -> int:
         return self.rho.numel()
 
-    def loss_from_steps(self, steps: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-        return F.cyb_va_loss_from(steps, self.rho)
+    def loss_from_steps(self, steps: tuple[Tensor, Tensor, Tensor], step_mask: Tensor | None = None) -> Tensor:
+        return F.cyb_va_loss_from(steps, self.rho, step_mask)
 
 
 class CYBDP(PauseLoss):
@@ -192,5 +201,5 @@ class CYBDP(PauseLoss):
     def steps(self) -> int:
         return self.rho.numel()
 
-    def loss_from_steps(self, steps: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-        return F.cyb_dp_loss_from(steps, self.rho, self.alpha)
+    def loss_from_steps(self, steps: tuple[Tensor, Tensor, Tensor], step_mask: Tensor | None = None) -> Tensor:
+        return F.cyb_dp_loss_from(steps, self.rho, self.alpha, step_mask)

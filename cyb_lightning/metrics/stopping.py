@@ -57,15 +57,17 @@ def head_statistics(
 
     ``step_mask [N, W]`` (variable pauses): the steps the world granted each token; s is then the
     distribution over those steps only (d forced to 0 at the last granted one), as the loss trains it.
-    A loss without DK answers at the last step, and its ``nll`` is its own per-token loss.
+    A loss without DK answers at the last (granted) step, and its ``nll`` is its own per-token loss.
     """
     correct = best_id == targets[:, None]
-    if not loss.uses_dk:
-        nll = loss.loss_from_stats(lse_rest, z_y, z_dk, vocab_size).float()
-        stop = torch.zeros(correct.shape, device=correct.device)
-        stop[:, -1] = 1.0
-        readout = torch.full(correct.shape[:1], correct.shape[1] - 1, dtype=torch.long, device=correct.device)
-        return TokenStats(nll=nll, stop=stop, log_d=None, correct=correct, readout=readout)
+    if not loss.uses_dk:  # it answers at the last (granted) step
+        nll = loss.loss_from_stats(lse_rest, z_y, z_dk, vocab_size, step_mask).float()
+        if step_mask is None:
+            stop = torch.zeros(correct.shape, device=correct.device)
+            stop[:, -1] = 1.0
+        else:
+            stop = F.last_granted_step(step_mask).float()
+        return TokenStats(nll=nll, stop=stop, log_d=None, correct=correct, readout=stop.argmax(-1))
     log_d, log_1md, log_t = F.log_probs_from_stats(lse_rest, z_y, z_dk, loss.dk_bias(vocab_size))
     log_s = F.granted_halting_log_probs(log_d, log_1md, step_mask)
     return TokenStats(nll=-torch.logsumexp(log_s + log_t, -1), stop=log_s.exp(), log_d=log_d, log_t=log_t,

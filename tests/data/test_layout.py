@@ -212,11 +212,30 @@ def test_every_layout_name_is_one_class_with_its_own_behaviour():
     from cyb_lightning.data.tokenizer import standard_vocab
 
     vocab = standard_vocab()
-    assert LAYOUTS == ("none", "cyb", "tbys_random", "pause_groups", "tbys_finetune", "variable")
+    assert LAYOUTS == ("none", "cyb", "tbys_random", "pause_groups", "tbys_finetune", "variable", "answer_pauses")
     built = {name: make_layout(name, 16, vocab, num_pauses=3) for name in LAYOUTS}
     for name, layout in built.items():
         assert type(layout) is LAYOUT_CLASSES[name] and layout.name == name
     assert {n: lay.steps_per_token for n, lay in built.items()} == {
-        "none": 1, "cyb": 4, "tbys_random": 1, "pause_groups": 1, "tbys_finetune": 1, "variable": 4}
+        "none": 1, "cyb": 4, "tbys_random": 1, "pause_groups": 1, "tbys_finetune": 1, "variable": 4,
+        "answer_pauses": 4}
     assert [n for n, lay in built.items() if lay.pairs] == ["tbys_finetune"]
-    assert set(built["variable"].empty_example()) - set(built["cyb"].empty_example()) == {"step_mask", "step_index"}
+    assert [n for n, lay in built.items() if lay.answers_only] == ["answer_pauses"]
+    for name in ("variable", "answer_pauses"):
+        assert set(built[name].empty_example()) - set(built["cyb"].empty_example()) == {"step_mask", "step_index"}
+
+
+def test_answer_pauses_equal_variable_pauses_granted_k_at_the_scored_targets():
+    from cyb_lightning.data.layout import layout_answer_pauses, layout_granted
+
+    tokens = np.arange(20, 29)
+    scored = np.array([False, True, False, False, True, False, False, True])
+    got = make_layout("answer_pauses", 8, VOCAB, num_pauses=2)(tokens, 0, scored=scored)
+    want = layout_granted(tokens, 8, VOCAB.pause_ids[:2], VOCAB.pad_id, np.where(scored, 2, 0))
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    assert got["input_ids"][:10].tolist() == [20, 21, *VOCAB.pause_ids[:2], 22, 23, 24, *VOCAB.pause_ids[:2], 25]
+    assert got["step_mask"].sum(1).tolist() == [1, 3, 1, 1, 3, 1, 1, 3]
+    assert np.array_equal(layout_answer_pauses(tokens, 8, VOCAB.pause_ids[:2], VOCAB.pad_id, scored)["step_index"],
+                          got["step_index"])  # fmt: skip
+    with pytest.raises(ValueError, match="labels its targets"):
+        make_layout("answer_pauses", 8, VOCAB, num_pauses=2)(tokens, 0)

@@ -10,6 +10,7 @@ import torch
 
 from cyb_lightning.data.layout import layout_variable, make_layout, variable_pause_counts
 from cyb_lightning.data.tokenizer import standard_vocab
+from cyb_lightning.losses import CYBAP
 from cyb_lightning.losses import functional as F
 
 VOCAB = standard_vocab(100)
@@ -95,7 +96,7 @@ def test_loss_equals_the_reference_on_hand_made_examples():
     y = torch.tensor([3, 4, 4])
     granted = [2, 4, 1]
     mask = torch.arange(4)[None, :] < torch.tensor(granted)[:, None]
-    got = F.granted_steps_loss(logits, y, dk, mask)
+    got = CYBAP(psi_dk=None)(logits, y, dk, step_mask=mask)
     want = torch.tensor([reference_loss(logits[n], int(y[n]), dk, granted[n]) for n in range(3)], dtype=torch.float64)
     torch.testing.assert_close(got, want)
     # All steps granted: ℓ_CYB with ω = last step; g steps: the CYB loss of the first g steps.
@@ -104,17 +105,17 @@ def test_loss_equals_the_reference_on_hand_made_examples():
     # One granted step: plain cross-entropy without DK.
     torch.testing.assert_close(got[2], F.tbys_loss(logits[2:, :1], y[2:], dk)[0])
     # The DK prior enters like in every other loss.
-    biased = F.granted_steps_loss(logits, y, dk, mask, dk_bias=1.5)
+    biased = F.cyb_loss_from(F.step_log_probs(logits, y, dk, dk_bias=1.5), [0, 0, 0, 1], [1] * 4, mask)
     shifted = logits.clone()
     shifted[..., dk] += 1.5
-    torch.testing.assert_close(biased, F.granted_steps_loss(shifted, y, dk, mask))
+    torch.testing.assert_close(biased, CYBAP(psi_dk=None)(shifted, y, dk, step_mask=mask))
 
 
 def test_loss_gradient_is_finite_and_ignores_steps_not_granted():
     dk = VOCAB.dk_id
     logits = (torch.randn(6, 4, 12, dtype=torch.float64) * 30).requires_grad_()
     mask = torch.arange(4)[None, :] < torch.tensor([1, 2, 3, 4, 2, 1])[:, None]
-    F.granted_steps_loss(logits, torch.randint(11, 12, (6,)), dk, mask).sum().backward()
+    CYBAP(psi_dk=None)(logits, torch.randint(11, 12, (6,)), dk, step_mask=mask).sum().backward()
     assert torch.isfinite(logits.grad).all()
     assert (logits.grad[~mask] == 0).all()
 
@@ -134,8 +135,8 @@ def test_module_trains_on_granted_steps_only():
     out = m.training_step(batch, 0)
     full = m(batch["input_ids"], batch["position_ids"])  # [2, 32, V] over the packed inputs
     logits = torch.stack([full[b, batch["step_index"][b]] for b in range(2)])  # [2, 8, 4, V]
-    per_token = F.granted_steps_loss(logits.view(16, 4, -1), batch["targets"].view(-1), VOCAB.dk_id,
-                                     batch["step_mask"].view(16, 4), m.loss_fn.dk_bias(VOCAB.size))  # fmt: skip
+    per_token = m.loss_fn(logits.view(16, 4, -1), batch["targets"].view(-1), VOCAB.dk_id,
+                          step_mask=batch["step_mask"].view(16, 4))  # fmt: skip
     torch.testing.assert_close(out["loss"], per_token.mean())
     from cyb_lightning.data.batch import LaidOutBatch
 

@@ -176,8 +176,8 @@ def test_fit_from_the_config_learns_the_completions_and_generate_appends_the_sam
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from cyb_lightning.cli import main
-    from cyb_lightning.generation import main as generate
-    from cyb_lightning.generation import prompt_ids
+    from cyb_lightning.commands.generate import main as generate
+    from cyb_lightning.commands.generate import prompt_ids
 
     source = {"class_path": "cyb_lightning.data.sources.LocalPromptCompletion", "init_args": {"path": str(pair_dir)}}
     cli = main([

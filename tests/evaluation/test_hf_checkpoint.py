@@ -46,7 +46,7 @@ def hf_run(tiny_quickstart, tmp_path_factory):
 
 def test_generated_text_drops_reserved_ids_by_role_not_by_range(tmp_path):
     from cyb_lightning.data.hf_tokenizer import HFTokenizer
-    from cyb_lightning.generation import text_of
+    from cyb_lightning.commands.generate import text_of
 
     save_tiny_tokenizer(tmp_path)
     tok = HFTokenizer(str(tmp_path), model_vocab_size=300, num_pauses=8)

@@ -25,7 +25,7 @@ def report(tiny_run, tmp_path_factory):
 
 def test_report_is_a_registered_command():
     assert COMMANDS["report"] == "cyb_lightning.evaluation.report:main"
-    assert COMMANDS["generate"] == "cyb_lightning.generation:main"
+    assert COMMANDS["generate"] == "cyb_lightning.commands.generate:main"
 
 
 def test_report_writes_every_file(report):
@@ -52,7 +52,14 @@ def test_report_numbers_match_the_validation_metrics(report, tiny_run):
     assert math.isclose(m["ppl"], logged["val/ppl"], rel_tol=1e-5)
     assert math.isclose(m["loss"], logged["val/loss"], rel_tol=1e-5)
     assert math.isclose(m["extra_pauses"], logged["val/extra_pauses"], rel_tol=1e-5, abs_tol=1e-7)
-    assert math.isclose(m["accuracy"], logged["val/accuracy"], rel_tol=1e-5, abs_tol=1e-7)
+    assert math.isclose(m["accuracy"], logged["val/full_layout/accuracy"], rel_tol=1e-5, abs_tol=1e-7)
+    # Validation's adaptive reader is the standalone one over the same batches (each token given only the pauses
+    # it asks for): the same accuracy, perplexity and steps.
+    from cyb_lightning.generation import PausePolicy, Sampling, adaptive_evaluate, runner_for
+
+    alone = adaptive_evaluate(runner_for(module, PausePolicy("threshold"), Sampling(0.0)), datamodule.val_dataloader())
+    for key in ("accuracy", "ppl", "steps_per_token"):
+        assert math.isclose(alone[key], logged[f"val/adaptive/{key}"], rel_tol=1e-5), key
     for i, p in enumerate(m["p_stop"]):
         assert math.isclose(p, logged[f"val/p_stop/step{i + 1}"], rel_tol=1e-5, abs_tol=1e-7)
     for i, r in enumerate(m["calibration_spearman"]):
@@ -79,7 +86,8 @@ def test_fit_logs_the_token_views_and_evaluation_metrics_to_tensorboard(tiny_run
     tags = acc.Tags()
     assert "val/tokens/quadrants_plot" in tags["images"] and "val/latency" in tags["images"]
     assert any(t.startswith("val/tokens/quadrants") for t in tags["tensors"])  # add_text → a text tensor
-    for name in ("val/ppl", "val/accuracy", "val/calibration/step1", "val/calibration/step2"):
+    for name in ("val/ppl", "val/full_layout/accuracy", "val/adaptive/accuracy", "val/calibration/step1",
+                 "val/calibration/step2"):
         assert name in tags["scalars"], name
 
 

@@ -59,10 +59,20 @@ def normalise(w: Sequence[float]) -> list[float]:
     return [v / total for v in w]
 
 
-def stopping(d: Sequence[float], omega: Sequence[float]) -> list[float]:
-    """P(S = i) for one token by simulating every world grant j ~ ω (ω need not be normalised)."""
+def truncated(w: Sequence[float], granted: int | None) -> list[float]:
+    """The distribution of min(J, g) for J ~ w: a world that would grant more than the g steps a token was
+    granted (variable pauses, pauses only before answers) grants g."""
+    w = normalise(w)
+    if granted is None:
+        return w
+    return [w[i] if i < granted - 1 else (sum(w[granted - 1 :]) if i == granted - 1 else 0.0) for i in range(len(w))]
+
+
+def stopping(d: Sequence[float], omega: Sequence[float], granted: int | None = None) -> list[float]:
+    """P(S = i) for one token by simulating every world grant j ~ ω (ω need not be normalised), each grant
+    capped at the ``granted`` steps the token has (None: all W)."""
     steps = len(d)
-    omega = normalise(omega)
+    omega = truncated(omega, granted)
     s = [0.0] * steps
     for j in range(1, steps + 1):  # the world grants exactly j steps
         w = omega[j - 1]
@@ -95,41 +105,45 @@ def gamma_linear(gamma0: float, steps: int) -> list[float]:
     return [1.0 - i * (1.0 - gamma0) for i in range(steps)]
 
 
-def cyb_loss(logits, targets, dk_id, omega, gamma, dk_bias=0.0) -> list[float]:
+def _grants(granted, n: int) -> list:
+    return [None] * n if granted is None else [int(g) for g in _rows(granted)]
+
+
+def cyb_loss(logits, targets, dk_id, omega, gamma, dk_bias=0.0, granted=None) -> list[float]:
+    """ℓ_CYB per token; ``granted``: steps per token (None: all W)."""
     d, t = step_probs(logits, targets, dk_id, dk_bias)
     out = []
-    for d_tok, t_tok in zip(d, t):
-        s = stopping(d_tok, omega)
+    for d_tok, t_tok, g in zip(d, t, _grants(granted, len(d))):
+        s = stopping(d_tok, omega, g)
         out.append(-math.log(sum(si * gi * ti for si, gi, ti in zip(s, gamma, t_tok))))
     return out
 
 
-def cyb_va_loss(logits, targets, dk_id, rho, dk_bias=0.0) -> list[float]:
+def cyb_va_loss(logits, targets, dk_id, rho, dk_bias=0.0, granted=None) -> list[float]:
     d, t = step_probs(logits, targets, dk_id, dk_bias)
-    rho = normalise(rho)
     out = []
-    for d_tok, t_tok in zip(d, t):
-        s = stopping(d_tok, last_only(len(d_tok)))
-        out.append(-sum(si * math.log(ti) for si, ti in zip(s, t_tok)) + kl(s, rho))
+    for d_tok, t_tok, g in zip(d, t, _grants(granted, len(d))):
+        s = stopping(d_tok, last_only(len(d_tok)), g)
+        out.append(-sum(si * math.log(ti) for si, ti in zip(s, t_tok)) + kl(s, truncated(rho, g)))
     return out
 
 
-def cyb_dp_loss(logits, targets, dk_id, rho, alpha, dk_bias=0.0) -> list[float]:
+def cyb_dp_loss(logits, targets, dk_id, rho, alpha, dk_bias=0.0, granted=None) -> list[float]:
     d, t = step_probs(logits, targets, dk_id, dk_bias)
-    rho = normalise(rho)
     out = []
-    for d_tok, t_tok in zip(d, t):
-        s = stopping(d_tok, last_only(len(d_tok)))
+    for d_tok, t_tok, g in zip(d, t, _grants(granted, len(d))):
+        s = stopping(d_tok, last_only(len(d_tok)), g)
         base = -math.log(sum(si * ti for si, ti in zip(s, t_tok)))
-        out.append(base + alpha * kl(rho, s))
+        out.append(base + alpha * kl(truncated(rho, g), s))
     return out
 
 
-def tbys_loss(logits, targets, dk_id=None) -> list[float]:
-    """−log p_W(y); with ``dk_id`` the DK id is removed and the rest renormalised (−log t_W)."""
+def tbys_loss(logits, targets, dk_id=None, granted=None) -> list[float]:
+    """−log p_W(y) (at the last granted step); with ``dk_id`` the DK id is removed and the rest renormalised."""
     out = []
-    for z_tok, y in zip(_rows(logits), _rows(targets)):
-        p = softmax(z_tok[-1])
+    rows = _rows(logits)
+    for z_tok, y, g in zip(rows, _rows(targets), _grants(granted, len(rows))):
+        p = softmax(z_tok[-1 if g is None else g - 1])
         out.append(-math.log(p[y] if dk_id is None else p[y] / (1.0 - p[dk_id])))
     return out
 

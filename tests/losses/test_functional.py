@@ -104,6 +104,45 @@ def test_cyb_loss_matches_reference(steps, omega_kind, gamma_kind, dk_bias):
     close(loss, ref.cyb_loss(logits, targets, dk_id, omega, gamma, dk_bias))
 
 
+@pytest.mark.parametrize("steps, omega_kind", [(s, k) for s, k in steps_and(omegas) if s > 1])
+@pytest.mark.parametrize("dk_bias", BIASES)
+def test_every_loss_over_granted_steps_matches_reference(steps, omega_kind, dk_bias):
+    """Tokens granted g ≤ W steps (variable pauses, pauses only before answers): the world that would grant
+    more grants g (ω, ρ truncated at g), γ unchanged; the reference walks the process with each grant capped."""
+    omega = omegas(steps)[omega_kind]
+    gamma = gammas(steps)["per_step"]
+    rho = ([4.0, 1.0, 2.0, 4.0] + [3.0] * steps)[:steps]
+    dk_id = steps % V
+    logits, targets = make(steps, seed=stable_seed("granted", steps, omega_kind), dk_id=dk_id, n=2 * steps)
+    granted = torch.arange(2 * steps) % steps + 1  # every g = 1 … W, twice
+    mask = torch.arange(steps)[None, :] < granted[:, None]
+    lp = F.step_log_probs(logits, targets, dk_id, dk_bias)
+    close(F.cyb_loss_from(lp, omega, gamma, mask), ref.cyb_loss(logits, targets, dk_id, omega, gamma, dk_bias, granted))
+    close(F.cyb_va_loss_from(lp, rho, mask), ref.cyb_va_loss(logits, targets, dk_id, rho, dk_bias, granted))
+    close(F.cyb_dp_loss_from(lp, omega, 0.3, mask),
+          ref.cyb_dp_loss(logits, targets, dk_id, omega, 0.3, dk_bias, granted))  # fmt: skip
+    close(-F.last_granted_log_t(lp[2], mask), ref.tbys_loss(logits, targets, dk_id, granted))
+    # Every step granted: the plain losses.
+    full = torch.ones(2 * steps, steps, dtype=torch.bool)
+    close(F.cyb_loss_from(lp, omega, gamma, full), F.cyb_loss_from(lp, omega, gamma))
+    close(F.cyb_dp_loss_from(lp, omega, 0.3, full), F.cyb_dp_loss_from(lp, omega, 0.3))
+    close(F.cyb_va_loss_from(lp, rho, full), F.cyb_va_loss_from(lp, rho))
+
+
+def test_granted_losses_have_finite_gradients_only_on_granted_steps():
+    logits, targets = make(4, seed=11, n=8, scale=30.0)
+    logits.requires_grad_()
+    mask = torch.arange(4)[None, :] < (torch.arange(8) % 4 + 1)[:, None]
+    lp = F.step_log_probs(logits, targets, 2, 1.0)
+    total = (F.cyb_loss_from(lp, [1, 0, 2, 1], [1, 0.9, 0.8, 0.7], mask) + F.cyb_va_loss_from(lp, [4, 1, 1, 4], mask)
+             + F.cyb_dp_loss_from(lp, [4, 0, 1, 4], 0.2, mask) - F.last_granted_log_t(lp[2], mask)).sum()  # fmt: skip
+    total.backward()
+    assert torch.isfinite(logits.grad).all() and (logits.grad[~mask] == 0).all()
+    # The last granted step's d never enters: its DK logit gets no gradient.
+    last = F.last_granted_step(mask)
+    assert (logits.grad[last][:, 2] == 0).all()
+
+
 def test_cyb_loss_accepts_tensor_weights():
     logits, targets = make(4, seed=1)
     omega, gamma = torch.tensor([0.1, 0.0, 0.3, 0.6]), torch.tensor([1.0, 0.9, 0.81, 0.729])

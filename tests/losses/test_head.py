@@ -124,13 +124,15 @@ def test_masked_targets_only_the_counted_rows_enter():
     torch.testing.assert_close(weight.grad, ref_grads[1], rtol=0, atol=1e-10)
 
 
-def test_granted_steps_of_variable_pauses_match_the_plain_loss():
+@pytest.mark.parametrize("name", ["ap", "va", "dp", "tbys"])
+def test_granted_steps_match_the_loss_on_full_logits(name):
     hidden, weight, bias, targets = problem(N=8, W=4, d=6, V=29)
     granted = torch.tensor([1, 4, 2, 3, 4, 1, 2, 4])
     step_mask = torch.arange(4)[None] < granted[:, None]
-    loss = CYBAP()
+    loss = {"ap": CYBAP(omega=[1, 0, 2, 1], gamma0=0.9), "va": CYBVA(), "dp": CYBDP(alpha=0.3),
+            "tbys": TBYSPerToken()}[name]  # fmt: skip
     logits = hidden @ weight.T + bias
-    ref = F.granted_steps_loss(logits, targets, DK, step_mask, loss.dk_bias(29))
+    ref = loss(logits, targets, DK, step_mask=step_mask)
     ref.sum().backward()
     ref_grads = [t.grad.clone() for t in (hidden, weight, bias)]
     for t in (hidden, weight, bias):
@@ -226,7 +228,7 @@ def test_auto_chunk_size_and_bad_arguments():
     with pytest.raises(ValueError, match=r"weight must be \[V, d=6\]"):
         chunked_loss(hidden, weight.T, targets, CYBAP(), DK)
     with pytest.raises(ValueError, match="step_mask"):
-        chunked_loss(hidden, weight, targets, TBYSPerToken(), DK, step_mask=torch.ones(3, 4, dtype=torch.bool))
+        chunked_loss(hidden, weight, targets, TBYSPerToken(), DK, step_mask=torch.ones(3, 3, dtype=torch.bool))
 
 
 def test_gpt_hidden_states_and_output_head_give_forward():
