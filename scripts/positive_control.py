@@ -395,7 +395,7 @@ def write_page(plan: dict, out: Path, results: list[dict], doc: Path, command: s
             "machine": machine().split(", 1 torch")[0], "commit": git_commit(REPO),
             "timing": f"Each fit ran as one process with one thread, {plan['jobs']} at a time; fit wall time "
                       f"{min(fits):.0f}–{max(fits):.0f} s per run; the 1-minute load average as each fit ended "
-                      f"{min(loads):.1f}–{max(loads):.1f} ({plan["jobs"]} fits at a time on the 2 cores).",
+                      f"{min(loads):.1f}–{max(loads):.1f} ({plan['jobs']} fits at a time on the 2 cores).",
             "tokens": results[0]["evaluation"]["test"]["tokens"], "date": time.strftime("%Y-%m-%d", time.gmtime())}  # fmt: skip
     sweep_file = out / "sweep.json"
     meta["sweep"] = json.loads(sweep_file.read_text()) if sweep_file.is_file() else None
