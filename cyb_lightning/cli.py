@@ -8,6 +8,7 @@ CLI links those into the model, so a config never states them twice. A pretraine
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -72,10 +73,26 @@ class CYBLightningCLI(LightningCLI):
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
 
+    def before_fit(self) -> None:
+        self._fit_started = (time.time(), time.process_time(), self.trainer.global_step)
+
     def after_fit(self) -> None:
         text = summary(self.trainer)  # trainer.log_dir is a broadcast: every rank must take part
         if self.trainer.is_global_zero:
-            print(text)
+            wall, cpu, step = getattr(self, "_fit_started", (time.time(), time.process_time(), 0))
+            print(text + "\n" + pace(time.time() - wall, time.process_time() - cpu, self.trainer.global_step - step))
+
+
+def pace(seconds: float, cpu_seconds: float, steps: int, load: float | None = None) -> str:
+    """How long the fit took, its steps per second, and whether other work shared the CPU meanwhile: the
+    1-minute load average beyond the cores this process kept busy itself (its CPU time over the wall time)."""
+    load = os.getloadavg()[0] if load is None else load
+    others = load - cpu_seconds / max(seconds, 1e-9)
+    line = f"fit: {steps} steps in {seconds:.0f} s ({steps / max(seconds, 1e-9):.1f} steps/s)"
+    if others > 0.5:
+        line += (f"; the machine was loaded (1-minute load average {load:.1f} on {os.cpu_count()} cores, about "
+                 f"{others:.1f} of it other work), so this is slower than on an idle machine")
+    return line
 
 
 def summary(trainer) -> str:

@@ -4,8 +4,9 @@ After each real token x_t the decoder is run one step at a time with a KV cache.
 own output decides, through a :class:`PausePolicy`, whether the next input is the pause ``P_i`` (at x_t's
 position, as in training) or the next real token; at most K pauses (d_W := 0). Policies:
 
-- ``threshold`` (the default): pause while d_i > τ, τ = 0.5 by default: answer where answering is more
-  likely than not (τ = 1: never; τ = 0: always, i.e. fixed-K). The trained rule read deterministically;
+- ``threshold`` (the default): pause while d_i ≥ τ, τ = 0.5 by default: answer where answering is more
+  likely than not (τ = 1: never; τ = 0: always, i.e. fixed-K). The trained rule read deterministically,
+  the same predicate as validation's readout (``losses.functional.keeps_pausing``);
 - ``sample``: pause with probability d_i, i.e. stop at step i with probability s_i = (1 − d_i) Π_{j<i} d_j:
   exactly the stopping distribution the CYB losses train;
 - ``greedy``: pause while DK is the argmax of the step's output over the whole vocabulary (DK prior
@@ -64,7 +65,7 @@ class PausePolicy:
             rest = torch.cat((z[:, :dk_id], z[:, dk_id + 1 :]), -1)
             return z[:, dk_id] + dk_bias > rest.amax(-1)
         if self.kind == "threshold":
-            return log_d > (math.log(self.threshold) if self.threshold > 0 else -math.inf)
+            return LF.keeps_pausing(log_d, self.threshold)
         if self.kind == "sample":
             u = torch.rand(z.shape[0], generator=generator, device=z.device if generator is None else "cpu")
             return u.to(z.device).log() < log_d
@@ -213,6 +214,8 @@ class AdaptiveRunner:
                 answer[answering] = logits[answering]
                 steps[answering, t] = i + 1
                 active &= pause
+                if i == self.max_pauses:  # the K-th pause was the last on every rank
+                    break
                 pausing = bool(active.any())
                 if not (pausing if self.any_rank is None else self.any_rank(pausing)):
                     break

@@ -171,3 +171,12 @@ def test_positive_control_fit_logs_every_difficulty_level(tmp_path, capsys):
     # The summary's numbers are the logged ones (last validation).
     summary = [r for r in rows if r[0] == "3"][0]
     assert float(summary[1]) == pytest.approx(100 * scalars(acc, "val/adaptive/difficulty/3/accuracy")[-1], abs=0.05)
+
+
+def test_the_fit_summary_states_its_pace_and_a_loaded_machine():
+    from cyb_lightning.cli import pace
+
+    idle = pace(100.0, 98.0, 5000, load=1.1)  # this process kept one core busy: the load is its own
+    assert idle == "fit: 5000 steps in 100 s (50.0 steps/s)"
+    loaded = pace(100.0, 98.0, 5000, load=3.0)  # two more cores' worth of other work
+    assert loaded.startswith("fit: 5000 steps in 100 s (50.0 steps/s); the machine was loaded") and "2.0 of it" in loaded

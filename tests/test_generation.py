@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cyb_lightning.data.batch import LaidOutBatch
+from cyb_lightning.losses import functional as LF
 from cyb_lightning.generation import (
     AdaptiveRunner,
     PausePolicy,
@@ -177,3 +178,76 @@ def test_decoder_cache_chunks_and_hidden_inputs(decoder):
     assert_cache_contract(decoder, ids, pos, filler_id=PAD)
     with pytest.raises(ValueError, match="needs a cache"):
         decoder(ids, pos, key_mask=torch.ones(2, 11, dtype=torch.bool))
+
+
+def answer_layout(real: torch.Tensor, scored: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The answer_pauses layout of rows of real tokens (pauses after the scored targets only), batched."""
+    from cyb_lightning.data.layout import layout_answer_pauses
+
+    rows = [layout_answer_pauses(r.numpy(), r.numel() - 1, PAUSES, PAD, s.numpy()) for r, s in zip(real, scored)]
+    out = {k: torch.from_numpy(torch.utils.data.default_collate([r[k] for r in rows]).numpy()) for k in rows[0]}
+    out["target_mask"] = scored.clone()
+    return out
+
+
+def test_a_token_the_layout_never_paused_after_gets_no_pauses(decoder):
+    """Teacher-forced reading of an answer_pauses batch: the pauses only where the layout put them (the
+    answers), every other token read plainly, so fixed-K there is exactly the training layout's last step."""
+    real = torch.randint(6, V, (2, 10), generator=torch.Generator().manual_seed(7))
+    scored = torch.zeros(2, 9, dtype=torch.bool)
+    scored[0, 4], scored[1, [2, 7]] = True, True
+    batch = LaidOutBatch.of(answer_layout(real, scored))
+    assert batch.pause_slots.tolist() == scored.tolist()
+    assert batch.input_ids.shape[1] == 9 + 2 * K  # trimmed: the columns no group reads are dropped
+    fixed = runner(decoder, "fixed").run(batch.real_tokens(), 9, may_pause=batch.pause_slots)
+    assert fixed.steps.tolist() == torch.where(scored, K + 1, 1).tolist()
+    with torch.no_grad():
+        logits = batch.groups(decoder(batch.input_ids, batch.position_ids))  # [N, W, V] of the scored groups
+    expected = answer_nll(logits[:, -1], batch.targets, DK)
+    torch.testing.assert_close(fixed.nll[scored], expected, rtol=1e-5, atol=1e-5)
+    # The trained rule pauses only there too; everywhere else it is the plain model.
+    threshold = runner(decoder, "threshold", 0.0).run(batch.real_tokens(), 9, may_pause=batch.pause_slots)
+    assert (threshold.steps[~scored] == 1).all() and (threshold.steps[scored] == K + 1).all()
+    plain = runner(decoder, "none").run(real, 9)
+    first_answer = int(torch.nonzero(scored[0])[0])  # before any pause the row is the plain model's
+    torch.testing.assert_close(threshold.nll[0, :first_answer], plain.nll[0, :first_answer])
+    assert LaidOutBatch.of(cyb_layout(real)).pause_slots.all()
+
+
+def test_generation_of_an_answer_pause_model_pauses_only_after_the_prompt(decoder):
+    trace = runner(decoder, "fixed").generate(PROMPT, 6, answers_only=True)
+    assert trace.steps[0].tolist() == [1] * (len(PROMPT) - 1) + [K + 1] * 6
+    assert runner(decoder, "fixed").generate(PROMPT, 6).steps[0].tolist() == [K + 1] * (len(PROMPT) - 1 + 6)
+
+
+def test_ranks_agree_on_when_every_row_has_answered(decoder):
+    """Under a sharded decoder every rank must make the same decoder calls: a rank whose rows have all answered
+    goes on feeding invisible inputs while any rank still pauses (``any_rank``), with the same results."""
+    real = torch.randint(6, V, (2, 10), generator=torch.Generator().manual_seed(8))
+    alone = runner(decoder, "threshold", 0.3).run(real, 9)
+    calls = []
+
+    def any_rank(pausing: bool) -> bool:  # another rank that always pauses to the end
+        calls.append(pausing)
+        return True
+
+    synced = AdaptiveRunner(decoder, DK, PAUSES, PAD, BIAS, PausePolicy("threshold", 0.3), Sampling(0.0),
+                            any_rank=any_rank).run(real, 9)  # fmt: skip
+    assert synced.forward_calls == 9 * (K + 1) > alone.forward_calls
+    assert synced.steps.tolist() == alone.steps.tolist()
+    torch.testing.assert_close(synced.nll, alone.nll, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 9 * K
+
+
+def test_both_readers_of_the_trained_rule_break_a_tie_alike():
+    """d exactly τ: validation's readout and adaptive inference both ask for another step (before, inference
+    answered and the readout paused)."""
+    from cyb_lightning.metrics.stopping import stopping_readout
+
+    z = torch.full((1, V), -1e4, dtype=torch.float64)
+    z[0, DK], z[0, 7] = 0.0, 0.0  # DK and one id equally likely, the rest nothing: d = 0.5 exactly
+    log_d = LF.dk_log_prob(z, DK)
+    assert log_d.item() == math.log(0.5)
+    assert PausePolicy("threshold").pause(z, DK, 0.0, None).tolist() == [True]
+    assert stopping_readout(torch.stack([log_d, log_d - 5.0], -1)).tolist() == [1]  # pauses at step 1
+    assert PausePolicy("threshold", 1.0).pause(z, DK, 0.0, None).tolist() == [False]

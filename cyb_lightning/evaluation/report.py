@@ -125,7 +125,21 @@ def comparators(report: dict, module, datamodule, args) -> dict:
         r = adaptive_evaluate(runner, datamodule.val_dataloader(), args.adaptive_batches)
         out["baseline"] = {"checkpoint": str(args.baseline_ckpt), "ppl": r["ppl"], "accuracy": r["accuracy"],
                            "steps_per_token": r["steps_per_token"], "tokens": r["tokens"]}  # fmt: skip
+        if "by_difficulty" in r:
+            out["baseline"]["by_difficulty"] = {k: {"tokens": v["tokens"], "accuracy": v["accuracy"]}
+                                                for k, v in r["by_difficulty"].items()}  # fmt: skip
     return out
+
+
+def level_table(levels: dict, baseline: dict | None = None) -> str:
+    """Per difficulty level: the adaptive reader's accuracy and pauses taken, beside a no-pause model's accuracy."""
+    lines = ["    level   accuracy   pauses taken" + ("   no-pause model" if baseline else "")]
+    for level, r in levels.items():
+        line = f"    {level:5}   {100 * r['accuracy']:6.1f} %   {r['steps_per_token'] - 1:12.2f}"
+        if baseline and level in baseline:
+            line += f"   {100 * baseline[level]['accuracy']:12.1f} %"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def token_analysis(table: dict[str, Tensor], tokenizer, min_count: int, top: int) -> dict:
@@ -407,11 +421,12 @@ def main(argv: list[str] | None = None) -> dict:
     report["seconds"] = round(time.time() - started, 1)
     m = report["metrics"]
     print(f"report: {out}/report.md")
+    base = report["comparators"].get("baseline", {})
     for kind, r in report["adaptive"].items():
         print(f"  adaptive {kind:9s} accuracy {r['accuracy']:.3f}, ppl {r['ppl']:.3f} at {r['steps_per_token']:.2f} "
               f"steps/token ({r['batch_steps_per_token']:.2f} computed by the batch)")  # fmt: skip
-        for level, lv in r.get("by_difficulty", {}).items():
-            print(f"    level {level}: accuracy {lv['accuracy']:.3f}, {lv['steps_per_token'] - 1:.2f} pauses taken")
+        if r.get("by_difficulty"):
+            print(level_table(r["by_difficulty"], base.get("by_difficulty")))
     print(f"  full layout (every token keeps its K pauses): step-mixture ppl {m['ppl']:.3f}, {m['extra_pauses']:.3f} "
           f"expected pauses/token, P(0..K) = {' / '.join(f'{p:.2f}' for p in m['p_stop'])}, accuracy of the trained rule "
           f"{m['accuracy']:.3f}")  # fmt: skip

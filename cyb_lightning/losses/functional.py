@@ -122,6 +122,17 @@ def dk_log_prob(logits: Tensor, dk_id: int, dk_bias: float = 0.0) -> Tensor:
     return z_dk - torch.logaddexp(z_dk, _lse_rest(z, dk_id))
 
 
+def keeps_pausing(log_d: Tensor, threshold: float = 0.5) -> Tensor:
+    """The trained stopping rule read deterministically: ask for another step while d ≥ τ, answer once d < τ
+    (τ = 0.5: answer as soon as answering is more likely than not; a tie pauses). τ = 1 never pauses, τ = 0
+    always does. Every reader of the rule (validation's readout, adaptive inference) decides through this."""
+    if threshold >= 1.0:
+        return torch.zeros_like(log_d, dtype=torch.bool)
+    if threshold <= 0.0:
+        return torch.ones_like(log_d, dtype=torch.bool)
+    return log_d >= math.log(threshold)
+
+
 def log_probs_from_stats(
     lse_rest: Tensor, z_y: Tensor, z_dk: Tensor, dk_bias: float = 0.0
 ) -> tuple[Tensor, Tensor, Tensor]:

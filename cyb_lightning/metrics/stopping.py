@@ -94,7 +94,7 @@ def stopping_readout(log_d: Tensor, step_mask: Tensor | None = None, threshold: 
     always answers (d_W := 0). Not the greedy rule "pause while DK is the argmax over the vocabulary",
     which pauses at d ≈ 0.05 on high-entropy tokens and reads steps the loss never weighted.
     """
-    answers = log_d < math.log(threshold)
+    answers = ~F.keeps_pausing(log_d, threshold)
     if step_mask is None:
         answers[:, -1] = True
     else:

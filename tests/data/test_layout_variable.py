@@ -141,3 +141,27 @@ def test_module_trains_on_granted_steps_only():
     from cyb_lightning.data.batch import LaidOutBatch
 
     assert LaidOutBatch.of(batch).group_inputs.tolist() == [20 + b + t for b in range(2) for t in range(8)]
+
+
+def test_trailing_columns_no_group_reads_are_trimmed_without_changing_the_loss():
+    from dataclasses import replace
+
+    from cyb_lightning.data.batch import LaidOutBatch
+    from cyb_lightning.losses import CYBAP
+    from cyb_lightning.model import GPTConfig
+    from cyb_lightning.module import CYBModule
+
+    lay = make_layout("answer_pauses", 8, VOCAB, num_pauses=3)
+    scored = [np.arange(8) == 5, np.arange(8) == 2]
+    examples = [lay(np.arange(20 + b, 29 + b), b, scored=scored[b]) for b in range(2)]
+    batch = {k: torch.from_numpy(np.stack([e[k] for e in examples])) for k in examples[0]}
+    trimmed = LaidOutBatch.of(batch)
+    assert batch["input_ids"].shape[1] == 32 and trimmed.input_ids.shape[1] == 8 + 3  # T + K columns are read
+    full = replace(trimmed, input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+    torch.manual_seed(0)
+    m = CYBModule(GPTConfig(n_layer=1, n_head=2, d_model=16), CYBAP(), vocab_size=VOCAB.size, dk_id=VOCAB.dk_id,
+                  steps_per_token=4, seq_len=8, warmup_steps=1)  # fmt: skip
+    m.configure_model()
+    a, b = m.head_outputs(trimmed, with_argmax=True), m.head_outputs(full, with_argmax=True)
+    torch.testing.assert_close(a.per_token, b.per_token, rtol=0, atol=1e-6)
+    assert torch.equal(a.best_id, b.best_id)

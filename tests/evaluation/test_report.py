@@ -132,3 +132,14 @@ def test_report_compares_with_a_no_pause_baseline_on_the_same_tokens(tiny_run, t
     with pytest.raises(ValueError, match="must be a no-pause run"):
         main(["report", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "r2"), "--adaptive", "",
               "--baseline_ckpt", str(ckpt)])  # fmt: skip
+
+
+def test_level_table_puts_the_no_pause_model_beside_the_adaptive_reader():
+    from cyb_lightning.evaluation.report import level_table
+
+    levels = {1: {"accuracy": 1.0, "steps_per_token": 1.0}, 8: {"accuracy": 0.9, "steps_per_token": 3.5}}
+    text = level_table(levels, {1: {"accuracy": 1.0}, 8: {"accuracy": 0.455}})
+    assert text.splitlines() == ["    level   accuracy   pauses taken   no-pause model",
+                                 "        1    100.0 %           0.00          100.0 %",
+                                 "        8     90.0 %           2.50           45.5 %"]  # fmt: skip
+    assert "no-pause" not in level_table(levels)
