@@ -24,7 +24,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from .data.curriculum import Curriculum
 from .data.hf_tokenizer import HFTokenizer
-from .data.layout import make_layout
+from .data.layout import LAYOUT_CLASSES, make_layout
 from .data.sources import QuickstartCorpus, TextSource, source_tokenizer
 from .data.stream import PackedStream, check_pairs
 from .data.tokenizer import standard_vocab
@@ -161,8 +161,7 @@ class CYBDataModule(L.LightningDataModule):
         source: TextSource | None = None,
         tokenizer_dir: str | None = None,
         bpe_vocab_size: int = 8192,
-        layout: Literal["none", "cyb", "tbys_random", "pause_groups", "tbys_finetune", "variable",
-                        "answer_pauses"] = "cyb",
+        layout: str = "cyb",
         num_pauses: int = 3,
         pause_fraction: float = 0.1,
         omega: list[float] | None = None,
@@ -207,10 +206,11 @@ class CYBDataModule(L.LightningDataModule):
 
         self.source = source if source is not None else QuickstartCorpus()
         labelled = hasattr(self.source, "target_difficulty")
-        if labelled and layout not in ("none", "cyb", "variable", "answer_pauses"):
+        if labelled and not checked.aligned_targets:
+            aligned = ", ".join(n for n, c in LAYOUT_CLASSES.items() if c.aligned_targets)
             raise ValueError(
                 f"{type(self.source).__name__} labels each target with its difficulty, which needs targets aligned "
-                f"with the chunk's tokens; {layout} moves them. Use layout none, cyb, variable or answer_pauses"
+                f"with the chunk's tokens; {layout} moves them. Use one of the layouts {aligned}"
             )
         if checked.answers_only and not labelled:
             raise ValueError(
@@ -234,11 +234,8 @@ class CYBDataModule(L.LightningDataModule):
             layout, seq_len, self.tokenizer.vocab, num_pauses=num_pauses, pause_fraction=pause_fraction, seed=seed,
             omega=omega,
         )
-        # Evaluation of a variable-pause model grants every token all K pauses: its own DK decides.
-        self.eval_layout_spec = (
-            make_layout("cyb", seq_len, self.tokenizer.vocab, num_pauses=num_pauses)
-            if layout == "variable" else self.layout_spec
-        )
+        # What validation and test read (a variable-pause model: every token may use all K, its own DK decides).
+        self.eval_layout_spec = self.layout_spec.for_evaluation()
 
         # The attributes the CLI links into the model.
         self.vocab = self.tokenizer.vocab

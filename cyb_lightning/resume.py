@@ -152,7 +152,10 @@ def resolved_differences(ckpt_path: str | Path, model: dict, data: dict, meta: d
             lines.append(f"  {key}: given {given_model[key]!r}, checkpoint {saved_model[key]!r} -> the checkpoint's")
     saved_data = _flatten(meta.get("datamodule_hyper_parameters") or {}, "data")
     given_data = _flatten(data, "data")
-    paused = {saved_data.get("data.layout"), given_data.get("data.layout")} & {"cyb", "variable"}
+    from cyb_lightning.data.layout import LAYOUT_CLASSES
+
+    layouts = {saved_data.get("data.layout"), given_data.get("data.layout")}
+    paused = any(LAYOUT_CLASSES[n].per_token_groups for n in layouts if n in LAYOUT_CLASSES)  # K sets W there
     for key in sorted(saved_data.keys() & given_data.keys()):
         if saved_data[key] == given_data[key]:
             continue

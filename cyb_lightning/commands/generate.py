@@ -27,11 +27,11 @@ def _boolean(text: str) -> bool:
 def prompt_ids(datamodule, text: str, num_prompt_pauses: int | None = None) -> list[int]:
     """``<eot>`` + the prompt's tokens + M pauses (the input a prompt gets in training).
 
-    M (TBYS pause fine-tuning's M_ft, spec §4) defaults to the run's: ``data.num_pauses`` of a
-    ``tbys_finetune`` run, 0 for every other layout.
+    M (TBYS pause fine-tuning's M_ft, spec §4) defaults to the run's layout's (``Layout.prompt_pauses``:
+    ``data.num_pauses`` of a ``tbys_finetune`` run, 0 for every other layout).
     """
     if num_prompt_pauses is None:
-        num_prompt_pauses = datamodule.num_pauses if datamodule.layout == "tbys_finetune" else 0
+        num_prompt_pauses = datamodule.layout_spec.prompt_pauses
     if num_prompt_pauses < 0:
         raise ValueError(f"num_prompt_pauses must be >= 0, got {num_prompt_pauses}")
     ids = [datamodule.eot_id, *datamodule.tokenizer.encode(text)]  # as the tbys_finetune stream builds a prompt

@@ -1,7 +1,7 @@
 """Data: vocabulary, offline quickstart corpus, text sources, sequence layouts and the packed stream."""
 
 from .layout import (
-    LAYOUTS,
+    LAYOUT_CLASSES,
     Layout,
     layout_cyb,
     layout_none,
@@ -26,7 +26,7 @@ from .stream import PackedStream
 from .tokenizer import MAX_PAUSES, CYBTokenizer, Vocab, reserved_tokens, standard_vocab
 
 __all__ = [
-    "LAYOUTS",
+    "LAYOUT_CLASSES",
     "MAX_PAUSES",
     "QUICKSTART_DIR",
     "CYBTokenizer",

@@ -195,7 +195,10 @@ def layout_tbys_finetune(prompt, completion, seq_len: int, pause_id: int, num_pa
 @dataclass(frozen=True)
 class Layout:
     """A layout with its parameters bound (picklable, so DataLoader workers get a copy); one subclass per
-    layout (``LAYOUT_CLASSES``), each a call of its function above. :func:`make_layout` checks and builds.
+    layout, each a call of its function above. A subclass registers itself under its ``name``
+    (``LAYOUT_CLASSES``) and builds itself from the config (:meth:`from_config`, which checks it); what the
+    rest of the code needs to know about a layout is a fact the class states. :func:`make_layout` looks the
+    name up.
 
     ``real_tokens`` is how many real tokens one full example consumes (C); consecutive chunks overlap
     by one token, so the stream advances by C − 1.
@@ -206,6 +209,7 @@ class Layout:
     inserts_pauses: ClassVar[bool] = False  # pauses take slots of the T + 1 (tbys_random, pause_groups, …)
     pairs: ClassVar[bool] = False  # an example is one prompt/completion pair (tokens = (prompt, completion))
     answers_only: ClassVar[bool] = False  # pauses only before scored targets (needs ``scored``; answer_pauses)
+    aligned_targets: ClassVar[bool] = True  # target j is the chunk's token j + 1 (difficulty labels fit)
 
     seq_len: int
     pad_id: int
@@ -213,6 +217,17 @@ class Layout:
     num_random_pauses: int = 0  # ``tbys_random``/``pause_groups``/``tbys_finetune``: pauses per example
     seed: int = 0
     omega: tuple[float, ...] = ()  # ``variable``: the world distribution over granted steps 1 … W
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:  # a concrete layout: known by its name from now on
+            LAYOUT_CLASSES[cls.name] = cls
+
+    @classmethod
+    def from_config(cls, seq_len: int, vocab: Vocab, *, num_pauses: int, pause_fraction: float, seed: int,
+                    omega: Sequence[float] | None) -> Layout:  # fmt: skip  # pragma: no cover - abstract
+        """The layout of a data config, checked: errors say what is wrong and how to fix it."""
+        raise NotImplementedError
 
     @property
     def steps_per_token(self) -> int:
@@ -226,6 +241,15 @@ class Layout:
     @property
     def real_tokens(self) -> int:
         return self.seq_len + 1 - (self.num_random_pauses if self.inserts_pauses else 0)
+
+    @property
+    def prompt_pauses(self) -> int:
+        """Pauses a prompt gets after its last token (``tbys_finetune``'s M_ft; 0 for the others)."""
+        return 0
+
+    def for_evaluation(self) -> Layout:
+        """The layout validation and test read (the model's own DK decides where it may pause)."""
+        return self
 
     def __call__(self, tokens, index: int, scored: np.ndarray | None = None) -> Example:  # pragma: no cover
         """Example number ``index`` (the global example index: it seeds the random layouts). ``scored``: bool,
@@ -242,8 +266,33 @@ class Layout:
         }
 
 
+LAYOUT_CLASSES: dict[str, type[Layout]] = {}  # name → class, filled as each subclass is defined
+
+
+def _check_k(name: str, num_pauses: int, vocab: Vocab, low: int = 1) -> None:
+    if not low <= num_pauses <= vocab.max_pauses:
+        raise ValueError(
+            f"{name} needs {low} <= num_pauses <= {vocab.max_pauses} (the pause ids the tokenizer reserves), got "
+            f"num_pauses={num_pauses}" + ("; 0 is the no-pause baseline" if low == 0 else "")
+        )
+
+
+def _needs_a_pause_id(name: str, vocab: Vocab) -> None:
+    if not vocab.pause_ids:
+        raise ValueError(f"{name} needs a pause id, but the tokenizer reserves none (max_pauses=0)")
+
+
+def _check_fraction(pause_fraction: float) -> None:
+    if not 0.0 <= pause_fraction < 1.0:
+        raise ValueError(f"pause_fraction must lie in [0, 1), got {pause_fraction} (TBYS uses 0.1)")
+
+
 class NoPauses(Layout):
     name = "none"
+
+    @classmethod
+    def from_config(cls, seq_len, vocab, **_) -> Layout:
+        return cls(seq_len, vocab.pad_id)
 
     def __call__(self, tokens, index: int, scored: np.ndarray | None = None) -> Example:
         return layout_none(tokens, self.seq_len, self.pad_id)
@@ -253,6 +302,11 @@ class CYBPauses(Layout):
     name = "cyb"
     per_token_groups = True
 
+    @classmethod
+    def from_config(cls, seq_len, vocab, *, num_pauses, **_) -> Layout:
+        _check_k(cls.name, num_pauses, vocab, low=0)
+        return cls(seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:num_pauses])
+
     def __call__(self, tokens, index: int, scored: np.ndarray | None = None) -> Example:
         return layout_cyb(tokens, self.seq_len, self.pause_ids, self.pad_id)
 
@@ -260,6 +314,19 @@ class CYBPauses(Layout):
 class TBYSRandom(Layout):
     name = "tbys_random"
     inserts_pauses = True
+    aligned_targets = False
+
+    @classmethod
+    def from_config(cls, seq_len, vocab, *, pause_fraction, seed, **_) -> Layout:
+        _needs_a_pause_id(cls.name, vocab)
+        _check_fraction(pause_fraction)
+        m = round(pause_fraction * seq_len)
+        if seq_len + 1 - m < 2:
+            raise ValueError(
+                f"pause_fraction={pause_fraction} leaves fewer than 2 real tokens in {seq_len + 1} slots; "
+                "lower pause_fraction or raise seq_len"
+            )
+        return cls(seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:1], num_random_pauses=m, seed=seed)
 
     def __call__(self, tokens, index: int, scored: np.ndarray | None = None) -> Example:
         return layout_tbys_random(
@@ -270,6 +337,22 @@ class TBYSRandom(Layout):
 class PauseGroups(Layout):
     name = "pause_groups"
     inserts_pauses = True
+    aligned_targets = False
+
+    @classmethod
+    def from_config(cls, seq_len, vocab, *, num_pauses, pause_fraction, seed, **_) -> Layout:
+        _check_k(cls.name, num_pauses, vocab)
+        _check_fraction(pause_fraction)
+        # G groups among N = T + 1 − G·K real tokens, G ≈ fraction · N.
+        groups = round(pause_fraction * (seq_len + 1) / (1 + pause_fraction * num_pauses))
+        if groups + 1 > seq_len + 1 - groups * num_pauses:  # every group needs a real token before and after
+            raise ValueError(
+                f"pause_fraction={pause_fraction} with num_pauses={num_pauses} does not fit {seq_len + 1} slots "
+                f"({groups} groups need {groups + 1} real tokens besides their {groups * num_pauses} pauses); "
+                "lower pause_fraction or num_pauses, or raise seq_len"
+            )
+        return cls(seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:num_pauses],
+                   num_random_pauses=groups * num_pauses, seed=seed)  # fmt: skip
 
     def __call__(self, tokens, index: int, scored: np.ndarray | None = None) -> Example:
         groups = self.num_random_pauses // len(self.pause_ids)
@@ -280,6 +363,21 @@ class TBYSFinetune(Layout):
     name = "tbys_finetune"
     inserts_pauses = True
     pairs = True
+    aligned_targets = False
+
+    @classmethod
+    def from_config(cls, seq_len, vocab, *, num_pauses, **_) -> Layout:
+        _needs_a_pause_id(cls.name, vocab)
+        if not 1 <= num_pauses <= seq_len - 1:
+            raise ValueError(
+                f"tbys_finetune appends num_pauses={num_pauses} pauses (M_ft) after each prompt; choose "
+                f"1 <= num_pauses <= seq_len - 1 = {seq_len - 1} (TBYS uses 10 or 50)"
+            )
+        return cls(seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:1], num_random_pauses=num_pauses)
+
+    @property
+    def prompt_pauses(self) -> int:
+        return self.num_random_pauses
 
     def __call__(self, tokens, index: int, scored: np.ndarray | None = None) -> Example:
         prompt, completion = tokens
@@ -301,6 +399,18 @@ class _GrantedPauses(Layout):
 class VariablePauses(_GrantedPauses):
     name = "variable"
 
+    @classmethod
+    def from_config(cls, seq_len, vocab, *, num_pauses, seed, omega, **_) -> Layout:
+        _check_k(cls.name, num_pauses, vocab)
+        w = num_pauses + 1
+        # ω: the world distribution over 1 … W granted steps, checked and normalised as the losses do.
+        omega_t = tuple(check_weights([1.0] * w if omega is None else omega, "omega", w, normalise=True).tolist())
+        return cls(seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:num_pauses], seed=seed, omega=omega_t)
+
+    def for_evaluation(self) -> Layout:
+        # Every token may use all K pauses, so the model's own DK decides, as at inference.
+        return CYBPauses(self.seq_len, self.pad_id, pause_ids=self.pause_ids)
+
     def __call__(self, tokens, index: int, scored: np.ndarray | None = None) -> Example:
         return layout_variable(tokens, self.seq_len, self.pause_ids, self.pad_id, self.omega, self.seed, index)
 
@@ -309,18 +419,16 @@ class AnswerPauses(_GrantedPauses):
     name = "answer_pauses"
     answers_only = True
 
+    @classmethod
+    def from_config(cls, seq_len, vocab, *, num_pauses, **_) -> Layout:
+        _check_k(cls.name, num_pauses, vocab)
+        return cls(seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:num_pauses])
+
     def __call__(self, tokens, index: int, scored: np.ndarray | None = None) -> Example:
         if scored is None:
             raise ValueError("answer_pauses puts pauses before the scored targets, but none were given: it needs a "
                              "source that labels its targets (DigitSum, WindowLookup)")  # fmt: skip
         return layout_answer_pauses(tokens, self.seq_len, self.pause_ids, self.pad_id, scored)
-
-
-LAYOUT_CLASSES: dict[str, type[Layout]] = {
-    cls.name: cls
-    for cls in (NoPauses, CYBPauses, TBYSRandom, PauseGroups, TBYSFinetune, VariablePauses, AnswerPauses)
-}
-LAYOUTS = tuple(LAYOUT_CLASSES)
 
 
 def make_layout(
@@ -333,65 +441,13 @@ def make_layout(
     seed: int = 0,
     omega: Sequence[float] | None = None,
 ) -> Layout:
-    """Check a layout config and bind it; errors say what is wrong and how to fix it."""
-    if name not in LAYOUTS:
-        raise ValueError(f"unknown layout {name!r}; choose one of {', '.join(LAYOUTS)}")
+    """The layout class registered as ``name``, built from the config (:meth:`Layout.from_config`)."""
+    if name not in LAYOUT_CLASSES:
+        raise ValueError(f"unknown layout {name!r}; choose one of {', '.join(LAYOUT_CLASSES)}")
     if seq_len < 1:
         raise ValueError(f"seq_len (T, real tokens per example) must be >= 1, got {seq_len}")
-    if name == "none":
-        return NoPauses(seq_len, vocab.pad_id)
-    if name == "cyb":
-        if not 0 <= num_pauses <= vocab.max_pauses:
-            raise ValueError(
-                f"num_pauses={num_pauses} but the tokenizer reserves {vocab.max_pauses} pause ids; "
-                f"choose 0 <= num_pauses <= {vocab.max_pauses} (0 is the no-pause baseline)"
-            )
-        return CYBPauses(seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:num_pauses])
-    if name == "variable":
-        return _make_variable(seq_len, vocab, num_pauses, seed, omega)
-    if name == "answer_pauses":
-        if not 1 <= num_pauses <= vocab.max_pauses:
-            raise ValueError(f"answer_pauses needs 1 <= num_pauses <= {vocab.max_pauses}, got {num_pauses}")
-        return AnswerPauses(seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:num_pauses])
-    if name == "pause_groups":
-        return _make_pause_groups(seq_len, vocab, num_pauses, pause_fraction, seed)
-    if name == "tbys_finetune":
-        if not vocab.pause_ids:
-            raise ValueError("tbys_finetune needs a pause id, but the tokenizer reserves none (max_pauses=0)")
-        if not 1 <= num_pauses <= seq_len - 1:
-            raise ValueError(
-                f"tbys_finetune appends num_pauses={num_pauses} pauses (M_ft) after each prompt; choose "
-                f"1 <= num_pauses <= seq_len - 1 = {seq_len - 1} (TBYS uses 10 or 50)"
-            )
-        return TBYSFinetune(seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:1], num_random_pauses=num_pauses)
-    if not vocab.pause_ids:
-        raise ValueError("tbys_random needs a pause id, but the tokenizer reserves none (max_pauses=0)")
-    if not 0.0 <= pause_fraction < 1.0:
-        raise ValueError(f"pause_fraction must lie in [0, 1), got {pause_fraction} (TBYS uses 0.1)")
-    m = round(pause_fraction * seq_len)
-    if seq_len + 1 - m < 2:
-        raise ValueError(
-            f"pause_fraction={pause_fraction} leaves fewer than 2 real tokens in {seq_len + 1} slots; "
-            "lower pause_fraction or raise seq_len"
-        )
-    return TBYSRandom(seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:1], num_random_pauses=m, seed=seed)
-
-
-def _make_pause_groups(seq_len: int, vocab: Vocab, num_pauses: int, pause_fraction: float, seed: int) -> Layout:
-    if not 1 <= num_pauses <= vocab.max_pauses:
-        raise ValueError(f"pause_groups needs 1 <= num_pauses <= {vocab.max_pauses} (K per group), got {num_pauses}")
-    if not 0.0 <= pause_fraction < 1.0:
-        raise ValueError(f"pause_fraction must lie in [0, 1), got {pause_fraction}")
-    # G groups among N = T + 1 − G·K real tokens, G ≈ fraction · N.
-    groups = round(pause_fraction * (seq_len + 1) / (1 + pause_fraction * num_pauses))
-    if groups + 1 > seq_len + 1 - groups * num_pauses:  # every group needs a real token before and after
-        raise ValueError(
-            f"pause_fraction={pause_fraction} with num_pauses={num_pauses} does not fit {seq_len + 1} slots "
-            f"({groups} groups need {groups + 1} real tokens besides their {groups * num_pauses} pauses); "
-            "lower pause_fraction or num_pauses, or raise seq_len"
-        )
-    return PauseGroups(seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:num_pauses],
-                       num_random_pauses=groups * num_pauses, seed=seed)  # fmt: skip
+    return LAYOUT_CLASSES[name].from_config(seq_len, vocab, num_pauses=num_pauses, pause_fraction=pause_fraction,
+                                            seed=seed, omega=omega)  # fmt: skip
 
 
 # -- variable pauses ("recipe 2" of CYB: proposed there, never run) -------------------------------------
@@ -474,12 +530,3 @@ def layout_answer_pauses(tokens, seq_len: int, pause_ids: Sequence[int], pad_id:
     n = min(seq_len, len(scored))
     granted[:n] = np.where(np.asarray(scored[:n], dtype=bool), len(pause_ids), 0)
     return layout_granted(tokens, seq_len, pause_ids, pad_id, granted)
-
-
-def _make_variable(seq_len: int, vocab: Vocab, num_pauses: int, seed: int, omega: Sequence[float] | None) -> Layout:
-    if not 1 <= num_pauses <= vocab.max_pauses:
-        raise ValueError(f"variable needs 1 <= num_pauses <= {vocab.max_pauses}, got {num_pauses}")
-    w = num_pauses + 1
-    # ω: the world distribution over 1 … W granted steps, checked and normalised as the losses do.
-    omega_t = tuple(check_weights([1.0] * w if omega is None else omega, "omega", w, normalise=True).tolist())
-    return VariablePauses(seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:num_pauses], seed=seed, omega=omega_t)

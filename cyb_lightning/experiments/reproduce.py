@@ -97,11 +97,19 @@ def _yaml_file(plan: dict, rel: str) -> Path:
 
 
 def steps_per_token(plan: dict, configs: list[str]) -> int:
-    """W of a config stack: 1 for layout none, K + 1 for the CYB and variable layouts (later files win)."""
+    """W of a config stack (later files win), as its layout class states it; unset keys take the data
+    module's defaults."""
+    import inspect
+
+    from cyb_lightning.data.layout import LAYOUT_CLASSES
+    from cyb_lightning.datamodule import CYBDataModule
+
+    defaults = {k: p.default for k, p in inspect.signature(CYBDataModule).parameters.items()}
     data: dict = {}
     for rel in configs + plan["layers"]:
         data.update((yaml.safe_load(_yaml_file(plan, rel).read_text()) or {}).get("data") or {})
-    return data.get("num_pauses", 3) + 1 if data.get("layout", "cyb") in ("cyb", "variable") else 1
+    layout = LAYOUT_CLASSES[data.get("layout", defaults["layout"])]
+    return data.get("num_pauses", defaults["num_pauses"]) + 1 if layout.per_token_groups else 1
 
 
 def plan_runs(plan: dict) -> list[dict]:

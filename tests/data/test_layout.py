@@ -208,12 +208,13 @@ def test_bad_configs(kwargs, match):
 
 
 def test_every_layout_name_is_one_class_with_its_own_behaviour():
-    from cyb_lightning.data.layout import LAYOUT_CLASSES, LAYOUTS, make_layout
+    from cyb_lightning.data.layout import LAYOUT_CLASSES, make_layout
     from cyb_lightning.data.tokenizer import standard_vocab
 
     vocab = standard_vocab()
-    assert LAYOUTS == ("none", "cyb", "tbys_random", "pause_groups", "tbys_finetune", "variable", "answer_pauses")
-    built = {name: make_layout(name, 16, vocab, num_pauses=3) for name in LAYOUTS}
+    assert tuple(LAYOUT_CLASSES) == ("none", "cyb", "tbys_random", "pause_groups", "tbys_finetune", "variable",
+                                     "answer_pauses")  # fmt: skip
+    built = {name: make_layout(name, 16, vocab, num_pauses=3) for name in LAYOUT_CLASSES}
     for name, layout in built.items():
         assert type(layout) is LAYOUT_CLASSES[name] and layout.name == name
     assert {n: lay.steps_per_token for n, lay in built.items()} == {
@@ -239,3 +240,39 @@ def test_answer_pauses_equal_variable_pauses_granted_k_at_the_scored_targets():
                           got["step_index"])  # fmt: skip
     with pytest.raises(ValueError, match="labels its targets"):
         make_layout("answer_pauses", 8, VOCAB, num_pauses=2)(tokens, 0)
+
+
+def test_a_layout_defined_elsewhere_is_built_and_laid_out_without_touching_anything_else(tmp_path):
+    """A new layout is one class: defining it registers it under its name, and the config, the stream and the
+    data module take it from there (here: a pause after every other real token, W = 2)."""
+    from dataclasses import dataclass
+
+    from cyb_lightning.data.layout import LAYOUT_CLASSES, Layout, layout_granted
+    from cyb_lightning.data.synthetic import WindowLookup
+    from cyb_lightning.datamodule import CYBDataModule
+
+    @dataclass(frozen=True)
+    class EveryOther(Layout):
+        name = "every_other_test"
+        per_token_groups = True
+
+        @classmethod
+        def from_config(cls, seq_len, vocab, **_):
+            return cls(seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:1])
+
+        def __call__(self, tokens, index, scored=None):
+            return layout_granted(tokens, self.seq_len, self.pause_ids, self.pad_id, np.arange(self.seq_len) % 2)
+
+        empty_example = LAYOUT_CLASSES["variable"].empty_example
+
+    try:
+        source = WindowLookup(levels=[1, 2], problems_per_document=8, documents_per_shard=20, root=str(tmp_path))
+        dm = CYBDataModule(layout="every_other_test", seq_len=8, batch_size=2, lanes=1, bpe_vocab_size=256,
+                           source=source, val_documents=2)  # fmt: skip
+        assert dm.steps_per_token == 2 and type(dm.layout_spec) is EveryOther
+        example = next(iter(dm.stream("train")))
+        assert example["step_mask"].sum(1).tolist() == [1, 2] * 4
+        with pytest.raises(ValueError, match="every_other_test, answer_pauses|answer_pauses, every_other_test"):
+            make_layout("no_such_layout", 8, VOCAB)
+    finally:
+        del LAYOUT_CLASSES["every_other_test"]
