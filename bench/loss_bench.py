@@ -432,7 +432,7 @@ def run_model(args) -> str:
 def run_generation(args) -> str:
     import torch
 
-    from cyb_lightning.evaluation.loading import load_run
+    from cyb_lightning.commands.loading import load_run
     from cyb_lightning.generation import PausePolicy, Sampling, runner_for
 
     torch.set_num_threads(args.threads)

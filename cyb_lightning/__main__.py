@@ -11,7 +11,7 @@ import sys
 
 # command → "module:function"; the function takes the remaining argv.
 COMMANDS: dict[str, str] = {
-    "report": "cyb_lightning.evaluation.report:main",
+    "report": "cyb_lightning.commands.report:main",
     "generate": "cyb_lightning.commands.generate:main",
     "consolidate": "cyb_lightning.checkpoint:main",
     "pick-checkpoint": "cyb_lightning.resume:main",

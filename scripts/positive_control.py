@@ -167,7 +167,7 @@ def evaluate(ckpt: Path, split: str, plan: dict) -> dict:
     import torch
 
     from cyb_lightning.evaluation import report as R
-    from cyb_lightning.evaluation.loading import load_run
+    from cyb_lightning.commands.loading import load_run
     from cyb_lightning.generation import PausePolicy, Sampling, adaptive_evaluate, runner_for
 
     torch.set_num_threads(1)

@@ -54,3 +54,24 @@ def test_no_import_cycles_between_modules():
         if m not in state:
             visit(m, [m])
     assert not cycles, "import cycles: " + "; ".join(" → ".join(c) for c in cycles)
+
+
+COMMANDS = ("cyb_lightning.__main__", "cyb_lightning.cli", "cyb_lightning.commands", "cyb_lightning.experiments")
+
+
+def test_the_library_never_imports_the_commands_above_it():
+    """Commands (the CLI, ``generate``, ``report``, the experiments) use the library; the library never reaches up
+    to them, and the evaluation library does not reach up to the training callbacks that draw with it."""
+    paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+    def is_command(m: str) -> bool:
+        return any(m == c or m.startswith(c + ".") for c in COMMANDS)
+
+    upward = []
+    for m, p in paths.items():
+        targets = imports_of(p, set(paths))
+        if not is_command(m):
+            upward += [(m, t) for t in targets if is_command(t)]
+        if m.startswith("cyb_lightning.evaluation"):
+            upward += [(m, t) for t in targets if t.startswith("cyb_lightning.callbacks")]
+    assert not upward, "upward imports: " + "; ".join(f"{m} → {t}" for m, t in upward)

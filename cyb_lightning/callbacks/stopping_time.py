@@ -16,11 +16,11 @@ validation batch; this callback only accumulates and writes them.
 from __future__ import annotations
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
+from cyb_lightning.evaluation.plots import write_histograms, write_stop_histogram
 from cyb_lightning.metrics.stopping import TokenStats
 
 
@@ -126,29 +126,3 @@ class StoppingTimeHistograms(L.Callback):
                     for level in torch.nonzero(taken[1:].sum(1) > 0).flatten().tolist():
                         write_stop_histogram(logger.experiment, f"{stage}/adaptive/pauses_by_difficulty/{level}",
                                              taken[level + 1], trainer.global_step)  # fmt: skip
-
-
-def write_histograms(writer, stage: str, pauses: Tensor, stop_sum: Tensor, step: int) -> None:
-    """Write both histograms with a ``SummaryWriter``; bucket k of ``stop_step`` is P(k extra pauses)."""
-    steps = stop_sum.numel()
-    edges = np.linspace(-0.5, steps - 0.5, 8 * steps + 1)  # 8 bins per pause count: fine but readable
-    writer.add_histogram(f"{stage}/pauses/expected_per_token", pauses.numpy(), step, bins=edges)
-    write_stop_histogram(writer, f"{stage}/pauses/stop_step", stop_sum, step)
-
-
-def write_stop_histogram(writer, tag: str, stop_sum: Tensor, step: int) -> None:
-    """The latency distribution as a histogram: bucket k holds P(k extra pauses) (Σ s normalised)."""
-    steps = stop_sum.numel()
-    probs = (stop_sum / stop_sum.sum().clamp_min(1e-12)).numpy()
-    k = np.arange(steps, dtype=np.float64)
-    writer.add_histogram_raw(
-        tag,
-        min=0.0,
-        max=float(steps - 1),
-        num=float(probs.sum()),
-        sum=float((probs * k).sum()),
-        sum_squares=float((probs * k * k).sum()),
-        bucket_limits=(k + 0.5).tolist(),
-        bucket_counts=probs.tolist(),
-        global_step=step,
-    )

@@ -45,7 +45,8 @@ class TokenPauseReport(L.Callback):
         writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if not writers:
             return
-        from cyb_lightning.evaluation.report import _plt, latency_figure, quadrant_figure, token_analysis
+        from cyb_lightning.evaluation.plots import latency_figure, pyplot, quadrant_figure
+        from cyb_lightning.evaluation.report import token_analysis
 
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
         analysis = token_analysis(table, tokenizer or _IdNames(), self.min_count, self.top)
@@ -57,7 +58,7 @@ class TokenPauseReport(L.Callback):
             for tag, fig in figures.items():
                 writer.add_figure(tag, fig, trainer.global_step, close=False)
         for fig in figures.values():
-            _plt().close(fig)
+            pyplot().close(fig)
 
 
 class _IdNames:

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
                              "checkpoint's data.num_pauses for a tbys_finetune run, else 0")  # fmt: skip
     args, overrides = parser.parse_known_args(argv)
 
-    from cyb_lightning.evaluation.loading import load_run
+    from cyb_lightning.commands.loading import load_run
 
     module, datamodule = load_run(args.ckpt_path, args.config, overrides)
     tok = datamodule.tokenizer

@@ -18,10 +18,8 @@ policies it also runs the teacher-forced adaptive evaluation (:mod:`cyb_lightnin
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -29,8 +27,8 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from cyb_lightning.data.batch import LaidOutBatch
-from cyb_lightning.provenance import machine
-from cyb_lightning.evaluation.tokens import QUADRANTS, quadrants
+from cyb_lightning.evaluation.plots import bars_figure, latency_figure, pyplot, quadrant_figure, write_histograms
+from cyb_lightning.evaluation.tokens import quadrants
 from cyb_lightning.metrics import (
     CalibrationSpearman,
     DifficultyStats,
@@ -101,47 +99,6 @@ def difficulty_table(result: dict[str, Tensor]) -> dict:
     return {"levels": levels, "spearman": float(result["spearman"])}
 
 
-def comparators(report: dict, module, datamodule, args) -> dict:
-    """What an adaptive reader is measured against (spec §5), on the same held-out tokens as the adaptive
-    runs: the same model's step mixture in its training context (every token given all K pauses), and, with
-    ``--baseline_ckpt``, a no-pause model (its perplexity at 1 forward step per token)."""
-    from cyb_lightning.evaluation.loading import load_run
-    from cyb_lightning.generation import PausePolicy, Sampling, adaptive_evaluate, runner_for
-
-    # On the very tokens the adaptive runs read (their first --adaptive_batches batches).
-    m = evaluate(module, datamodule.val_dataloader(), max_batches=args.adaptive_batches)["metrics"]
-    out = {"step_mixture": {"ppl": m["ppl"], "steps_per_token": float(module.hparams.steps_per_token),
-                            "expected_steps_per_token": 1.0 + m["extra_pauses"], "tokens": m["tokens"]}}  # fmt: skip
-    if args.baseline_ckpt:
-        base, base_dm = load_run(args.baseline_ckpt)
-        if base.hparams.steps_per_token != 1 or base_dm.tokenizer.vocab != datamodule.tokenizer.vocab:
-            raise ValueError(
-                f"--baseline_ckpt {args.baseline_ckpt} must be a no-pause run (layout none) with this run's "
-                f"tokenizer; it has {base.hparams.steps_per_token} steps per token and "
-                f"{'the same' if base_dm.tokenizer.vocab == datamodule.tokenizer.vocab else 'another'} vocabulary"
-            )
-        runner = runner_for(base, PausePolicy("none"), Sampling(0.0), datamodule.pause_ids)
-        # This run's validation batches: the very same tokens; the runner reads only their real tokens.
-        r = adaptive_evaluate(runner, datamodule.val_dataloader(), args.adaptive_batches)
-        out["baseline"] = {"checkpoint": str(args.baseline_ckpt), "ppl": r["ppl"], "accuracy": r["accuracy"],
-                           "steps_per_token": r["steps_per_token"], "tokens": r["tokens"]}  # fmt: skip
-        if "by_difficulty" in r:
-            out["baseline"]["by_difficulty"] = {k: {"tokens": v["tokens"], "accuracy": v["accuracy"]}
-                                                for k, v in r["by_difficulty"].items()}  # fmt: skip
-    return out
-
-
-def level_table(levels: dict, baseline: dict | None = None) -> str:
-    """Per difficulty level: the adaptive reader's accuracy and pauses taken, beside a no-pause model's accuracy."""
-    lines = ["    level   accuracy   pauses taken" + ("   no-pause model" if baseline else "")]
-    for level, r in levels.items():
-        line = f"    {level:5}   {100 * r['accuracy']:6.1f} %   {r['steps_per_token'] - 1:12.2f}"
-        if baseline and level in baseline:
-            line += f"   {100 * baseline[level]['accuracy']:12.1f} %"
-        lines.append(line)
-    return "\n".join(lines)
-
-
 def token_analysis(table: dict[str, Tensor], tokenizer, min_count: int, top: int) -> dict:
     """The JSON view of the token table and its quadrants (token text included)."""
 
@@ -160,76 +117,6 @@ def token_analysis(table: dict[str, Tensor], tokenizer, min_count: int, top: int
         "quadrants": {q: [row(j) for j in rows] for q, rows in quads.items()},
         "tokens": [row(j) for j in range(table["ids"].numel())],
     }
-
-
-# -- pictures -------------------------------------------------------------------------------------
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def latency_figure(p_stop: list[float], mean: float):
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    k = list(range(len(p_stop)))
-    ax.bar(k, p_stop, color="#d95f02")
-    for x, p in zip(k, p_stop):
-        ax.text(x, p, f"{p:.2f}", ha="center", va="bottom", fontsize=8)
-    ax.set(xlabel="extra pauses", ylabel="P", title=f"latency distribution (mean {mean:.2f} pauses/token)",
-           xticks=k, ylim=(0, max(p_stop + [0.01]) * 1.15))  # fmt: skip
-    fig.tight_layout()
-    return fig
-
-
-def bars_figure(values: list[float] | None, title: str, ylabel: str, first_step: int = 1, signed: bool = False):
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    if values:
-        steps = list(range(first_step, first_step + len(values)))
-        shown = [0.0 if (v is None or math.isnan(v)) else v for v in values]
-        ax.bar(steps, shown, color="#1b9e77")
-        for x, v in zip(steps, values):
-            ax.text(x, 0 if v is None or math.isnan(v) else v, "n/a" if v is None or math.isnan(v) else f"{v:.2f}",
-                    ha="center", va="bottom", fontsize=8)  # fmt: skip
-        ax.set_xticks(steps)
-        if signed:
-            ax.axhline(0, color="black", lw=0.8)
-            ax.set_ylim(-1, 1)
-    else:
-        ax.text(0.5, 0.5, "not applicable\n(the loss has no DK output)", ha="center", va="center",
-                transform=ax.transAxes)  # fmt: skip
-    ax.set(xlabel="step i", ylabel=ylabel, title=title)
-    fig.tight_layout()
-    return fig
-
-
-def quadrant_figure(analysis: dict, label_top: int = 4):
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    tokens = analysis["tokens"]
-    if tokens:
-        ax.scatter([t["median"] for t in tokens], [t["variance"] for t in tokens],
-                   s=[8 + 2 * math.sqrt(t["count"]) for t in tokens], alpha=0.35, color="grey")  # fmt: skip
-        split = analysis["split"]
-        ax.axvline(split["median"], color="black", lw=0.7, ls="--")
-        ax.axhline(split["variance"], color="black", lw=0.7, ls="--")
-        colours = dict(zip(QUADRANTS, ("#d95f02", "#7570b3", "#e7298a", "#1b9e77")))
-        for q, rows in analysis["quadrants"].items():
-            for t in rows[:label_top]:
-                ax.scatter([t["median"]], [t["variance"]], color=colours[q], s=18)
-                ax.annotate(repr(t["text"])[1:-1], (t["median"], t["variance"]), fontsize=7, color=colours[q],
-                            xytext=(3, 3), textcoords="offset points")  # fmt: skip
-    else:
-        ax.text(0.5, 0.5, f"no token seen {analysis['min_count']}+ times", ha="center", transform=ax.transAxes)
-    ax.set(xlabel="median expected extra pauses", ylabel="variance", title="tokens by pausing (CYB Table 3)")
-    fig.tight_layout()
-    return fig
 
 
 # -- writing --------------------------------------------------------------------------------------
@@ -328,7 +215,7 @@ def write_report(out: Path, report: dict, result: dict, tokenizer) -> list[Path]
     """Write every file of the report folder (and the TensorBoard view); returns the paths."""
     from cyb_lightning.evaluation import render
 
-    plt = _plt()
+    plt = pyplot()
     out.mkdir(parents=True, exist_ok=True)
     m, W = report["metrics"], len(report["metrics"]["p_stop"])
     figures = {
@@ -359,8 +246,6 @@ def write_report(out: Path, report: dict, result: dict, tokenizer) -> list[Path]
 def _tensorboard(logdir: Path, report: dict, result: dict, figures: dict, md: str) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
-    from cyb_lightning.callbacks.stopping_time import write_histograms
-
     step = int(report["global_step"])
     with SummaryWriter(str(logdir)) as writer:
         if result["pauses"].numel():
@@ -370,67 +255,3 @@ def _tensorboard(logdir: Path, report: dict, result: dict, figures: dict, md: st
             writer.add_figure(f"report/{name[:-4]}", fig, step, close=False)
         for key in ("ppl", "extra_pauses", "accuracy"):
             writer.add_scalar(f"report/{key}", report["metrics"][key], step)
-
-
-# -- command --------------------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> dict:
-    """``python -m cyb_lightning report --ckpt_path RUN/checkpoints/last.ckpt [--out DIR] [--data.* …]``."""
-    parser = argparse.ArgumentParser(prog="python -m cyb_lightning report", description=main.__doc__)
-    parser.add_argument("--ckpt_path", required=True)
-    parser.add_argument("--config", help="the run's config.yaml (default: found next to the checkpoint)")
-    parser.add_argument("--out", help="report folder (default: RUN/report next to the checkpoint folder)")
-    parser.add_argument("--max_batches", type=int, default=None, help="validation batches to read (default: all)")
-    parser.add_argument("--min_count", type=int, default=5, help="token analysis: minimum occurrences")
-    parser.add_argument("--top", type=int, default=10, help="tokens listed per quadrant")
-    parser.add_argument("--adaptive", default="threshold,sample,greedy,fixed,none",
-                        help="comma-separated pause policies for the teacher-forced adaptive evaluation ('' = skip); "
-                        "threshold and sample follow the trained stopping rule, greedy does not")
-    parser.add_argument("--threshold", type=float, default=0.5, help="τ of the threshold policy")
-    parser.add_argument("--adaptive_batches", type=int, default=2, help="validation batches the adaptive runs read")
-    parser.add_argument("--baseline_ckpt", help="a no-pause checkpoint (layout none) to compare with: its perplexity "
-                        "on the same held-out tokens, at 1 forward step per token")
-    args, overrides = parser.parse_known_args(argv)
-
-    from cyb_lightning.evaluation.loading import load_run
-    from cyb_lightning.generation import PausePolicy, Sampling, adaptive_evaluate, runner_for
-
-    started = time.time()
-    module, datamodule = load_run(args.ckpt_path, args.config, overrides)
-    ckpt = torch.load(args.ckpt_path, map_location="cpu", weights_only=False)
-    result = evaluate(module, datamodule.val_dataloader(), min_count=args.min_count, max_batches=args.max_batches)
-    report = {
-        "checkpoint": str(args.ckpt_path),
-        "global_step": int(ckpt.get("global_step", 0)),
-        "loss": type(module.loss_fn).__name__,
-        "steps_per_token": module.hparams.steps_per_token,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": machine(),
-        "metrics": result["metrics"],
-        "token_analysis": token_analysis(result["table"], datamodule.tokenizer, args.min_count, args.top),
-        "adaptive": {},
-    }
-    for kind in [k for k in args.adaptive.split(",") if k]:
-        runner = runner_for(module, PausePolicy(kind, args.threshold), Sampling(0.0), datamodule.pause_ids,
-                            generator=torch.Generator().manual_seed(0))  # ``sample``: the same draws every run
-        report["adaptive"][kind] = adaptive_evaluate(runner, datamodule.val_dataloader(), args.adaptive_batches)
-    report["comparators"] = comparators(report, module, datamodule, args)
-    out = Path(args.out) if args.out else Path(args.ckpt_path).resolve().parent.parent / "report"
-    write_report(out, report, result, datamodule.tokenizer)
-    report["seconds"] = round(time.time() - started, 1)
-    m = report["metrics"]
-    print(f"report: {out}/report.md")
-    base = report["comparators"].get("baseline", {})
-    for kind, r in report["adaptive"].items():
-        print(f"  adaptive {kind:9s} accuracy {r['accuracy']:.3f}, ppl {r['ppl']:.3f} at {r['steps_per_token']:.2f} "
-              f"steps/token ({r['batch_steps_per_token']:.2f} computed by the batch)")  # fmt: skip
-        if r.get("by_difficulty"):
-            print(level_table(r["by_difficulty"], base.get("by_difficulty")))
-    print(f"  full layout (every token keeps its K pauses): step-mixture ppl {m['ppl']:.3f}, {m['extra_pauses']:.3f} "
-          f"expected pauses/token, P(0..K) = {' / '.join(f'{p:.2f}' for p in m['p_stop'])}, accuracy of the trained rule "
-          f"{m['accuracy']:.3f}")  # fmt: skip
-    if "baseline" in report["comparators"]:
-        b = report["comparators"]["baseline"]
-        print(f"  no-pause baseline ppl {b['ppl']:.3f} at 1.00 steps/token on the same tokens")
-    return report

@@ -420,7 +420,7 @@ def evaluate_run(rdir: Path, ckpt: Path, run: dict, plan: dict) -> dict:
     import torch
 
     from cyb_lightning.evaluation import report as R
-    from cyb_lightning.evaluation.loading import load_run
+    from cyb_lightning.commands.loading import load_run
     from cyb_lightning.generation import PausePolicy, Sampling, adaptive_evaluate, runner_for
 
     module, dm = load_run(str(ckpt), str(rdir / "config.yaml"))

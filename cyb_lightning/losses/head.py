@@ -44,7 +44,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cyb_lightning.losses import functional as F
 from cyb_lightning.losses.modules import PauseLoss
 
 

@@ -7,7 +7,6 @@ exact whatever the split of tokens between ranks.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -24,7 +24,7 @@ def report(tiny_run, tmp_path_factory):
 
 
 def test_report_is_a_registered_command():
-    assert COMMANDS["report"] == "cyb_lightning.evaluation.report:main"
+    assert COMMANDS["report"] == "cyb_lightning.commands.report:main"
     assert COMMANDS["generate"] == "cyb_lightning.commands.generate:main"
 
 
@@ -40,7 +40,7 @@ def test_report_writes_every_file(report):
 
 
 def test_report_numbers_match_the_validation_metrics(report, tiny_run):
-    from cyb_lightning.evaluation.loading import load_run
+    from cyb_lightning.commands.loading import load_run
 
     _, data = report
     ckpt, _ = tiny_run
@@ -98,7 +98,7 @@ def test_report_compares_with_a_no_pause_baseline_on_the_same_tokens(tiny_run, t
 
     from cyb_lightning.__main__ import main
     from cyb_lightning.data import QuickstartCorpus
-    from cyb_lightning.evaluation.loading import load_run
+    from cyb_lightning.commands.loading import load_run
     from cyb_lightning.generation import PausePolicy, Sampling, adaptive_evaluate, runner_for
     from tests.conftest import TINY_QUICKSTART
     from tests.evaluation.conftest import tiny_run_config
@@ -135,7 +135,7 @@ def test_report_compares_with_a_no_pause_baseline_on_the_same_tokens(tiny_run, t
 
 
 def test_level_table_puts_the_no_pause_model_beside_the_adaptive_reader():
-    from cyb_lightning.evaluation.report import level_table
+    from cyb_lightning.commands.report import level_table
 
     levels = {1: {"accuracy": 1.0, "steps_per_token": 1.0}, 8: {"accuracy": 0.9, "steps_per_token": 3.5}}
     text = level_table(levels, {1: {"accuracy": 1.0}, 8: {"accuracy": 0.455}})
