@@ -39,6 +39,7 @@ from torch import Tensor
 
 from cyb_lightning.data.batch import LaidOutBatch
 from cyb_lightning.losses import functional as LF
+from cyb_lightning.model.spec import Decoder
 
 POLICIES = ("threshold", "sample", "greedy", "fixed", "none")
 DEFAULT_POLICY = "threshold"  # the trained rule (spec §5); ``greedy`` is not
@@ -141,7 +142,7 @@ class AdaptiveRunner:
         generator: torch.Generator | None = None,
         any_rank=None,
     ) -> None:
-        if use_cache and not hasattr(decoder, "new_cache"):
+        if use_cache and not isinstance(decoder, Decoder):
             raise ValueError(
                 f"{type(decoder).__name__} has no KV cache (new_cache()); adaptive generation with a cache needs "
                 "cyb_lightning.model.GPT or HFCausalLM; use_cache=False recomputes the sequence with any decoder (slow)"

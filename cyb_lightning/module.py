@@ -35,6 +35,7 @@ from cyb_lightning.metrics import (
 from cyb_lightning.metrics.adaptive import AdaptiveReadout
 from cyb_lightning.metrics.stopping import TokenStats
 from cyb_lightning.model import DecoderSpec
+from cyb_lightning.model.spec import missing_methods
 from cyb_lightning.model.init_from import (
     TRAINED_ROWS,
     decoder_state_dict,
@@ -137,7 +138,7 @@ class CYBModule(L.LightningModule):
                              f"{adaptive_eval_batches}")  # fmt: skip
         if loss_chunk_size is not None and loss_chunk_size < 0:
             raise ValueError(f"loss_chunk_size must be >= 0 (0: one chunk, None: automatic), got {loss_chunk_size}")
-        max_position = getattr(decoder, "max_position", None)
+        max_position = decoder.max_position
         if max_position is not None and seq_len > max_position:
             raise ValueError(
                 f"data.seq_len={seq_len} real tokens needs position indices up to {seq_len - 1}, but "
@@ -172,6 +173,10 @@ class CYBModule(L.LightningModule):
         # process), then ``parallelize`` shards it per block + root with bf16 params / fp32 reduction.
         if self.decoder is None:
             self.decoder = self.decoder_spec.build(self.hparams.vocab_size)
+            missing = missing_methods(self.decoder)
+            if missing:
+                raise TypeError(f"{type(self.decoder).__name__}, built by {type(self.decoder_spec).__name__}, is not a "
+                                f"Decoder (cyb_lightning/model/spec.py): it lacks {', '.join(missing)}")  # fmt: skip
             if self.hparams.get("pause_filler_ids"):  # before sharding; a resumed checkpoint overwrites it
                 state = filler_rows(self.decoder, self.decoder.state_dict(), self.hparams.pause_ids,
                                     self.hparams.pause_filler_ids)  # fmt: skip

@@ -1,7 +1,8 @@
-"""Decoders: each returns logits ``[B, L, V]`` from ``input_ids`` and ``position_ids``."""
+"""Decoders: our GPT and the Hugging Face backend, each a :class:`Decoder` built by a :class:`DecoderSpec`
+(``spec.py``: the contract)."""
 
 from cyb_lightning.model.gpt import GPT, GPTConfig
 from cyb_lightning.model.hf import HFCausalLM, HFDecoder, PositionIdsIgnored
-from cyb_lightning.model.spec import DecoderSpec
+from cyb_lightning.model.spec import Decoder, DecoderSpec
 
-__all__ = ["GPT", "DecoderSpec", "GPTConfig", "HFCausalLM", "HFDecoder", "PositionIdsIgnored"]
+__all__ = ["GPT", "Decoder", "DecoderSpec", "GPTConfig", "HFCausalLM", "HFDecoder", "PositionIdsIgnored"]

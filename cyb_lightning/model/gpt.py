@@ -277,3 +277,6 @@ class GPT(nn.Module):
     def output_head(self) -> OutputHead:
         """The output layer: logits = hidden_states @ weight.T."""
         return OutputHead(self.head.weight, self.head.bias)
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.embed

@@ -279,6 +279,9 @@ class HFCausalLM(nn.Module):
     def new_cache(self) -> HFCache:
         return HFCache(self.model.config)
 
+    def input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
     def forward(
         self,
         input_ids: Tensor,

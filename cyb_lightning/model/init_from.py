@@ -96,8 +96,7 @@ def set_decoder_state_dict(decoder: nn.Module, state: dict[str, torch.Tensor]) -
 def embedding_keys(decoder: nn.Module) -> list[list[str]]:
     """State-dict keys of the input embedding and of the output layer: one group per matrix (one group
     with both keys when they are tied)."""
-    inner = getattr(decoder, "model", decoder)  # HFCausalLM wraps the transformers model
-    inp = inner.get_input_embeddings().weight if hasattr(inner, "get_input_embeddings") else decoder.embed.weight
+    inp = decoder.input_embeddings().weight
     out = decoder.output_head().weight
     names: dict[int, list[str]] = {}
     for name, p in decoder.named_parameters(remove_duplicate=False):
