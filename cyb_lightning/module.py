@@ -43,6 +43,7 @@ from cyb_lightning.model.init_from import (
     read_checkpoint,
     redraw_rows,
     set_decoder_state_dict,
+    trained_rows_of,
 )
 
 
@@ -203,7 +204,7 @@ class CYBModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Resuming (or load_from_checkpoint): the checkpoint's own weights win over ``init_from``.
         self._init_from_done = True
-        self.trained_rows |= set(checkpoint.get(TRAINED_ROWS, ()))
+        self.trained_rows |= trained_rows_of(checkpoint)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[TRAINED_ROWS] = sorted(self.trained_rows)
@@ -212,7 +213,7 @@ class CYBModule(L.LightningModule):
         """Copy the decoder weights of one of our checkpoints into ``self.decoder`` (sharded or not); the
         DK and pause rows that checkpoint never trained are drawn afresh (see ``model/init_from.py``)."""
         checkpoint = read_checkpoint(path)
-        trained = set(checkpoint.get(TRAINED_ROWS, ()))
+        trained = trained_rows_of(checkpoint)
         reserved = {self.hparams.dk_id} | set(self.hparams.pause_ids) | set(self.hparams.reserved_ids)
         untrained = reserved - trained
         state = redraw_rows(self.decoder, decoder_state_dict(checkpoint, path), untrained, reserved)

@@ -198,3 +198,18 @@ def test_untrained_pause_rows_start_as_their_fillers_at_init_from(collapsed_ckpt
     torch.testing.assert_close(emb[list(PAUSES)], weights["embed.weight"][list(fillers)], rtol=0, atol=0)
     assert same_but_rows(module.decoder.state_dict(), weights, RESERVED)  # DK drawn; text rows as pretrained
     assert not torch.allclose(emb[DK], weights["embed.weight"][DK])
+
+
+def test_a_checkpoint_from_before_the_trained_rows_record_keeps_the_rows_its_settings_trained(collapsed_ckpt, tmp_path):
+    """A CYB checkpoint written before ``trained_rows`` existed: its hyperparameters (a DK loss, the pause ids
+    its layout inserted) say which reserved rows it trained, and a later fine-tune keeps them."""
+    path, _ = collapsed_ckpt
+    tuned = make(CYBAP(), 3, init_from=str(path), lr=1e-2, pause_ids=PAUSES, reserved_ids=RESERVED)
+    fit(tuned, 3, tmp_path, steps=2).save_checkpoint(tmp_path / "cyb.ckpt")
+    old = torch.load(tmp_path / "cyb.ckpt", weights_only=False)
+    del old["trained_rows"]
+    torch.save(old, tmp_path / "old.ckpt")
+    again = make(CYBAP(), 3, pause_ids=PAUSES, reserved_ids=RESERVED)
+    again.configure_model()
+    again.load_decoder_weights(str(tmp_path / "old.ckpt"))
+    assert same(again.decoder.state_dict(), tuned.decoder.state_dict())  # nothing redrawn

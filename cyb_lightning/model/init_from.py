@@ -10,7 +10,8 @@ are drawn afresh (:func:`rows_like`) before loading: with tied embeddings every 
 target is pushed to one shared direction in pretraining (a 2×32 baseline: mean pairwise cosine of those
 rows 0.997 after 400 steps), so the K pauses would start fine-tuning identical and DK's output row would
 equal the pause input rows. A checkpoint records the rows its run (and the runs it started from) trained
-under ``TRAINED_ROWS``; one without the record is taken to have trained none.
+under ``TRAINED_ROWS``; for one written before that record its hyperparameters say it (the pause ids its
+layout inserted, DK where its loss had a DK output: :func:`trained_rows_of`).
 
 Loading goes through ``torch.distributed.checkpoint.state_dict.set_model_state_dict`` with a full state
 dict, which fills plain modules and FSDP2-sharded ones (DTensor parameters) alike and ignores wrapper
@@ -64,6 +65,25 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     else:
         raise FileNotFoundError(f"init_from: no checkpoint at {path}")
     return checkpoint
+
+
+def trained_rows_of(checkpoint: dict) -> set[int]:
+    """The reserved rows (DK, pause ids) the checkpoint's runs trained: its ``TRAINED_ROWS`` record, or, for a
+    checkpoint written before that record, what its hyperparameters say (the pause ids its layout inserted,
+    DK where its loss had a DK output); none when neither is known."""
+    if TRAINED_ROWS in checkpoint:
+        return set(checkpoint[TRAINED_ROWS])
+    hp = checkpoint.get("hyper_parameters") or {}
+    rows = set(hp.get("pause_ids") or ())
+    loss = hp.get("loss")
+    if isinstance(loss, dict) and "class_path" in loss:  # the config form: the class says whether it reads DK
+        import importlib
+
+        module, name = loss["class_path"].rsplit(".", 1)
+        loss = getattr(importlib.import_module(module), name, None)
+    if getattr(loss, "uses_dk", False) and hp.get("dk_id") is not None:
+        rows.add(int(hp["dk_id"]))
+    return rows
 
 
 def decoder_state_dict(checkpoint: dict, path: str | os.PathLike = "the checkpoint") -> dict[str, torch.Tensor]:
