@@ -17,14 +17,18 @@ folder in a cache, and every later load, by any process, reads that folder. The 
 ``$CYB_GGUF_CACHE`` or ``$HF_HOME/cyb_lightning/gguf`` (default ``~/.cache/huggingface/cyb_lightning/gguf``),
 one sub-folder per file named ``<file stem>-<key>``, the key hashing the file's real path, size and
 modification time and the ``transformers`` version (a changed file or a new converter converts again). A
-folder is written under a temporary name and renamed into place, so a crashed or concurrent conversion never
-leaves a half-written folder behind.
+folder is written under a temporary name (``.<folder>-<pid>-…``) and renamed into place, so a crashed or
+concurrent conversion never leaves a half-written folder behind; the temporary folders of conversions whose
+process is gone (killed mid-way) are removed by the next conversion. The folder's last file,
+``conversion.json``, lists every file with its size: a folder that does not match it (a file deleted or
+cut short since) is damaged, and is converted again with a warning naming it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -35,6 +39,7 @@ log = logging.getLogger(__name__)
 
 PACKAGE_SCHEME = "pkg://"
 CACHE_ENV = "CYB_GGUF_CACHE"
+MANIFEST = "conversion.json"  # written last: the files of a complete conversion and their sizes
 
 
 def resolve_package_path(name_or_path: str) -> str:
@@ -93,13 +98,25 @@ def converted_folder(gguf_path: str | os.PathLike) -> Path:
     stat = path.stat()
     key = hashlib.sha256(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{transformers.__version__}".encode())
     target = cache_root() / f"{path.stem}-{key.hexdigest()[:16]}"
-    if target.is_dir():  # only ever appears complete (renamed into place)
-        return target
+    if target.is_dir():
+        problem = damage(target)
+        if problem is None:
+            return target
+        log.warning("the converted GGUF folder %s is damaged (%s): converting %s again", target, problem, path)
+        trash = target.with_name(f".{target.name}-{os.getpid()}-damaged")
+        try:
+            target.rename(trash)  # out of the way at once; a concurrent reader then converts too
+        except OSError:
+            pass
+        shutil.rmtree(trash, ignore_errors=True)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    remove_abandoned(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-{os.getpid()}-", dir=target.parent))
     try:
         log.warning("converting %s to an HF folder (dequantising every tensor, once) -> %s", path, target)
         convert(path, tmp)
+        files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps({"source": str(path), "files": files}, indent=1))
         tmp.chmod(0o755)  # mkdtemp made it private; the cache is shared like the HF cache around it
         try:
             tmp.rename(target)
@@ -109,6 +126,40 @@ def converted_folder(gguf_path: str | os.PathLike) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with a converted folder against its ``conversion.json``, or None when it is whole."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return f"no readable {MANIFEST}"
+    for name, size in files.items():
+        f = folder / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, not {size}"
+    return None
+
+
+def remove_abandoned(target: Path) -> None:
+    """Remove the temporary folders of conversions into ``target`` whose process no longer runs (killed mid-way:
+    its ``finally`` never ran); a live process's folder is left to it."""
+    for tmp in target.parent.glob(f".{target.name}-*"):
+        pid = tmp.name[len(target.name) + 2 :].split("-", 1)[0]
+        if not pid.isdigit() or not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def convert(gguf_path: Path, out_dir: Path) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -221,3 +223,33 @@ def test_a_pickled_spec_resolves_the_gguf_file_again_where_it_is_loaded(checkpoi
     copy = pickle.loads(pickle.dumps(spec))
     assert copy.source[0].startswith(str(tmp_path / "elsewhere")) and len(conversions) == 2
     assert spec.source[0].startswith(str(tmp_path / "cache"))  # the original object is unchanged
+
+
+def test_a_damaged_conversion_is_converted_again_and_abandoned_temporaries_are_removed(checkpoint, conversions,
+                                                                                       tmp_path, caplog):  # fmt: skip
+    import subprocess
+
+    folder, path, n = checkpoint
+    good = HFDecoder(path).source[0]
+    assert len(conversions) == 1 and (Path(good) / gguf_cache.MANIFEST).is_file()
+    weights = next(Path(good).glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # cut short (a full disk, a killed copy)
+    with caplog.at_level("WARNING"):
+        again = HFDecoder(path).source[0]
+    assert again == good and len(conversions) == 2
+    assert f"{good} is damaged ({weights.name} has 100 bytes" in caplog.text
+    with torch.no_grad():  # and it is whole again
+        ids, pos = cyb_batch(n)
+        v = n + 1 + K
+        torch.testing.assert_close(HFDecoder(path).build(v).eval()(ids, pos), HFDecoder(folder).build(v).eval()(ids, pos))
+    # A conversion killed mid-way left its temporary folder; a live one is working in its own.
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid is free now
+    cache = Path(good).parent
+    stale = cache / f".{Path(good).name}-{dead.pid}-abc"
+    live = cache / f".{Path(good).name}-{os.getpid()}-xyz"
+    stale.mkdir()
+    live.mkdir()
+    shutil.rmtree(good)
+    HFDecoder(path).build(n)
+    assert not stale.exists() and live.exists() and len(conversions) == 3
