@@ -168,12 +168,15 @@ class AdaptiveRunner:
         forced: int | None = None,
         stop_ids: Iterable[int] = (),
         may_pause: Tensor | None = None,
+        positions: Tensor | None = None,
     ) -> Trace:
         """Real tokens ``tokens [B, n]`` → a trace over ``length`` real tokens.
 
         The next real token after position t is ``tokens[:, t + 1]`` while t + 1 < ``forced`` (default n),
         otherwise drawn from the model; generation stops early when every row has drawn a ``stop_ids`` id.
         ``may_pause [B, length]`` bool: the tokens the model may pause after (None: every one).
+        ``positions [B, length]``: the position index of each token (and of its pauses), as its layout gave
+        it (``pause_groups`` shares a token's position with the pauses inside the text); None: t.
         """
         B, n = tokens.shape
         forced = n if forced is None else forced
@@ -190,10 +193,13 @@ class AdaptiveRunner:
         stop_ids = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
         calls = 0
 
-        def feed(ids: Tensor, position: int, visible: Tensor) -> Tensor:
+        def feed(ids: Tensor, t: int, visible: Tensor) -> Tensor:
             nonlocal calls
             calls += 1
-            pos = torch.full((B, 1), position, dtype=torch.long, device=device)
+            if positions is None:
+                pos = torch.full((B, 1), t, dtype=torch.long, device=device)
+            else:
+                pos = positions[:, t : t + 1].to(device)
             if cache is not None:
                 mask = None if bool(visible.all()) else visible[:, None]
                 return self.decoder(ids[:, None], pos, cache=cache, key_mask=mask)[:, -1]
@@ -289,7 +295,8 @@ def read_batch(runner: AdaptiveRunner, batch: LaidOutBatch, metric) -> None:
     """The adaptive reader, teacher-forced on one laid-out batch, into an ``AdaptiveReadout``."""
     device = next(runner.decoder.parameters()).device
     real, mask = batch.real_tokens().to(device), batch.target_mask.to(device)
-    trace = runner.run(real, real.shape[1] - 1, may_pause=batch.pause_slots.to(device))
+    trace = runner.run(real, real.shape[1] - 1, may_pause=batch.pause_slots.to(device),
+                       positions=batch.first_positions.to(device))  # fmt: skip
     difficulty = None if batch.difficulty_grid is None else batch.difficulty_grid.to(device)
     metric.to(device).update(trace.steps, trace.correct, trace.nll, mask, difficulty, trace.forward_calls)
 

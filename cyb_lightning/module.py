@@ -311,7 +311,8 @@ class CYBModule(L.LightningModule):
             out["difficulty"] = batch.difficulty
         limit = self.hparams.get("adaptive_eval_batches")
         if limit is None or batch_idx < limit:  # the same batches on every rank (they run as many)
-            trace = self.adaptive_reader().run(*self._real(batch), may_pause=batch.pause_slots)
+            trace = self.adaptive_reader().run(*self._real(batch), may_pause=batch.pause_slots,
+                                               positions=batch.first_positions)  # fmt: skip
             getattr(self, f"{stage}_adaptive").update(trace.steps, trace.correct, trace.nll, batch.target_mask,
                                                       batch.difficulty_grid, trace.forward_calls)  # fmt: skip
             out["adaptive_steps"] = trace.steps[batch.target_mask]

@@ -84,6 +84,14 @@ class LaidOutBatch:
             return self.input_ids.gather(1, self.step_index[:, :, 0])
         return self.input_ids.view(B, T, -1)[:, :, 0]
 
+    @cached_property
+    def first_positions(self) -> Tensor:
+        """``[B, T]``: the position index of every group's real input (its pauses share it)."""
+        B, T = self.shape
+        if self.step_index is not None:
+            return self.position_ids.gather(1, self.step_index[:, :, 0])
+        return self.position_ids.view(B, T, -1)[:, :, 0]
+
     @property
     def group_inputs(self) -> Tensor:
         """``[N]``: the real input token x_t of every counted group (what the model pauses after)."""
