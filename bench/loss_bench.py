@@ -45,7 +45,7 @@ so it lives in its own venv that reuses this venv's packages::
 script runs the litgpt case with ``--litgpt-python``, default ``/tmp/litgpt-venv/bin/python``).
 
 **generation** — ``cyb_lightning.generation.AdaptiveRunner`` on the quickstart checkpoint (a trained
-CYB-AP model; ``--ckpt``), sampling ``--new-tokens`` tokens from the end-of-text id: greedy-on-DK
+CYB-AP model; ``--ckpt``), sampling ``--new-tokens`` tokens from the end-of-text id: the trained rule
 (adaptive) vs fixed K pauses vs no pauses, with the KV cache, and fixed-K / adaptive without the cache.
 """
 
@@ -439,7 +439,7 @@ def run_generation(args) -> str:
     module, dm = load_run(args.ckpt, None, [])
     module.eval()
     prompt = [dm.eot_id]
-    cases = [("greedy", True), ("fixed", True), ("none", True), ("greedy", False), ("fixed", False)]
+    cases = [("threshold", True), ("fixed", True), ("none", True), ("threshold", False), ("fixed", False)]
     rows = []
     for kind, cache in cases:
         def once():
@@ -465,7 +465,8 @@ def run_generation(args) -> str:
         "| policy | KV cache | forward steps / token | time median (min–max) | tokens/s | × fixed-K (cached) |",
         "|---|---|---|---|---|---|",
     ]
-    names = {"greedy": "adaptive (pause while DK is the argmax)", "fixed": "fixed K pauses", "none": "no pauses"}
+    names = {"threshold": "adaptive (the trained rule: pause while d ≥ 0.5)", "fixed": "fixed K pauses",
+             "none": "no pauses"}  # fmt: skip
     for r in rows:
         lines.append(
             f"| {names[r['policy']]} | {'yes' if r['cache'] else 'no'} | {r['steps_per_token']:.2f} | "
