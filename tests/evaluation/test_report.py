@@ -150,3 +150,13 @@ def test_level_table_puts_the_no_pause_model_beside_the_adaptive_reader():
                                  "        1    100.0 %           0.00          100.0 %",
                                  "        8     90.0 %           2.50           45.5 %"]  # fmt: skip
     assert "no-pause" not in level_table(levels)
+
+
+def test_a_checkpoint_that_does_not_exist_says_so(tmp_path):
+    from cyb_lightning.__main__ import main
+
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint at .*nothing\.ckpt; check the path"):
+        main(["report", "--ckpt_path", str(tmp_path / "nothing.ckpt")])
+    (tmp_path / "last.ckpt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint at .*lsat\.ckpt; the folder has .*last\.ckpt"):
+        main(["generate", "--ckpt_path", str(tmp_path / "lsat.ckpt")])
