@@ -11,6 +11,7 @@ import os
 import time
 from pathlib import Path
 
+from jsonargparse import ArgumentError
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.cli import LightningCLI
@@ -24,6 +25,15 @@ from cyb_lightning.module import CYBModule
 from cyb_lightning.resume import load_metadata, pick_checkpoint, resolved_differences
 
 LIGHTNING_CKPT_KEYWORDS = ("best", "last", "hpc", "registry")
+
+
+class ConfigError(SystemExit):
+    """A setting that cannot work, said in one message on stderr (no traceback, no usage dump): the exit of
+    ``python -m cyb_lightning`` for a bad config. Exit status 1; ``message`` holds the text."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        super().__init__(f"error: {message}")
 
 
 class CYBLightningCLI(LightningCLI):
@@ -64,6 +74,14 @@ class CYBLightningCLI(LightningCLI):
         if "_class_path" in hparams:  # Lightning's own format for a subclass-mode model
             hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
         self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+
+    def instantiate_classes(self) -> None:
+        # Our classes check their settings when built and say what is wrong and how to fix it: that message is
+        # the whole answer a user needs, not a traceback through jsonargparse.
+        try:
+            super().instantiate_classes()
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(str(e)) from None
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
@@ -128,12 +146,21 @@ def summary(trainer) -> str:
 
 
 def main(args: list[str] | None = None) -> CYBLightningCLI:
+    try:
+        return _cli(args)
+    except ArgumentError as e:  # a value the parser refuses: its message, not a 75-line usage dump first
+        first, _, rest = str(e).partition("\n")
+        raise ConfigError(first + ("\n" + rest if rest else "") + "\n(`python -m cyb_lightning fit --help` lists "
+                          "every setting; `--print_config` shows the resolved config)") from None  # fmt: skip
+
+
+def _cli(args: list[str] | None) -> CYBLightningCLI:
     return CYBLightningCLI(
         CYBModule,
         CYBDataModule,
         args=args,
         seed_everything_default=1234,
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
         # A requeued or restarted job writes its config again: overwriting it must not fail the run.
         save_config_kwargs={"overwrite": True},
         # Whatever the config: the end of fit is checkpointed even off the checkpoint interval, and what the

@@ -184,3 +184,17 @@ def test_the_fit_summary_states_its_pace_and_a_loaded_machine():
     assert idle == "fit: 5000 steps in 100 s (50.0 steps/s)"
     loaded = pace(100.0, 98.0, 5000, load=3.0)  # two more cores' worth of other work
     assert loaded.startswith("fit: 5000 steps in 100 s (50.0 steps/s); the machine was loaded") and "2.0 of it" in loaded
+
+
+@pytest.mark.parametrize("args, first_line", [
+    (["--data.seq_len", "abc"], 'error: Parser key "data.seq_len":'),
+    (["--data.layout", "bogus"], "error: unknown layout 'bogus'; choose one of none, cyb, tbys_random"),
+    (["--model.loss.init_args.gamma0", "7"], "error: gamma0 must lie in [0, 1], got 7.0"),
+])  # fmt: skip
+def test_a_bad_setting_is_one_message_without_a_traceback_or_usage_dump(args, first_line, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", "conf/positive_control.yaml", "--data.source.init_args.root", str(tmp_path), *args])
+    message = str(info.value.code)
+    assert message.splitlines()[0] == first_line or message.startswith(first_line), message
+    assert len(message.splitlines()) <= 4 and "Traceback" not in message
+    assert "usage:" not in capsys.readouterr().err
