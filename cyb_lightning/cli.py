@@ -75,6 +75,17 @@ class CYBLightningCLI(LightningCLI):
             hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
         self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
+    def before_instantiate_classes(self) -> None:
+        """One model path: an HF tokenizer whose ``name_or_path`` is unset reads the HF decoder's model."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        tokenizer, decoder = config.get("data.tokenizer"), config.get("model.decoder")
+        if not tokenizer or not decoder or not str(decoder.get("class_path", "")).endswith("HFDecoder"):
+            return
+        if tokenizer.get("init_args") is not None and tokenizer.init_args.get("name_or_path") is None:
+            for key in ("name_or_path", "gguf_file", "revision"):
+                if tokenizer.init_args.get(key) is None:
+                    tokenizer.init_args[key] = decoder.init_args.get(key)
+
     def instantiate_classes(self) -> None:
         # Our classes check their settings when built and say what is wrong and how to fix it: that message is
         # the whole answer a user needs, not a traceback through jsonargparse.

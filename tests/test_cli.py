@@ -198,3 +198,29 @@ def test_a_bad_setting_is_one_message_without_a_traceback_or_usage_dump(args, fi
     assert message.splitlines()[0] == first_line or message.startswith(first_line), message
     assert len(message.splitlines()) <= 4 and "Traceback" not in message
     assert "usage:" not in capsys.readouterr().err
+
+
+def test_naming_the_hf_decoder_names_its_tokenizer_too(tmp_path, source_root):
+    """One model path: an HFTokenizer left without ``name_or_path`` reads the HF decoder's model; a tokenizer
+    given its own path keeps it."""
+    from cyb_lightning.cli import CYBLightningCLI
+    from cyb_lightning.datamodule import CYBDataModule
+    from cyb_lightning.module import CYBModule
+    from tests.model.test_hf import save_tiny, save_tiny_tokenizer
+
+    n = save_tiny_tokenizer(tmp_path / "llama")
+    folder = save_tiny(tmp_path / "llama", "llama", vocab_size=n)
+    other = tmp_path / "other"
+    save_tiny_tokenizer(other)
+    base = tiny_args(tmp_path, source_root)[1:]  # without "fit"; our GPT's sizes dropped (an HF decoder has its own)
+    cut = base.index("--model.decoder.init_args.d_model")
+    args = base[:cut] + base[cut + 4 :] + [
+        "--model.decoder", json.dumps({"class_path": "cyb_lightning.model.HFDecoder", "init_args": {"name_or_path": folder}}),
+        "--data.tokenizer", json.dumps({"class_path": "cyb_lightning.data.hf_tokenizer.HFTokenizer",
+                                        "init_args": {"add_ids": True}}),
+    ]  # fmt: skip
+    cli = CYBLightningCLI(CYBModule, CYBDataModule, args=args, run=False, parser_kwargs={"parser_mode": "omegaconf"})
+    assert cli.datamodule.tokenizer.name_or_path == folder
+    mine = CYBLightningCLI(CYBModule, CYBDataModule, args=args + ["--data.tokenizer.init_args.name_or_path", str(other)],
+                           run=False, parser_kwargs={"parser_mode": "omegaconf"})  # fmt: skip
+    assert mine.datamodule.tokenizer.name_or_path == str(other)

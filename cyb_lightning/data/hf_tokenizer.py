@@ -53,8 +53,9 @@ class HFTokenizer(TextTokenizer):
     """The tokenizer of a pretrained model (Hub id or local folder) plus CYB's DK and pause ids.
 
     Args:
-        name_or_path: what ``AutoTokenizer.from_pretrained`` takes; usually the decoder's own. A GGUF file
-            too (``model.gguf``, ``pkg://PACKAGE/model.gguf``).
+        name_or_path: what ``AutoTokenizer.from_pretrained`` takes. A GGUF file too (``model.gguf``,
+            ``pkg://PACKAGE/model.gguf``). Unset (None) under the CLI with an ``HFDecoder``: the decoder's model
+            (``name_or_path``, ``gguf_file``, ``revision``), so one setting names both.
         gguf_file: a GGUF file inside the folder or Hub repository ``name_or_path``.
         dk_token: a token of the vocabulary to repurpose as DK (e.g. ``<unused3>``); None adds a new id.
         pause_tokens: tokens to repurpose as ``<pause1>`` … (e.g. ``[<unused0>, <unused1>, <unused2>]``);
@@ -73,7 +74,7 @@ class HFTokenizer(TextTokenizer):
 
     def __init__(
         self,
-        name_or_path: str,
+        name_or_path: str | None = None,
         gguf_file: str | None = None,
         dk_token: str | None = None,
         pause_tokens: list[str] | None = None,
@@ -87,6 +88,11 @@ class HFTokenizer(TextTokenizer):
     ):
         from transformers import AutoTokenizer
 
+        if name_or_path is None:
+            raise ValueError(
+                "data.tokenizer.init_args.name_or_path is not set: name the tokenizer's model, or use an HF decoder "
+                "(model.decoder: cyb_lightning.model.HFDecoder), whose model the CLI then reads for the tokenizer too"
+            )
         if add_ids and (dk_token is not None or pause_tokens is not None):
             log.info("add_ids: adding new DK and pause ids instead of repurposing %s", [dk_token, pause_tokens])
             dk_token = pause_tokens = None
