@@ -31,7 +31,8 @@ evaluation reads that from the evaluation batch (:attr:`LaidOutBatch.pause_slots
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -269,7 +270,13 @@ def answer_nll(logits: Tensor, targets: Tensor, dk_id: int) -> Tensor:
 
 
 @torch.no_grad()
-def adaptive_evaluate(runner: AdaptiveRunner, batches: Iterable[dict[str, Tensor]], max_batches: int | None = None):
+def adaptive_evaluate(
+    runner: AdaptiveRunner,
+    batches: Iterable[dict[str, Tensor]],
+    max_batches: int | None = None,
+    progress: Callable[[str], None] | None = None,
+    every_s: float = 10.0,
+):
     """Teacher-forced adaptive evaluation over laid-out batches (any layout: only their real tokens are read,
     and where the layout lets a token pause, :attr:`LaidOutBatch.pause_slots`).
 
@@ -279,15 +286,22 @@ def adaptive_evaluate(runner: AdaptiveRunner, batches: Iterable[dict[str, Tensor
     pauses), ``fixed_steps`` (W, what fixed-K pausing spends), ``compute_saved`` = 1 − steps/W, ``p_pauses``
     (share of tokens with 0 … K pauses), ``tokens``, and, when the batches carry a per-target ``difficulty``
     (the synthetic tasks), ``by_difficulty``: {level: {tokens, accuracy, steps_per_token, p_pauses}} over the
-    levels ≥ 0 and ``spearman`` (difficulty vs pauses taken).
+    levels ≥ 0 and ``spearman`` (difficulty vs pauses taken). ``progress`` (e.g. ``print``) hears how far it
+    got every ``every_s`` seconds: a long evaluation on a loaded machine is never silent.
     """
     from cyb_lightning.metrics.adaptive import AdaptiveReadout, readout_summary
 
     metric = AdaptiveReadout(len(runner.pause_ids) + 1)
+    started = last = time.monotonic()
     for b, batch in enumerate(batches):
         if max_batches is not None and b >= max_batches:
             break
         read_batch(runner, LaidOutBatch.of(batch), metric)
+        if progress is not None and time.monotonic() - last >= every_s:
+            last = time.monotonic()
+            total = "" if max_batches is None else f" of {max_batches}"
+            progress(f"  {runner.policy.kind}: {b + 1}{total} batches, {int(metric.count)} tokens, "
+                     f"{last - started:.0f} s")  # fmt: skip
     return {"policy": runner.policy.kind, **readout_summary(metric.compute())}
 
 

@@ -268,3 +268,10 @@ def test_pauses_inside_the_text_are_read_at_their_layout_positions(decoder):
     expected = answer_nll(logits[batch.target_mask], batch.targets, DK)
     out = adaptive_evaluate(runner(decoder, "none"), [batch])
     assert math.isclose(out["nll"], float(expected.mean()), rel_tol=1e-6)
+
+
+def test_a_long_adaptive_evaluation_says_how_far_it_got(decoder):
+    real = torch.randint(6, V, (2, 12), generator=torch.Generator().manual_seed(5))
+    heard: list[str] = []
+    adaptive_evaluate(runner(decoder, "threshold"), [cyb_layout(real)] * 3, progress=heard.append, every_s=0.0)
+    assert heard == [f"  threshold: {b} batches, {22 * b} tokens, {heard[b - 1].rsplit(', ', 1)[1]}" for b in (1, 2, 3)]

@@ -5,6 +5,7 @@ comparators)."""
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     for kind in [k for k in args.adaptive.split(",") if k]:
         runner = runner_for(module, PausePolicy(kind, args.threshold), Sampling(0.0), datamodule.pause_ids,
                             generator=torch.Generator().manual_seed(0))  # ``sample``: the same draws every run
-        report["adaptive"][kind] = adaptive_evaluate(runner, datamodule.val_dataloader(), args.adaptive_batches)
+        report["adaptive"][kind] = adaptive_evaluate(runner, datamodule.val_dataloader(), args.adaptive_batches,
+                                                     progress=lambda line: print(line, file=sys.stderr, flush=True))  # fmt: skip
     report["comparators"] = comparators(report, module, datamodule, args)
     out = Path(args.out) if args.out else Path(args.ckpt_path).resolve().parent.parent / "report"
     write_report(out, report, result, datamodule.tokenizer)
