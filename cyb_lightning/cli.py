@@ -119,8 +119,10 @@ def pace(seconds: float, cpu_seconds: float, steps: int, load: float | None = No
     others = load - cpu_seconds / max(seconds, 1e-9)
     line = f"fit: {steps} steps in {seconds:.0f} s ({steps / max(seconds, 1e-9):.1f} steps/s)"
     if others > 0.5:
-        line += (f"; the machine was loaded (1-minute load average {load:.1f} on {os.cpu_count()} cores, about "
-                 f"{others:.1f} of it other work), so this is slower than on an idle machine")
+        line += (
+            f"; the machine was loaded (1-minute load average {load:.1f} on {os.cpu_count()} cores, about "
+            f"{others:.1f} of it other work), so this is slower than on an idle machine"
+        )
     return line
 
 
@@ -135,24 +137,34 @@ def summary(trainer) -> str:
             f"{100 * metrics['val/adaptive/accuracy']:.1f} %, perplexity {metrics['val/adaptive/ppl']:.2f}, "
             f"{metrics['val/adaptive/steps_per_token']:.2f} forward steps per token"
         )
-    levels = sorted({int(k.split("/")[3]) for k in metrics if k.startswith("val/adaptive/difficulty/") and k.count("/") == 4})
+    levels = sorted(
+        {int(k.split("/")[3]) for k in metrics if k.startswith("val/adaptive/difficulty/") and k.count("/") == 4}
+    )
     if levels:  # data that labels the difficulty of its targets (the synthetic tasks)
-        lines += ["per difficulty level:            adaptive reader         full layout (every token keeps its pauses)",
-                  "  level   accuracy   pauses taken   accuracy   expected pauses"]  # fmt: skip
+        lines += [
+            "per difficulty level:            adaptive reader         full layout (every token keeps its pauses)",
+            "  level   accuracy   pauses taken   accuracy   expected pauses",
+        ]
         for k in levels:
             a, f = f"val/adaptive/difficulty/{k}/", f"val/full_layout/difficulty/{k}/"
-            lines.append(f"  {k:5d}   {100 * metrics[a + 'accuracy']:7.1f} %   {metrics[a + 'steps_per_token'] - 1:12.2f}"
-                         f"   {100 * metrics.get(f + 'accuracy', float('nan')):7.1f} %   "
-                         f"{metrics.get(f + 'extra_pauses', float('nan')):15.2f}")  # fmt: skip
+            lines.append(
+                f"  {k:5d}   {100 * metrics[a + 'accuracy']:7.1f} %   {metrics[a + 'steps_per_token'] - 1:12.2f}"
+                f"   {100 * metrics.get(f + 'accuracy', float('nan')):7.1f} %   "
+                f"{metrics.get(f + 'extra_pauses', float('nan')):15.2f}"
+            )
         if "val/adaptive/difficulty/spearman_pauses" in metrics:
-            lines.append(f"Spearman(difficulty, pauses taken) = {metrics['val/adaptive/difficulty/spearman_pauses']:.2f}; "
-                         "histograms per level: val/adaptive/pauses_by_difficulty/<level>")  # fmt: skip
+            lines.append(
+                f"Spearman(difficulty, pauses taken) = {metrics['val/adaptive/difficulty/spearman_pauses']:.2f}; "
+                "histograms per level: val/adaptive/pauses_by_difficulty/<level>"
+            )
     if "val/ppl" in metrics:
         lines.append(f"full layout: perplexity of the step mixture {metrics['val/ppl']:.2f}")
     p_stop = [metrics[k] for k in sorted(m for m in metrics if m.startswith("val/p_stop/step"))]
     if p_stop:
         dist = " / ".join(f"{p:.2f}" for p in p_stop)
-        lines.append(f"  P(0..{len(p_stop) - 1} extra pauses) = {dist}; mean {metrics['val/extra_pauses']:.2f} per token")
+        lines.append(
+            f"  P(0..{len(p_stop) - 1} extra pauses) = {dist}; mean {metrics['val/extra_pauses']:.2f} per token"
+        )
     return "\n".join(lines)
 
 
@@ -161,8 +173,10 @@ def main(args: list[str] | None = None) -> CYBLightningCLI:
         return _cli(args)
     except ArgumentError as e:  # a value the parser refuses: its message, not a 75-line usage dump first
         first, _, rest = str(e).partition("\n")
-        raise ConfigError(first + ("\n" + rest if rest else "") + "\n(`python -m cyb_lightning fit --help` lists "
-                          "every setting; `--print_config` shows the resolved config)") from None  # fmt: skip
+        raise ConfigError(
+            first + ("\n" + rest if rest else "") + "\n(`python -m cyb_lightning fit --help` lists "
+            "every setting; `--print_config` shows the resolved config)"
+        ) from None
 
 
 def _cli(args: list[str] | None) -> CYBLightningCLI:

@@ -231,7 +231,12 @@ class CYBDataModule(L.LightningDataModule):
                 self.source, bpe_vocab_size, tokenizer_dir, tokenizer_train_documents
             )
         self.layout_spec = make_layout(
-            layout, seq_len, self.tokenizer.vocab, num_pauses=num_pauses, pause_fraction=pause_fraction, seed=seed,
+            layout,
+            seq_len,
+            self.tokenizer.vocab,
+            num_pauses=num_pauses,
+            pause_fraction=pause_fraction,
+            seed=seed,
             omega=omega,
         )
         # What validation and test read (a variable-pause model: every token may use all K, its own DK decides).

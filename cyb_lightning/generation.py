@@ -241,8 +241,13 @@ class AdaptiveRunner:
             if t + 1 >= forced and bool(done.all()):
                 length = t + 1
                 break
-        return Trace(tokens=out[:, : length + 1], steps=steps[:, :length], nll=nll[:, :length],
-                     correct=correct[:, :length], forward_calls=calls)  # fmt: skip
+        return Trace(
+            tokens=out[:, : length + 1],
+            steps=steps[:, :length],
+            nll=nll[:, :length],
+            correct=correct[:, :length],
+            forward_calls=calls,
+        )
 
     def generate(
         self, prompt: Sequence[int], max_new_tokens: int, stop_ids: Iterable[int] = (), answers_only: bool = False
@@ -300,8 +305,9 @@ def adaptive_evaluate(
         if progress is not None and time.monotonic() - last >= every_s:
             last = time.monotonic()
             total = "" if max_batches is None else f" of {max_batches}"
-            progress(f"  {runner.policy.kind}: {b + 1}{total} batches, {int(metric.count)} tokens, "
-                     f"{last - started:.0f} s")  # fmt: skip
+            progress(
+                f"  {runner.policy.kind}: {b + 1}{total} batches, {int(metric.count)} tokens, {last - started:.0f} s"
+            )
     return {"policy": runner.policy.kind, **readout_summary(metric.compute())}
 
 
@@ -309,8 +315,9 @@ def read_batch(runner: AdaptiveRunner, batch: LaidOutBatch, metric) -> None:
     """The adaptive reader, teacher-forced on one laid-out batch, into an ``AdaptiveReadout``."""
     device = next(runner.decoder.parameters()).device
     real, mask = batch.real_tokens().to(device), batch.target_mask.to(device)
-    trace = runner.run(real, real.shape[1] - 1, may_pause=batch.pause_slots.to(device),
-                       positions=batch.first_positions.to(device))  # fmt: skip
+    trace = runner.run(
+        real, real.shape[1] - 1, may_pause=batch.pause_slots.to(device), positions=batch.first_positions.to(device)
+    )
     difficulty = None if batch.difficulty_grid is None else batch.difficulty_grid.to(device)
     metric.to(device).update(trace.steps, trace.correct, trace.nll, mask, difficulty, trace.forward_calls)
 

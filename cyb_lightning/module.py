@@ -135,8 +135,9 @@ class CYBModule(L.LightningModule):
             loss_chunk_size = (loss_chunk_size or None) if chunked_loss else 0
             self.hparams.loss_chunk_size = loss_chunk_size
         if adaptive_eval_batches is not None and adaptive_eval_batches < 0:
-            raise ValueError(f"adaptive_eval_batches must be >= 0 (0: off) or None (every batch), got "
-                             f"{adaptive_eval_batches}")  # fmt: skip
+            raise ValueError(
+                f"adaptive_eval_batches must be >= 0 (0: off) or None (every batch), got {adaptive_eval_batches}"
+            )
         if loss_chunk_size is not None and loss_chunk_size < 0:
             raise ValueError(f"loss_chunk_size must be >= 0 (0: one chunk, None: automatic), got {loss_chunk_size}")
         max_position = decoder.max_position
@@ -176,11 +177,14 @@ class CYBModule(L.LightningModule):
             self.decoder = self.decoder_spec.build(self.hparams.vocab_size)
             missing = missing_methods(self.decoder)
             if missing:
-                raise TypeError(f"{type(self.decoder).__name__}, built by {type(self.decoder_spec).__name__}, is not a "
-                                f"Decoder (cyb_lightning/model/spec.py): it lacks {', '.join(missing)}")  # fmt: skip
+                raise TypeError(
+                    f"{type(self.decoder).__name__}, built by {type(self.decoder_spec).__name__}, is not a "
+                    f"Decoder (cyb_lightning/model/spec.py): it lacks {', '.join(missing)}"
+                )
             if self.hparams.get("pause_filler_ids"):  # before sharding; a resumed checkpoint overwrites it
-                state = filler_rows(self.decoder, self.decoder.state_dict(), self.hparams.pause_ids,
-                                    self.hparams.pause_filler_ids)  # fmt: skip
+                state = filler_rows(
+                    self.decoder, self.decoder.state_dict(), self.hparams.pause_ids, self.hparams.pause_filler_ids
+                )
                 set_decoder_state_dict(self.decoder, state)
             self._parallelize()
 
@@ -234,15 +238,23 @@ class CYBModule(L.LightningModule):
         its final hidden states, gathered onto the groups, meet its output head chunk by chunk."""
 
         def head_fn(hidden: Tensor, head: OutputHead) -> HeadLoss:
-            return head_loss(batch.groups(hidden), head, batch.targets, self.loss_fn, self.hparams.dk_id,
-                             chunk_size=self.hparams.get("loss_chunk_size"), step_mask=batch.step_mask,
-                             with_argmax=with_argmax)  # fmt: skip
+            return head_loss(
+                batch.groups(hidden),
+                head,
+                batch.targets,
+                self.loss_fn,
+                self.hparams.dk_id,
+                chunk_size=self.hparams.get("loss_chunk_size"),
+                step_mask=batch.step_mask,
+                with_argmax=with_argmax,
+            )
 
         return self.decoder(batch.input_ids, batch.position_ids, head_fn=head_fn)
 
     def statistics(self, out: HeadLoss, batch: LaidOutBatch) -> TokenStats:
-        stats = head_statistics(out.lse_rest, out.z_y, out.z_dk, out.best_id, batch.targets, self.loss_fn,
-                                out.vocab_size, batch.step_mask)  # fmt: skip
+        stats = head_statistics(
+            out.lse_rest, out.z_y, out.z_dk, out.best_id, batch.targets, self.loss_fn, out.vocab_size, batch.step_mask
+        )
         stats.inputs = batch.group_inputs
         return stats
 
@@ -311,10 +323,12 @@ class CYBModule(L.LightningModule):
             out["difficulty"] = batch.difficulty
         limit = self.hparams.get("adaptive_eval_batches")
         if limit is None or batch_idx < limit:  # the same batches on every rank (they run as many)
-            trace = self.adaptive_reader().run(*self._real(batch), may_pause=batch.pause_slots,
-                                               positions=batch.first_positions)  # fmt: skip
-            getattr(self, f"{stage}_adaptive").update(trace.steps, trace.correct, trace.nll, batch.target_mask,
-                                                      batch.difficulty_grid, trace.forward_calls)  # fmt: skip
+            trace = self.adaptive_reader().run(
+                *self._real(batch), may_pause=batch.pause_slots, positions=batch.first_positions
+            )
+            getattr(self, f"{stage}_adaptive").update(
+                trace.steps, trace.correct, trace.nll, batch.target_mask, batch.difficulty_grid, trace.forward_calls
+            )
             out["adaptive_steps"] = trace.steps[batch.target_mask]
         return out
 
@@ -383,10 +397,16 @@ class CYBModule(L.LightningModule):
         for key in ("accuracy", "ppl", "steps_per_token", "batch_steps_per_token"):
             self.log(f"{stage}/adaptive/{key}", result[key].float(), sync_dist=False)
         for level in torch.nonzero(result["level_tokens"] > 0).flatten().tolist():
-            self.log(f"{stage}/adaptive/difficulty/{level}/accuracy", result["level_accuracy"][level].float(),
-                     sync_dist=False)  # fmt: skip
-            self.log(f"{stage}/adaptive/difficulty/{level}/steps_per_token", result["level_steps"][level].float(),
-                     sync_dist=False)  # fmt: skip
+            self.log(
+                f"{stage}/adaptive/difficulty/{level}/accuracy",
+                result["level_accuracy"][level].float(),
+                sync_dist=False,
+            )
+            self.log(
+                f"{stage}/adaptive/difficulty/{level}/steps_per_token",
+                result["level_steps"][level].float(),
+                sync_dist=False,
+            )
         if not torch.isnan(result["spearman"]):
             self.log(f"{stage}/adaptive/difficulty/spearman_pauses", result["spearman"].float(), sync_dist=False)
 
@@ -411,9 +431,7 @@ class CYBModule(L.LightningModule):
         hp = self.hparams
         decay_steps = hp.decay_steps or self.trainer.max_steps
         if decay_steps is None or decay_steps <= 0:
-            raise ValueError(
-                "the LR schedule needs an explicit length: set trainer.max_steps (or model.decay_steps)"
-            )
+            raise ValueError("the LR schedule needs an explicit length: set trainer.max_steps (or model.decay_steps)")
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": hp.weight_decay},

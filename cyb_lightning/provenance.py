@@ -23,8 +23,10 @@ def machine() -> str:
     """One line: CPU, cores, torch threads, torch and Python versions."""
     import torch
 
-    return (f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch "
-            f"{torch.__version__}, Python {platform.python_version()}")  # fmt: skip
+    return (
+        f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch "
+        f"{torch.__version__}, Python {platform.python_version()}"
+    )
 
 
 def git_commit(where: str | os.PathLike = ".") -> str:

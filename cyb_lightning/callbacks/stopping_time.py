@@ -51,8 +51,11 @@ class _Window:
             self.taken[0] += torch.bincount(pauses, minlength=stop.numel()).double()
             if difficulty is not None:
                 keep = ((difficulty >= 0) & (difficulty <= MAX_LEVEL)).cpu()
-                self.taken.index_put_((difficulty.cpu()[keep].long() + 1, pauses[keep]),
-                                      torch.ones(int(keep.sum()), dtype=torch.float64), accumulate=True)  # fmt: skip
+                self.taken.index_put_(
+                    (difficulty.cpu()[keep].long() + 1, pauses[keep]),
+                    torch.ones(int(keep.sum()), dtype=torch.float64),
+                    accumulate=True,
+                )
         if difficulty is not None:
             if self.level_stop is None:
                 self.level_stop = torch.zeros(MAX_LEVEL + 1, stop.numel(), dtype=torch.float64)
@@ -119,10 +122,18 @@ class StoppingTimeHistograms(L.Callback):
                 write_histograms(logger.experiment, stage, pauses, stop_sum, trainer.global_step)
                 if labelled:
                     for level in torch.nonzero(level_stop.sum(1) > 0).flatten().tolist():
-                        write_stop_histogram(logger.experiment, f"{stage}/pauses_by_difficulty/{level}/stop_step",
-                                             level_stop[level], trainer.global_step)  # fmt: skip
+                        write_stop_histogram(
+                            logger.experiment,
+                            f"{stage}/pauses_by_difficulty/{level}/stop_step",
+                            level_stop[level],
+                            trainer.global_step,
+                        )
                 if taken is not None:
                     write_stop_histogram(logger.experiment, f"{stage}/adaptive/pauses", taken[0], trainer.global_step)
                     for level in torch.nonzero(taken[1:].sum(1) > 0).flatten().tolist():
-                        write_stop_histogram(logger.experiment, f"{stage}/adaptive/pauses_by_difficulty/{level}",
-                                             taken[level + 1], trainer.global_step)  # fmt: skip
+                        write_stop_histogram(
+                            logger.experiment,
+                            f"{stage}/adaptive/pauses_by_difficulty/{level}",
+                            taken[level + 1],
+                            trainer.global_step,
+                        )

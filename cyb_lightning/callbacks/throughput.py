@@ -93,8 +93,9 @@ class TokenThroughput(L.Callback):
         self._real_tokens += real
         per_token = self._flops(pl_module, int(input_ids.shape[1]))
         flops = per_token * laid_out if per_token else None
-        self._laid_out.update(time=elapsed, batches=self._steps, samples=self._samples,
-                              lengths=self._laid_out_tokens, flops=flops)
+        self._laid_out.update(
+            time=elapsed, batches=self._steps, samples=self._samples, lengths=self._laid_out_tokens, flops=flops
+        )
         self._real.update(time=elapsed, batches=self._steps, samples=self._samples, lengths=self._real_tokens)
         every = self.log_every_n_steps or trainer.log_every_n_steps or 1
         if trainer.global_step % every:

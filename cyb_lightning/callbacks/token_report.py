@@ -50,8 +50,10 @@ class TokenPauseReport(L.Callback):
 
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
         analysis = token_analysis(table, tokenizer or _IdNames(), self.min_count, self.top)
-        figures = {"val/tokens/quadrants_plot": quadrant_figure(analysis),
-                   "val/latency": latency_figure(probs, sum(k * p for k, p in enumerate(probs)))}  # fmt: skip
+        figures = {
+            "val/tokens/quadrants_plot": quadrant_figure(analysis),
+            "val/latency": latency_figure(probs, sum(k * p for k, p in enumerate(probs))),
+        }
         md = quadrant_markdown(analysis)
         for writer in writers:
             writer.add_text("val/tokens/quadrants", md, trainer.global_step)
@@ -71,6 +73,8 @@ def quadrant_markdown(analysis: dict) -> str:
     lines = [f"tokens seen at least {analysis['min_count']} times: {len(analysis['tokens'])}", ""]
     for q, rows in analysis["quadrants"].items():
         lines += [f"**{q.replace('_', ' ')}**", "", "| token | median | variance | count |", "|---|---|---|---|"]
-        lines += [f"| `{repr(t['text'])[1:-1]}` | {t['median']:.3f} | {t['variance']:.4f} | {t['count']} |" for t in rows]
+        lines += [
+            f"| `{repr(t['text'])[1:-1]}` | {t['median']:.3f} | {t['variance']:.4f} | {t['count']} |" for t in rows
+        ]
         lines.append("")
     return "\n".join(lines)

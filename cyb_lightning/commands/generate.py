@@ -45,9 +45,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", help="the run's config.yaml (default: next to the checkpoint's run)")
     parser.add_argument("--prompt", default="")
     parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--policy", choices=POLICIES, default=DEFAULT_POLICY,
-                        help="when to pause: threshold (d_i > τ) and sample (with probability d_i) follow the rule the "
-                        "CYB losses train; greedy (DK is the argmax) does not")
+    parser.add_argument(
+        "--policy",
+        choices=POLICIES,
+        default=DEFAULT_POLICY,
+        help="when to pause: threshold (d_i > τ) and sample (with probability d_i) follow the rule the "
+        "CYB losses train; greedy (DK is the argmax) does not",
+    )
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top_k", type=int, default=0)
@@ -56,9 +60,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--use_cache", type=_boolean, default=True, help="false: recompute everything at every step")
     parser.add_argument("--compare", action="store_true", help="also run fixed-K and no-pause decoding")
     parser.add_argument("--html", help="write the text coloured by pauses spent to this HTML file")
-    parser.add_argument("--num_prompt_pauses", type=int, default=None,
-                        help="pauses appended after the prompt (TBYS pause fine-tuning's M_ft); default: the "
-                             "checkpoint's data.num_pauses for a tbys_finetune run, else 0")  # fmt: skip
+    parser.add_argument(
+        "--num_prompt_pauses",
+        type=int,
+        default=None,
+        help="pauses appended after the prompt (TBYS pause fine-tuning's M_ft); default: the "
+        "checkpoint's data.num_pauses for a tbys_finetune run, else 0",
+    )
     args, overrides = parser.parse_known_args(argv)
 
     from cyb_lightning.commands.loading import load_run
@@ -70,17 +78,29 @@ def main(argv: list[str] | None = None) -> None:
     kinds = [args.policy] + ([k for k in ("fixed", "none") if k != args.policy] if args.compare else [])
     for kind in kinds:
         gen = torch.Generator().manual_seed(args.seed)
-        runner = runner_for(module, PausePolicy(kind, args.threshold), sampling, datamodule.pause_ids,
-                            use_cache=args.use_cache, generator=gen)  # fmt: skip
-        trace = runner.generate(prompt, args.max_new_tokens, stop_ids=[datamodule.eot_id],
-                                answers_only=datamodule.eval_layout_spec.answers_only)  # fmt: skip
+        runner = runner_for(
+            module,
+            PausePolicy(kind, args.threshold),
+            sampling,
+            datamodule.pause_ids,
+            use_cache=args.use_cache,
+            generator=gen,
+        )
+        trace = runner.generate(
+            prompt,
+            args.max_new_tokens,
+            stop_ids=[datamodule.eot_id],
+            answers_only=datamodule.eval_layout_spec.answers_only,
+        )
         ids = trace.tokens[0].tolist()
         new = ids[len(prompt) :]
         steps = trace.steps[0].tolist()
         gen_steps = steps[len(prompt) - 1 :]
         spent = sum(gen_steps) / max(1, len(gen_steps))
-        print(f"=== policy {kind}: {len(new)} new tokens, {spent:.2f} forward steps per token "
-              f"(fixed-K: {len(runner.pause_ids) + 1}; {trace.forward_calls} decoder calls)")  # fmt: skip
+        print(
+            f"=== policy {kind}: {len(new)} new tokens, {spent:.2f} forward steps per token "
+            f"(fixed-K: {len(runner.pause_ids) + 1}; {trace.forward_calls} decoder calls)"
+        )
         print(text_of(tok, ids))
         if args.html and kind == args.policy:
             from cyb_lightning.evaluation.render import token_pieces, write_html

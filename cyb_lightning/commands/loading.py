@@ -37,9 +37,13 @@ def load_run(ckpt_path: str, config: str | None = None, overrides: list[str] | N
         near = sorted(str(p) for p in Path(ckpt_path).parent.glob("*.ckpt")) if Path(ckpt_path).parent.is_dir() else []
         raise FileNotFoundError(
             f"no checkpoint at {ckpt_path}"
-            + (f"; the folder has {', '.join(near[:5])}" if near else "; check the path (runs/<name>/version_<n>/"
-               "checkpoints/last.ckpt) or pick one with `python -m cyb_lightning pick-checkpoint RUN_DIR`")
-        )  # fmt: skip
+            + (
+                f"; the folder has {', '.join(near[:5])}"
+                if near
+                else "; check the path (runs/<name>/version_<n>/"
+                "checkpoints/last.ckpt) or pick one with `python -m cyb_lightning pick-checkpoint RUN_DIR`"
+            )
+        )
     cfg = yaml.safe_load(Path(config or find_config(ckpt_path)).read_text())
     # Keep what builds the model and the data; drop the fit subcommand's own keys (ckpt_path, weights_only…).
     cfg = {k: v for k, v in cfg.items() if k in ("seed_everything", "trainer", "model", "data")}

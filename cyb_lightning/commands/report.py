@@ -23,8 +23,14 @@ def comparators(report: dict, module, datamodule, args) -> dict:
     ``--baseline_ckpt``, a no-pause model (its perplexity at 1 forward step per token)."""
     # On the very tokens the adaptive runs read (their first --adaptive_batches batches).
     m = evaluate(module, datamodule.val_dataloader(), max_batches=args.adaptive_batches)["metrics"]
-    out = {"step_mixture": {"ppl": m["ppl"], "steps_per_token": float(module.hparams.steps_per_token),
-                            "expected_steps_per_token": 1.0 + m["extra_pauses"], "tokens": m["tokens"]}}  # fmt: skip
+    out = {
+        "step_mixture": {
+            "ppl": m["ppl"],
+            "steps_per_token": float(module.hparams.steps_per_token),
+            "expected_steps_per_token": 1.0 + m["extra_pauses"],
+            "tokens": m["tokens"],
+        }
+    }
     if args.baseline_ckpt:
         base, base_dm = load_run(args.baseline_ckpt)
         if base.hparams.steps_per_token != 1 or base_dm.tokenizer.vocab != datamodule.tokenizer.vocab:
@@ -36,11 +42,17 @@ def comparators(report: dict, module, datamodule, args) -> dict:
         runner = runner_for(base, PausePolicy("none"), Sampling(0.0), datamodule.pause_ids)
         # This run's validation batches: the very same tokens; the runner reads only their real tokens.
         r = adaptive_evaluate(runner, datamodule.val_dataloader(), args.adaptive_batches)
-        out["baseline"] = {"checkpoint": str(args.baseline_ckpt), "ppl": r["ppl"], "accuracy": r["accuracy"],
-                           "steps_per_token": r["steps_per_token"], "tokens": r["tokens"]}  # fmt: skip
+        out["baseline"] = {
+            "checkpoint": str(args.baseline_ckpt),
+            "ppl": r["ppl"],
+            "accuracy": r["accuracy"],
+            "steps_per_token": r["steps_per_token"],
+            "tokens": r["tokens"],
+        }
         if "by_difficulty" in r:
-            out["baseline"]["by_difficulty"] = {k: {"tokens": v["tokens"], "accuracy": v["accuracy"]}
-                                                for k, v in r["by_difficulty"].items()}  # fmt: skip
+            out["baseline"]["by_difficulty"] = {
+                k: {"tokens": v["tokens"], "accuracy": v["accuracy"]} for k, v in r["by_difficulty"].items()
+            }
     return out
 
 
@@ -64,13 +76,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max_batches", type=int, default=None, help="validation batches to read (default: all)")
     parser.add_argument("--min_count", type=int, default=5, help="token analysis: minimum occurrences")
     parser.add_argument("--top", type=int, default=10, help="tokens listed per quadrant")
-    parser.add_argument("--adaptive", default="threshold,sample,greedy,fixed,none",
-                        help="comma-separated pause policies for the teacher-forced adaptive evaluation ('' = skip); "
-                        "threshold and sample follow the trained stopping rule, greedy does not")
+    parser.add_argument(
+        "--adaptive",
+        default="threshold,sample,greedy,fixed,none",
+        help="comma-separated pause policies for the teacher-forced adaptive evaluation ('' = skip); "
+        "threshold and sample follow the trained stopping rule, greedy does not",
+    )
     parser.add_argument("--threshold", type=float, default=0.5, help="τ of the threshold policy")
     parser.add_argument("--adaptive_batches", type=int, default=2, help="validation batches the adaptive runs read")
-    parser.add_argument("--baseline_ckpt", help="a no-pause checkpoint (layout none) to compare with: its perplexity "
-                        "on the same held-out tokens, at 1 forward step per token")
+    parser.add_argument(
+        "--baseline_ckpt",
+        help="a no-pause checkpoint (layout none) to compare with: its perplexity "
+        "on the same held-out tokens, at 1 forward step per token",
+    )
     args, overrides = parser.parse_known_args(argv)
 
     started = time.time()
@@ -89,10 +107,19 @@ def main(argv: list[str] | None = None) -> dict:
         "adaptive": {},
     }
     for kind in [k for k in args.adaptive.split(",") if k]:
-        runner = runner_for(module, PausePolicy(kind, args.threshold), Sampling(0.0), datamodule.pause_ids,
-                            generator=torch.Generator().manual_seed(0))  # ``sample``: the same draws every run
-        report["adaptive"][kind] = adaptive_evaluate(runner, datamodule.val_dataloader(), args.adaptive_batches,
-                                                     progress=lambda line: print(line, file=sys.stderr, flush=True))  # fmt: skip
+        runner = runner_for(
+            module,
+            PausePolicy(kind, args.threshold),
+            Sampling(0.0),
+            datamodule.pause_ids,
+            generator=torch.Generator().manual_seed(0),
+        )  # ``sample``: the same draws every run
+        report["adaptive"][kind] = adaptive_evaluate(
+            runner,
+            datamodule.val_dataloader(),
+            args.adaptive_batches,
+            progress=lambda line: print(line, file=sys.stderr, flush=True),
+        )
     report["comparators"] = comparators(report, module, datamodule, args)
     out = Path(args.out) if args.out else Path(args.ckpt_path).resolve().parent.parent / "report"
     write_report(out, report, result, datamodule.tokenizer)
@@ -101,13 +128,17 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"report: {out}/report.md")
     base = report["comparators"].get("baseline", {})
     for kind, r in report["adaptive"].items():
-        print(f"  adaptive {kind:9s} accuracy {r['accuracy']:.3f}, ppl {r['ppl']:.3f} at {r['steps_per_token']:.2f} "
-              f"steps/token ({r['batch_steps_per_token']:.2f} computed by the batch)")  # fmt: skip
+        print(
+            f"  adaptive {kind:9s} accuracy {r['accuracy']:.3f}, ppl {r['ppl']:.3f} at {r['steps_per_token']:.2f} "
+            f"steps/token ({r['batch_steps_per_token']:.2f} computed by the batch)"
+        )
         if r.get("by_difficulty"):
             print(level_table(r["by_difficulty"], base.get("by_difficulty")))
-    print(f"  full layout (every token keeps its K pauses): step-mixture ppl {m['ppl']:.3f}, {m['extra_pauses']:.3f} "
-          f"expected pauses/token, P(0..K) = {' / '.join(f'{p:.2f}' for p in m['p_stop'])}, accuracy of the trained rule "
-          f"{m['accuracy']:.3f}")  # fmt: skip
+    print(
+        f"  full layout (every token keeps its K pauses): step-mixture ppl {m['ppl']:.3f}, {m['extra_pauses']:.3f} "
+        f"expected pauses/token, P(0..K) = {' / '.join(f'{p:.2f}' for p in m['p_stop'])}, accuracy of the trained rule "
+        f"{m['accuracy']:.3f}"
+    )
     if "baseline" in report["comparators"]:
         b = report["comparators"]["baseline"]
         print(f"  no-pause baseline ppl {b['ppl']:.3f} at 1.00 steps/token on the same tokens")

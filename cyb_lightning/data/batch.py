@@ -32,8 +32,15 @@ class LaidOutBatch:
     def of(cls, batch: dict[str, Tensor] | LaidOutBatch) -> LaidOutBatch:
         if isinstance(batch, LaidOutBatch):
             return batch
-        out = cls(batch["input_ids"], batch["position_ids"], batch["targets"], batch["target_mask"].bool(),
-                  batch.get("step_index"), batch.get("step_mask"), batch.get("difficulty"))  # fmt: skip
+        out = cls(
+            batch["input_ids"],
+            batch["position_ids"],
+            batch["targets"],
+            batch["target_mask"].bool(),
+            batch.get("step_index"),
+            batch.get("step_mask"),
+            batch.get("difficulty"),
+        )
         return out._trimmed()
 
     def _trimmed(self) -> LaidOutBatch:

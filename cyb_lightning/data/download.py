@@ -78,8 +78,11 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--shards must be in 1..{C4_SHARDS['train']}, --validation-shards in 0..{C4_SHARDS['validation']}")
     check_hub(args.timeout)
     paths = download(Path(args.out), args.shards, args.validation_shards, args.variant, args.revision)
-    print(f"{len(paths)} shards in {args.out}; train with --data.source conf/data/c4_local.yaml "
-          f"(LocalShards path={args.out})", file=sys.stderr)  # fmt: skip
+    print(
+        f"{len(paths)} shards in {args.out}; train with --data.source conf/data/c4_local.yaml "
+        f"(LocalShards path={args.out})",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

@@ -141,14 +141,14 @@ class HFTokenizer(TextTokenizer):
         else:
             eot_id = hf.eos_token_id
             if eot_id is None:
-                raise ValueError(
-                    f"{name_or_path} has no EOS token: name the end-of-text separator with eot_token"
-                )
+                raise ValueError(f"{name_or_path} has no EOS token: name the end-of-text separator with eot_token")
             if hf.eos_token in chat:
                 log.warning(
                     "%s: the EOS %r is a chat-turn marker; plain-text documents will be separated by it. For "
                     "pretraining-style fine-tuning name the pretraining separator with eot_token (e.g. "
-                    "<|endoftext|>)", name_or_path, hf.eos_token,
+                    "<|endoftext|>)",
+                    name_or_path,
+                    hf.eos_token,
                 )
         pad_id = hf.pad_token_id if hf.pad_token_id is not None else eot_id
         bos_id = hf.bos_token_id
@@ -171,7 +171,9 @@ class HFTokenizer(TextTokenizer):
                 entry["special"] = True
         self._tok = _backend(json.dumps(data))
 
-        self.vocab = Vocab(pad_id=pad_id, eot_id=eot_id, dk_id=dk_id, pause_ids=pause_ids, size=max(next_new, first_new))
+        self.vocab = Vocab(
+            pad_id=pad_id, eot_id=eot_id, dk_id=dk_id, pause_ids=pause_ids, size=max(next_new, first_new)
+        )
         self.bos_id = bos_id if add_bos else None
         self.num_added = next_new - first_new
         self.base_size = first_new

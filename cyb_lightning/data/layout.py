@@ -205,7 +205,9 @@ class Layout:
     """
 
     name: ClassVar[str]
-    per_token_groups: ClassVar[bool] = False  # every real token is a group of itself + its pauses: W = 1 + K (cyb, variable)
+    per_token_groups: ClassVar[bool] = (
+        False  # every real token is a group of itself + its pauses: W = 1 + K (cyb, variable)
+    )
     inserts_pauses: ClassVar[bool] = False  # pauses take slots of the T + 1 (tbys_random, pause_groups, …)
     pairs: ClassVar[bool] = False  # an example is one prompt/completion pair (tokens = (prompt, completion))
     answers_only: ClassVar[bool] = False  # pauses only before scored targets (needs ``scored``; answer_pauses)
@@ -224,8 +226,16 @@ class Layout:
             LAYOUT_CLASSES[cls.name] = cls
 
     @classmethod
-    def from_config(cls, seq_len: int, vocab: Vocab, *, num_pauses: int, pause_fraction: float, seed: int,
-                    omega: Sequence[float] | None) -> Layout:  # fmt: skip  # pragma: no cover - abstract
+    def from_config(  # pragma: no cover - abstract
+        cls,
+        seq_len: int,
+        vocab: Vocab,
+        *,
+        num_pauses: int,
+        pause_fraction: float,
+        seed: int,
+        omega: Sequence[float] | None,
+    ) -> Layout:
         """The layout of a data config, checked: errors say what is wrong and how to fix it."""
         raise NotImplementedError
 
@@ -351,8 +361,13 @@ class PauseGroups(Layout):
                 f"({groups} groups need {groups + 1} real tokens besides their {groups * num_pauses} pauses); "
                 "lower pause_fraction or num_pauses, or raise seq_len"
             )
-        return cls(seq_len, vocab.pad_id, pause_ids=vocab.pause_ids[:num_pauses],
-                   num_random_pauses=groups * num_pauses, seed=seed)  # fmt: skip
+        return cls(
+            seq_len,
+            vocab.pad_id,
+            pause_ids=vocab.pause_ids[:num_pauses],
+            num_random_pauses=groups * num_pauses,
+            seed=seed,
+        )
 
     def __call__(self, tokens, index: int, scored: np.ndarray | None = None) -> Example:
         groups = self.num_random_pauses // len(self.pause_ids)
@@ -381,8 +396,9 @@ class TBYSFinetune(Layout):
 
     def __call__(self, tokens, index: int, scored: np.ndarray | None = None) -> Example:
         prompt, completion = tokens
-        return layout_tbys_finetune(prompt, completion, self.seq_len, self.pause_ids[0], self.num_random_pauses,
-                                    self.pad_id)  # fmt: skip
+        return layout_tbys_finetune(
+            prompt, completion, self.seq_len, self.pause_ids[0], self.num_random_pauses, self.pad_id
+        )
 
 
 class _GrantedPauses(Layout):
@@ -392,8 +408,11 @@ class _GrantedPauses(Layout):
 
     def empty_example(self) -> Example:
         w = self.steps_per_token
-        return {**super().empty_example(), "step_mask": np.zeros((self.seq_len, w), dtype=bool),
-                "step_index": np.repeat(np.arange(self.seq_len, dtype=np.int64) * w, w).reshape(-1, w)}  # fmt: skip
+        return {
+            **super().empty_example(),
+            "step_mask": np.zeros((self.seq_len, w), dtype=bool),
+            "step_index": np.repeat(np.arange(self.seq_len, dtype=np.int64) * w, w).reshape(-1, w),
+        }
 
 
 class VariablePauses(_GrantedPauses):
@@ -426,8 +445,10 @@ class AnswerPauses(_GrantedPauses):
 
     def __call__(self, tokens, index: int, scored: np.ndarray | None = None) -> Example:
         if scored is None:
-            raise ValueError("answer_pauses puts pauses before the scored targets, but none were given: it needs a "
-                             "source that labels its targets (DigitSum, WindowLookup)")  # fmt: skip
+            raise ValueError(
+                "answer_pauses puts pauses before the scored targets, but none were given: it needs a "
+                "source that labels its targets (DigitSum, WindowLookup)"
+            )
         return layout_answer_pauses(tokens, self.seq_len, self.pause_ids, self.pad_id, scored)
 
 
@@ -446,8 +467,9 @@ def make_layout(
         raise ValueError(f"unknown layout {name!r}; choose one of {', '.join(LAYOUT_CLASSES)}")
     if seq_len < 1:
         raise ValueError(f"seq_len (T, real tokens per example) must be >= 1, got {seq_len}")
-    return LAYOUT_CLASSES[name].from_config(seq_len, vocab, num_pauses=num_pauses, pause_fraction=pause_fraction,
-                                            seed=seed, omega=omega)  # fmt: skip
+    return LAYOUT_CLASSES[name].from_config(
+        seq_len, vocab, num_pauses=num_pauses, pause_fraction=pause_fraction, seed=seed, omega=omega
+    )
 
 
 # -- variable pauses ("recipe 2" of CYB: proposed there, never run) -------------------------------------
@@ -518,8 +540,9 @@ def layout_variable(
 ) -> Example:
     """Variable pauses: k_t from :func:`variable_pause_counts`, laid out by :func:`layout_granted`."""
     if len(omega) != 1 + len(pause_ids):
-        raise ValueError(f"omega has {len(omega)} entries but there are W={1 + len(pause_ids)} steps "
-                         f"(1 + {len(pause_ids)} pauses)")  # fmt: skip
+        raise ValueError(
+            f"omega has {len(omega)} entries but there are W={1 + len(pause_ids)} steps (1 + {len(pause_ids)} pauses)"
+        )
     granted = variable_pause_counts(seq_len, omega, seed, index)
     return layout_granted(tokens, seq_len, pause_ids, pad_id, granted)
 

@@ -54,10 +54,21 @@ TEXT_SUFFIXES = (".txt", ".md", ".rst")
 # Packages whose docstrings are GUI or test scaffolding rather than prose, or that are not the stdlib.
 _SKIP_DIRS = frozenset(
     {
-        "__pycache__", "site-packages", "dist-packages", "lib-dynload", "idlelib", "tkinter",
-        "turtledemo", "lib2to3", "ensurepip", "pydoc_data", "__phello__", "test", "tests",
+        "__pycache__",
+        "site-packages",
+        "dist-packages",
+        "lib-dynload",
+        "idlelib",
+        "tkinter",
+        "turtledemo",
+        "lib2to3",
+        "ensurepip",
+        "pydoc_data",
+        "__phello__",
+        "test",
+        "tests",
     }
-)  # fmt: skip
+)
 _SKIP_FILES = frozenset({"antigravity.py", "this.py", "turtle.py"})
 
 

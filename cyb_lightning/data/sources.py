@@ -622,8 +622,10 @@ class LocalPromptCompletion(PromptCompletionSource, LocalShards):
         """(the pair's document, '') or (None, what is wrong with the record)."""
         pair = self._pair(record)
         if pair is None:
-            return None, (f"no string {self.prompt_field!r} and non-empty string {self.completion_field!r} "
-                          "(or text UTF-8 cannot encode)")  # fmt: skip
+            return None, (
+                f"no string {self.prompt_field!r} and non-empty string {self.completion_field!r} "
+                "(or text UTF-8 cannot encode)"
+            )
         return pair, ""
 
     def fingerprint(self) -> str:
@@ -671,9 +673,13 @@ class HubPromptCompletion(PromptCompletionSource, HubC4):
             import datasets
 
             self._datasets[split] = datasets.load_dataset(
-                self.name, self.config, split=self.splits[split], streaming=True, revision=self.revision,
+                self.name,
+                self.config,
+                split=self.splits[split],
+                streaming=True,
+                revision=self.revision,
                 data_files=self.data_files,
-            )  # fmt: skip
+            )
         return self._datasets[split]
 
     def iter_shard(self, split: str, shard: str) -> Iterator[str]:
@@ -681,8 +687,9 @@ class HubPromptCompletion(PromptCompletionSource, HubC4):
         for record in ds.shard(num_shards=ds.num_shards, index=int(shard), contiguous=True):
             document = self._pair(record)
             if document is None:
-                self._warn(f"{self.name} shard {shard}: record without string prompt/completion skipped",
-                           "malformed_lines")  # fmt: skip
+                self._warn(
+                    f"{self.name} shard {shard}: record without string prompt/completion skipped", "malformed_lines"
+                )
             else:
                 yield document
 

@@ -321,9 +321,12 @@ class PackedStream(torch.utils.data.IterableDataset):
             capped = False
             for pos in range(pos0, len(shards)):
                 reader = self.source.read_shard(
-                    self.split, shards[pos], start=doc0 if pos == pos0 else 0,
-                    retries=self.retries, backoff_s=self.backoff_s,
-                )  # fmt: skip
+                    self.split,
+                    shards[pos],
+                    start=doc0 if pos == pos0 else 0,
+                    retries=self.retries,
+                    backoff_s=self.backoff_s,
+                )
                 for doc, text in reader:
                     if self.max_documents is not None and n >= self.max_documents:
                         reader.close()
@@ -409,8 +412,15 @@ class PackedStream(torch.utils.data.IterableDataset):
             while len(starts) > 1 and starts[1][0] <= pos:
                 starts.popleft()
             s, (epoch, shard, doc, n, sid), off = starts[0]
-            return {"epoch": epoch, "shard": shard, "doc": doc, "n": n, "offset": off + pos - s,
-                    "example": g, "sid": sid}  # fmt: skip
+            return {
+                "epoch": epoch,
+                "shard": shard,
+                "doc": doc,
+                "n": n,
+                "offset": off + pos - s,
+                "example": g,
+                "sid": sid,
+            }
 
         for batch in self._token_pieces(lane, cursor):
             parts = [buf[pos - buf_pos :]]
@@ -479,9 +489,11 @@ class PackedStream(torch.utils.data.IterableDataset):
                 completion = completion[1:]
             pair = (np.concatenate([eot, prompt]), np.concatenate([completion, eot]))
             if pair[0].size + pair[1].size > slots:
-                self.source._warn(f"a prompt/completion pair has more than the {slots} tokens seq_len leaves "
-                                  "besides the pauses: the prompt's start (then the completion's end) is cut",
-                                  "truncated_pairs")  # fmt: skip
+                self.source._warn(
+                    f"a prompt/completion pair has more than the {slots} tokens seq_len leaves "
+                    "besides the pauses: the prompt's start (then the completion's end) is cut",
+                    "truncated_pairs",
+                )
             out.append(pair)
         return out
 

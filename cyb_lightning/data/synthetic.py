@@ -47,12 +47,23 @@ class SyntheticSource(TextSource):
     splits = SPLITS
     one_example_per_document = False  # True: a document is one row (one problem), never packed
 
-    def __init__(self, levels: Sequence[int], max_level: int, documents_per_shard: int, train_shards: int,
-                 eval_shards: int, seed: int, root: str) -> None:  # fmt: skip
+    def __init__(
+        self,
+        levels: Sequence[int],
+        max_level: int,
+        documents_per_shard: int,
+        train_shards: int,
+        eval_shards: int,
+        seed: int,
+        root: str,
+    ) -> None:
         if not levels or any(not 1 <= k <= max_level for k in levels) or len(set(levels)) != len(levels):
             raise ValueError(f"levels must be distinct difficulty levels in 1 … {max_level}, got {list(levels)}")
-        for name, value in (("documents_per_shard", documents_per_shard), ("train_shards", train_shards),
-                            ("eval_shards", eval_shards)):  # fmt: skip
+        for name, value in (
+            ("documents_per_shard", documents_per_shard),
+            ("train_shards", train_shards),
+            ("eval_shards", eval_shards),
+        ):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         self.levels = sorted(levels)
@@ -104,8 +115,10 @@ class SyntheticSource(TextSource):
         return lambda: iter([self.alphabet()])
 
     def describe(self) -> str:
-        return (f"{type(self).__name__} (levels {self.levels}; train {self.num_documents('train')} / validation "
-                f"{self.num_documents('validation')} / test {self.num_documents('test')} documents)")  # fmt: skip
+        return (
+            f"{type(self).__name__} (levels {self.levels}; train {self.num_documents('train')} / validation "
+            f"{self.num_documents('validation')} / test {self.num_documents('test')} documents)"
+        )
 
     # -- token ids ----------------------------------------------------------------------------------
 
@@ -150,11 +163,27 @@ class DigitSum(SyntheticSource):
 
     one_example_per_document = True
 
-    def __init__(self, levels: list[int] | None = None, max_digit: int = 5, classes: int = 10,
-                 documents_per_shard: int = 100_000, train_shards: int = 8, eval_shards: int = 1, seed: int = 0,
-                 table_seed: int = 1234, root: str = "data/synthetic") -> None:  # fmt: skip
-        super().__init__(list(range(1, 9)) if levels is None else levels, 32, documents_per_shard, train_shards,
-                         eval_shards, seed, root)  # fmt: skip
+    def __init__(
+        self,
+        levels: list[int] | None = None,
+        max_digit: int = 5,
+        classes: int = 10,
+        documents_per_shard: int = 100_000,
+        train_shards: int = 8,
+        eval_shards: int = 1,
+        seed: int = 0,
+        table_seed: int = 1234,
+        root: str = "data/synthetic",
+    ) -> None:
+        super().__init__(
+            list(range(1, 9)) if levels is None else levels,
+            32,
+            documents_per_shard,
+            train_shards,
+            eval_shards,
+            seed,
+            root,
+        )
         if not 1 <= max_digit <= 9 or not 2 <= classes <= len(ANSWERS):
             raise ValueError(f"need 1 <= max_digit <= 9 and 2 <= classes <= {len(ANSWERS)}; got {max_digit}, {classes}")
         self.max_digit, self.classes, self.table_seed = max_digit, classes, table_seed
@@ -229,7 +258,9 @@ def window_lookup_document(
         bits = rng.integers(0, 2, int(rng.integers(k_max, k_max + extra_bits + 1)))
         k = int(levels[int(rng.integers(len(levels)))])
         value = int(bits[-k:] @ (1 << np.arange(k - 1, -1, -1)))  # the last k bits, most significant first
-        out.append("".join(BITS[b] for b in bits) + query_symbol(k) + answer_symbol(k, int(tables[k][value])) + SEPARATOR)
+        out.append(
+            "".join(BITS[b] for b in bits) + query_symbol(k) + answer_symbol(k, int(tables[k][value])) + SEPARATOR
+        )
     return "".join(out)
 
 
@@ -243,20 +274,41 @@ class WindowLookup(SyntheticSource):
         extra_bits: a problem has k_max … k_max + extra_bits bits before its query.
     """
 
-    def __init__(self, levels: list[int] | None = None, problems_per_document: int = 32,
-                 documents_per_shard: int = 2000, train_shards: int = 8, eval_shards: int = 1, extra_bits: int = 2,
-                 seed: int = 0, table_seed: int = 1234, root: str = "data/synthetic") -> None:  # fmt: skip
-        super().__init__([1, 2, 3, 4, 5] if levels is None else levels, MAX_LEVEL, documents_per_shard,
-                         train_shards, eval_shards, seed, root)  # fmt: skip
+    def __init__(
+        self,
+        levels: list[int] | None = None,
+        problems_per_document: int = 32,
+        documents_per_shard: int = 2000,
+        train_shards: int = 8,
+        eval_shards: int = 1,
+        extra_bits: int = 2,
+        seed: int = 0,
+        table_seed: int = 1234,
+        root: str = "data/synthetic",
+    ) -> None:
+        super().__init__(
+            [1, 2, 3, 4, 5] if levels is None else levels,
+            MAX_LEVEL,
+            documents_per_shard,
+            train_shards,
+            eval_shards,
+            seed,
+            root,
+        )
         if problems_per_document < 1 or extra_bits < 0:
-            raise ValueError(f"need problems_per_document >= 1 and extra_bits >= 0, got {problems_per_document}, "
-                             f"{extra_bits}")  # fmt: skip
+            raise ValueError(
+                f"need problems_per_document >= 1 and extra_bits >= 0, got {problems_per_document}, {extra_bits}"
+            )
         self.problems, self.extra_bits, self.table_seed = problems_per_document, extra_bits, table_seed
         self.tables = lookup_tables(self.levels, table_seed)
 
     def alphabet(self) -> str:
-        return BITS + SEPARATOR + "".join(query_symbol(k) for k in range(1, MAX_LEVEL + 1)) + "".join(
-            answer_symbol(k, v) for k in range(1, MAX_LEVEL + 1) for v in range(ANSWERS_PER_LEVEL))
+        return (
+            BITS
+            + SEPARATOR
+            + "".join(query_symbol(k) for k in range(1, MAX_LEVEL + 1))
+            + "".join(answer_symbol(k, v) for k in range(1, MAX_LEVEL + 1) for v in range(ANSWERS_PER_LEVEL))
+        )
 
     def documents(self, rng: np.random.Generator, count: int) -> Iterator[str]:
         for _ in range(count):

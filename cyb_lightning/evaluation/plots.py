@@ -27,8 +27,13 @@ def latency_figure(p_stop: list[float], mean: float):
     ax.bar(k, p_stop, color="#d95f02")
     for x, p in zip(k, p_stop):
         ax.text(x, p, f"{p:.2f}", ha="center", va="bottom", fontsize=8)
-    ax.set(xlabel="extra pauses", ylabel="P", title=f"latency distribution (mean {mean:.2f} pauses/token)",
-           xticks=k, ylim=(0, max(p_stop + [0.01]) * 1.15))  # fmt: skip
+    ax.set(
+        xlabel="extra pauses",
+        ylabel="P",
+        title=f"latency distribution (mean {mean:.2f} pauses/token)",
+        xticks=k,
+        ylim=(0, max(p_stop + [0.01]) * 1.15),
+    )
     fig.tight_layout()
     return fig
 
@@ -41,15 +46,22 @@ def bars_figure(values: list[float] | None, title: str, ylabel: str, first_step:
         shown = [0.0 if (v is None or math.isnan(v)) else v for v in values]
         ax.bar(steps, shown, color="#1b9e77")
         for x, v in zip(steps, values):
-            ax.text(x, 0 if v is None or math.isnan(v) else v, "n/a" if v is None or math.isnan(v) else f"{v:.2f}",
-                    ha="center", va="bottom", fontsize=8)  # fmt: skip
+            ax.text(
+                x,
+                0 if v is None or math.isnan(v) else v,
+                "n/a" if v is None or math.isnan(v) else f"{v:.2f}",
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
         ax.set_xticks(steps)
         if signed:
             ax.axhline(0, color="black", lw=0.8)
             ax.set_ylim(-1, 1)
     else:
-        ax.text(0.5, 0.5, "not applicable\n(the loss has no DK output)", ha="center", va="center",
-                transform=ax.transAxes)  # fmt: skip
+        ax.text(
+            0.5, 0.5, "not applicable\n(the loss has no DK output)", ha="center", va="center", transform=ax.transAxes
+        )
     ax.set(xlabel="step i", ylabel=ylabel, title=title)
     fig.tight_layout()
     return fig
@@ -60,8 +72,13 @@ def quadrant_figure(analysis: dict, label_top: int = 4):
     fig, ax = plt.subplots(figsize=(6, 4.5))
     tokens = analysis["tokens"]
     if tokens:
-        ax.scatter([t["median"] for t in tokens], [t["variance"] for t in tokens],
-                   s=[8 + 2 * math.sqrt(t["count"]) for t in tokens], alpha=0.35, color="grey")  # fmt: skip
+        ax.scatter(
+            [t["median"] for t in tokens],
+            [t["variance"] for t in tokens],
+            s=[8 + 2 * math.sqrt(t["count"]) for t in tokens],
+            alpha=0.35,
+            color="grey",
+        )
         split = analysis["split"]
         ax.axvline(split["median"], color="black", lw=0.7, ls="--")
         ax.axhline(split["variance"], color="black", lw=0.7, ls="--")
@@ -69,8 +86,14 @@ def quadrant_figure(analysis: dict, label_top: int = 4):
         for q, rows in analysis["quadrants"].items():
             for t in rows[:label_top]:
                 ax.scatter([t["median"]], [t["variance"]], color=colours[q], s=18)
-                ax.annotate(repr(t["text"])[1:-1], (t["median"], t["variance"]), fontsize=7, color=colours[q],
-                            xytext=(3, 3), textcoords="offset points")  # fmt: skip
+                ax.annotate(
+                    repr(t["text"])[1:-1],
+                    (t["median"], t["variance"]),
+                    fontsize=7,
+                    color=colours[q],
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
     else:
         ax.text(0.5, 0.5, f"no token seen {analysis['min_count']}+ times", ha="center", transform=ax.transAxes)
     ax.set(xlabel="median expected extra pauses", ylabel="variance", title="tokens by pausing (CYB Table 3)")

@@ -37,8 +37,16 @@ from cyb_lightning.metrics import (
     TokenPauseStats,
 )
 
-FILES = ("report.json", "report.md", "latency.png", "dk_rate.png", "calibration.png", "token_quadrants.png",
-         "text.html", "text.png")  # fmt: skip
+FILES = (
+    "report.json",
+    "report.md",
+    "latency.png",
+    "dk_rate.png",
+    "calibration.png",
+    "token_quadrants.png",
+    "text.html",
+    "text.png",
+)
 
 
 @torch.no_grad()
@@ -64,8 +72,10 @@ def evaluate(module, batches, *, min_count: int = 5, max_batches: int | None = N
             difficulty_m.update(stats, batch.difficulty)
         if sample is None:
             n0 = int(batch.target_mask[0].sum())
-            sample = {"ids": stats.inputs[: min(n0, sample_tokens)].tolist(),
-                      "expected_pauses": stats.extra_pauses[: min(n0, sample_tokens)].tolist()}  # fmt: skip
+            sample = {
+                "ids": stats.inputs[: min(n0, sample_tokens)].tolist(),
+                "expected_pauses": stats.extra_pauses[: min(n0, sample_tokens)].tolist(),
+            }
     stop = stats_m.compute()
     acc = acc_m.compute()
     table = token_m.table()
@@ -93,8 +103,17 @@ def difficulty_table(result: dict[str, Tensor]) -> dict:
     """``DifficultyStats.compute()`` as JSON: {"levels": {level: {metric: value}}, "spearman": ρ}."""
     levels = {}
     for level in torch.nonzero(result["tokens"] > 0).flatten().tolist():
-        row = {k: float(result[k][level]) for k in ("accuracy", "sampled_accuracy", "first_step_accuracy",
-                                                    "last_step_accuracy", "extra_pauses", "readout_steps")}  # fmt: skip
+        row = {
+            k: float(result[k][level])
+            for k in (
+                "accuracy",
+                "sampled_accuracy",
+                "first_step_accuracy",
+                "last_step_accuracy",
+                "extra_pauses",
+                "readout_steps",
+            )
+        }
         levels[level] = {"tokens": int(result["tokens"][level]), **row, "p_stop": result["p_stop"][level].tolist()}
     return {"levels": levels, "spearman": float(result["spearman"])}
 
@@ -104,16 +123,23 @@ def token_analysis(table: dict[str, Tensor], tokenizer, min_count: int, top: int
 
     def row(j: int) -> dict:
         tid = int(table["ids"][j])
-        return {"id": tid, "text": tokenizer.decode([tid]), "count": int(table["count"][j]),
-                "median": float(table["median"][j]), "variance": float(table["variance"][j]),
-                "mean": float(table["mean"][j])}  # fmt: skip
+        return {
+            "id": tid,
+            "text": tokenizer.decode([tid]),
+            "count": int(table["count"][j]),
+            "median": float(table["median"][j]),
+            "variance": float(table["variance"][j]),
+            "mean": float(table["mean"][j]),
+        }
 
     quads = quadrants(table, top)
     return {
         "min_count": min_count,
         "top": top,
-        "split": {"median": float(table["median"].median()) if table["ids"].numel() else None,
-                  "variance": float(table["variance"].median()) if table["ids"].numel() else None},  # fmt: skip
+        "split": {
+            "median": float(table["median"].median()) if table["ids"].numel() else None,
+            "variance": float(table["variance"].median()) if table["ids"].numel() else None,
+        },
         "quadrants": {q: [row(j) for j in rows] for q, rows in quads.items()},
         "tokens": [row(j) for j in range(table["ids"].numel())],
     }
@@ -133,25 +159,39 @@ def markdown(report: dict) -> str:
         "",
     ]
     if report.get("adaptive"):  # first: what a deployed model does
-        lines += ["## Adaptive inference (teacher-forced; each token gets only the pauses it asks for)", "",
-                  "The compute actually spent. threshold and sample follow the stopping rule the loss trains; greedy "
-                  "(pause while DK is the argmax) does not. *Batch steps*: what a batch computes per token, rows waiting "
-                  "for others included.", "",
-                  "| policy | ppl at the answering step | accuracy | forward steps / token | batch steps / token "
-                  "| P(0…K pauses) | tokens |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "## Adaptive inference (teacher-forced; each token gets only the pauses it asks for)",
+            "",
+            "The compute actually spent. threshold and sample follow the stopping rule the loss trains; greedy "
+            "(pause while DK is the argmax) does not. *Batch steps*: what a batch computes per token, rows waiting "
+            "for others included.",
+            "",
+            "| policy | ppl at the answering step | accuracy | forward steps / token | batch steps / token "
+            "| P(0…K pauses) | tokens |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for name, r in report["adaptive"].items():
-            lines.append(f"| {name} | {r['ppl']:.3f} | {r['accuracy']:.3f} | {r['steps_per_token']:.3f} | "
-                         f"{r['batch_steps_per_token']:.3f} | {' / '.join(f'{p:.2f}' for p in r['p_pauses'])} "
-                         f"| {r['tokens']:,} |")  # fmt: skip
+            lines.append(
+                f"| {name} | {r['ppl']:.3f} | {r['accuracy']:.3f} | {r['steps_per_token']:.3f} | "
+                f"{r['batch_steps_per_token']:.3f} | {' / '.join(f'{p:.2f}' for p in r['p_pauses'])} "
+                f"| {r['tokens']:,} |"
+            )
         first = next(iter(report["adaptive"].values()))
         if first.get("by_difficulty"):
             rho = first.get("spearman")
-            lines += ["", f"Per difficulty level, policy {next(iter(report['adaptive']))} (Spearman ρ(difficulty, pauses "
-                      f"taken) = {'n/a' if rho is None else f'{rho:.3f}'}):", "",
-                      "| level | tokens | accuracy | pauses taken | P(0…K pauses) |", "|---|---|---|---|---|"]  # fmt: skip
+            lines += [
+                "",
+                f"Per difficulty level, policy {next(iter(report['adaptive']))} (Spearman ρ(difficulty, pauses "
+                f"taken) = {'n/a' if rho is None else f'{rho:.3f}'}):",
+                "",
+                "| level | tokens | accuracy | pauses taken | P(0…K pauses) |",
+                "|---|---|---|---|---|",
+            ]
             for level, r in first["by_difficulty"].items():
-                lines.append(f"| {level} | {r['tokens']:,} | {r['accuracy']:.3f} | {r['steps_per_token'] - 1:.3f} | "
-                             f"{' / '.join(f'{p:.2f}' for p in r['p_pauses'])} |")  # fmt: skip
+                lines.append(
+                    f"| {level} | {r['tokens']:,} | {r['accuracy']:.3f} | {r['steps_per_token'] - 1:.3f} | "
+                    f"{' / '.join(f'{p:.2f}' for p in r['p_pauses'])} |"
+                )
         lines.append("")
     lines += [
         "## The full layout (every token keeps its K pauses, as in training: an upper bound)",
@@ -171,25 +211,38 @@ def markdown(report: dict) -> str:
         "",
     ]
     if m.get("by_difficulty"):
-        lines += ["### Per difficulty level (full layout)", "",
-                  f"Spearman ρ(difficulty, expected pauses) = {m['by_difficulty']['spearman']:.3f}", "",
-                  "| level | tokens | accuracy (trained rule) | accuracy, no pause | accuracy, K pauses "
-                  "| expected pauses | forward steps (trained rule) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "### Per difficulty level (full layout)",
+            "",
+            f"Spearman ρ(difficulty, expected pauses) = {m['by_difficulty']['spearman']:.3f}",
+            "",
+            "| level | tokens | accuracy (trained rule) | accuracy, no pause | accuracy, K pauses "
+            "| expected pauses | forward steps (trained rule) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for level, r in m["by_difficulty"]["levels"].items():
-            lines.append(f"| {level} | {r['tokens']:,} | {r['accuracy']:.3f} | {r['first_step_accuracy']:.3f} | "
-                         f"{r['last_step_accuracy']:.3f} | {r['extra_pauses']:.3f} | {r['readout_steps']:.3f} |")  # fmt: skip
+            lines.append(
+                f"| {level} | {r['tokens']:,} | {r['accuracy']:.3f} | {r['first_step_accuracy']:.3f} | "
+                f"{r['last_step_accuracy']:.3f} | {r['extra_pauses']:.3f} | {r['readout_steps']:.3f} |"
+            )
         lines.append("")
     comp = report.get("comparators") or {}
     if comp:
-        lines += ["## Against what (the tokens of the adaptive runs above)", "",
-                  "| reader | ppl | forward steps / token |", "|---|---|---|",
-                  f"| this model's step mixture, all {K} pauses given (its training context) | "
-                  f"{comp['step_mixture']['ppl']:.3f} | {comp['step_mixture']['steps_per_token']:.0f} computed, "
-                  f"{comp['step_mixture']['expected_steps_per_token']:.2f} expected |"]  # fmt: skip
+        lines += [
+            "## Against what (the tokens of the adaptive runs above)",
+            "",
+            "| reader | ppl | forward steps / token |",
+            "|---|---|---|",
+            f"| this model's step mixture, all {K} pauses given (its training context) | "
+            f"{comp['step_mixture']['ppl']:.3f} | {comp['step_mixture']['steps_per_token']:.0f} computed, "
+            f"{comp['step_mixture']['expected_steps_per_token']:.2f} expected |",
+        ]
         if "baseline" in comp:
             b = comp["baseline"]
-            lines.append(f"| no-pause baseline `{b['checkpoint']}` (same tokens as the adaptive runs above) | "
-                         f"{b['ppl']:.3f} | {b['steps_per_token']:.2f} |")  # fmt: skip
+            lines.append(
+                f"| no-pause baseline `{b['checkpoint']}` (same tokens as the adaptive runs above) | "
+                f"{b['ppl']:.3f} | {b['steps_per_token']:.2f} |"
+            )
         lines.append("")
     lines += [f"## Tokens (seen at least {a['min_count']} times: {len(a['tokens'])})", ""]
     for q, rows in a["quadrants"].items():
@@ -221,8 +274,9 @@ def write_report(out: Path, report: dict, result: dict, tokenizer) -> list[Path]
     figures = {
         "latency.png": latency_figure(m["p_stop"], m["extra_pauses"]),
         "dk_rate.png": bars_figure(m["dk_rate"], "DK rate per step", "mean d_i"),
-        "calibration.png": bars_figure(m["calibration_spearman"], "calibration: Spearman ρ(d_i, t_(i+1) − t_i)",
-                                       "ρ", signed=True),  # fmt: skip
+        "calibration.png": bars_figure(
+            m["calibration_spearman"], "calibration: Spearman ρ(d_i, t_(i+1) − t_i)", "ρ", signed=True
+        ),
         "token_quadrants.png": quadrant_figure(report["token_analysis"]),
     }
     sample = result["sample"] or {"ids": [], "expected_pauses": []}

@@ -5,8 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-QUADRANTS = ("high_median_high_variance", "high_median_low_variance", "low_median_high_variance",
-             "low_median_low_variance")  # fmt: skip
+QUADRANTS = (
+    "high_median_high_variance",
+    "high_median_low_variance",
+    "low_median_high_variance",
+    "low_median_low_variance",
+)
 
 
 def quadrants(table: dict[str, Tensor], top: int = 10) -> dict[str, list[int]]:

@@ -41,8 +41,13 @@ class ExperimentRecorder(L.Callback):
             self.train.append(self._point(step, loss=float(loss)))
 
     def _point(self, step: int, **values: float) -> dict:
-        return {"step": step, "real_tokens": self.real, "laid_out_tokens": self.laid_out,
-                "train_wall_s": round(self.train_s, 3), **values}  # fmt: skip
+        return {
+            "step": step,
+            "real_tokens": self.real,
+            "laid_out_tokens": self.laid_out,
+            "train_wall_s": round(self.train_s, 3),
+            **values,
+        }
 
     def on_validation_end(self, trainer, pl_module) -> None:
         # Not on_validation_epoch_end: callbacks see that hook before the module has logged val/ppl.
@@ -58,8 +63,14 @@ class ExperimentRecorder(L.Callback):
         self._write(trainer)
 
     def _write(self, trainer) -> None:
-        data = {"steps": trainer.global_step, "real_tokens": self.real, "laid_out_tokens": self.laid_out,
-                "train_wall_s": round(self.train_s, 3), "train": self.train, "val": self.val}  # fmt: skip
+        data = {
+            "steps": trainer.global_step,
+            "real_tokens": self.real,
+            "laid_out_tokens": self.laid_out,
+            "train_wall_s": round(self.train_s, 3),
+            "train": self.train,
+            "val": self.val,
+        }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=1))

@@ -119,16 +119,35 @@ def plan_runs(plan: dict) -> list[dict]:
     seeds = list(plan["seeds"])
     runs = []
     if plan.get("pretrain"):
-        runs.append({"name": "pretrain", "kind": "pretrain", "method": "pretrain", "label": "pretrained, no finetuning",
-                     "configs": plan["pretrain"]["configs"], "seed": 0, "epochs": 1, "data": 0,
-                     "steps": s["pretrain_steps"]})  # fmt: skip
+        runs.append(
+            {
+                "name": "pretrain",
+                "kind": "pretrain",
+                "method": "pretrain",
+                "label": "pretrained, no finetuning",
+                "configs": plan["pretrain"]["configs"],
+                "seed": 0,
+                "epochs": 1,
+                "data": 0,
+                "steps": s["pretrain_steps"],
+            }
+        )
     stage = (plan.get("finetune") or {}).get("configs", [])  # the fine-tuning layers, after each method's
 
     def finetune(name: str, method: str, seed: int, epochs: int = 1, data: int = 1, **extra) -> dict:
         m = plan["methods"][method]
-        return {"name": name, "kind": "finetune", "method": method, "label": m["label"],
-                "configs": m["configs"] + stage, "seed": seed, "epochs": epochs, "data": data,
-                "steps": s["finetune_steps"] * epochs * data, **extra}  # fmt: skip
+        return {
+            "name": name,
+            "kind": "finetune",
+            "method": method,
+            "label": m["label"],
+            "configs": m["configs"] + stage,
+            "seed": seed,
+            "epochs": epochs,
+            "data": data,
+            "steps": s["finetune_steps"] * epochs * data,
+            **extra,
+        }
 
     for seed in seeds:
         runs += [finetune(f"ft-{method}-s{seed}", method, seed) for method in plan["methods"]]
@@ -211,8 +230,14 @@ def build_corpus(out: Path, plan: dict) -> dict:
     de = plan.get("data_efficiency") or {}
     sets = max([1] + [d for _, d in de.get("factors", []) + sum((de.get("extra") or {}).values(), [])])
     pretrained = plan_tokenizer(plan)  # a pretrained model's tokenizer (from the layers), or None: our BPE
-    params = {"format": 1, "corpus": corpus, "per_set_tokens": per_set, "sets": sets, "python": platform.python_version(),
-              **({"tokenizer": pretrained} if pretrained else {})}  # fmt: skip
+    params = {
+        "format": 1,
+        "corpus": corpus,
+        "per_set_tokens": per_set,
+        "sets": sets,
+        "python": platform.python_version(),
+        **({"tokenizer": pretrained} if pretrained else {}),
+    }
     root = out / "corpus"
     manifest_path = root / "manifest.json"
     if manifest_path.is_file():
@@ -268,8 +293,10 @@ def build_corpus(out: Path, plan: dict) -> dict:
         "parts": {
             **({"pretrain": {"documents": len(pretrain), "tokens": pre_tokens}} if plan.get("pretrain") else {}),
             "heldout": {"documents": len(heldout), "tokens": tokens[0]},
-            **{f"finetune set {chr(64 + k)}": {"documents": len(ft[k - 1]), "tokens": tokens[k]}
-               for k in range(1, sets + 1)},  # fmt: skip
+            **{
+                f"finetune set {chr(64 + k)}": {"documents": len(ft[k - 1]), "tokens": tokens[k]}
+                for k in range(1, sets + 1)
+            },
             "unused (pool)": {"documents": len(pool) - sum(map(len, parts)), "tokens": sum(lengths) - sum(tokens)},
         },
         "vocab_size": tok.vocab.size,
@@ -307,23 +334,31 @@ def run_layer(out: Path, plan: dict, run: dict) -> dict:
             "val_check_interval": min(s["eval_every"], run["steps"]),
             "limit_val_batches": s["eval_batches"],
             "default_root_dir": str(rdir),
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                       "init_args": {"save_dir": str(rdir), "name": "", "version": ""}},
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(rdir), "name": "", "version": ""},
+            },
             "callbacks": [
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"save_last": True, "save_top_k": 0}},
-                {"class_path": "cyb_lightning.experiments.recorder.ExperimentRecorder",
-                 "init_args": {"path": str(rdir / "curve.json"), "every": max(1, min(10, run["steps"] // 20))}},
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"save_last": True, "save_top_k": 0},
+                },
+                {
+                    "class_path": "cyb_lightning.experiments.recorder.ExperimentRecorder",
+                    "init_args": {"path": str(rdir / "curve.json"), "every": max(1, min(10, run["steps"] // 20))},
+                },
             ],
         },
         "data": {
-            "source": {"class_path": "cyb_lightning.data.sources.LocalShards",
-                       "init_args": {"path": str(_data_dir(out, run).resolve())}},
+            "source": {
+                "class_path": "cyb_lightning.data.sources.LocalShards",
+                "init_args": {"path": str(_data_dir(out, run).resolve())},
+            },
             "seed": 1234 + run["seed"],
             "seq_len": s["seq_len"],
             "batch_size": s["batch_size"],
         },
-    }  # fmt: skip
+    }
     if not plan_tokenizer(plan):  # our BPE, trained once with the corpus
         layer["data"]["tokenizer_dir"] = str((out / "corpus" / "tokenizer").resolve())
     if run["kind"] == "finetune" and plan.get("pretrain"):
@@ -337,8 +372,14 @@ def run_spec(out: Path, plan: dict, run: dict, corpus: dict) -> dict:
     """What decides a run's result: its configs (parsed, comments ignored), its layer, the corpus."""
     configs = {rel: yaml.safe_load(_yaml_file(plan, rel).read_text()) for rel in run["configs"] + plan["layers"]}
     layer = run_layer(out, plan, run)
-    return {"run": {k: run[k] for k in ("name", "kind", "method", "seed", "epochs", "data", "steps", "W", "lr") if k in run},
-            "configs": configs, "layer": layer, "corpus": corpus["params"]}  # fmt: skip
+    return {
+        "run": {
+            k: run[k] for k in ("name", "kind", "method", "seed", "epochs", "data", "steps", "W", "lr") if k in run
+        },
+        "configs": configs,
+        "layer": layer,
+        "corpus": corpus["params"],
+    }
 
 
 def _hash(obj: Any) -> str:
@@ -384,34 +425,53 @@ def execute(out: Path, plan: dict, run: dict, corpus: dict, force: bool = False)
     curve = json.loads((rdir / "curve.json").read_text())
     if curve["steps"] != run["steps"] or not ckpt.is_file():
         # e.g. Lightning's graceful shutdown on Ctrl-C returns normally: never record a partial run
-        raise SystemExit(f"experiment: {run['name']} stopped at step {curve['steps']} of {run['steps']}; rerun to redo it")
+        raise SystemExit(
+            f"experiment: {run['name']} stopped at step {curve['steps']} of {run['steps']}; rerun to redo it"
+        )
     lr = (yaml.safe_load((rdir / "config.yaml").read_text()).get("model") or {}).get("lr")  # as the fit resolved it
     t1 = time.time()
     report = evaluate_run(rdir, ckpt, run, plan)
     eval_s = time.time() - t1
     a = report["token_analysis"]
     result = {
-        "name": run["name"], "kind": run["kind"], "method": run["method"], "label": run["label"],
-        "seed": run["seed"], "epochs": run["epochs"], "data": run["data"], "steps": curve["steps"], "lr": lr,
-        "W": run["W"], "num_pauses": run["W"] - 1,
-        "real_tokens": curve["real_tokens"], "laid_out_tokens": curve["laid_out_tokens"],
-        "train_wall_s": curve["train_wall_s"], "fit_wall_s": round(fit_s, 2), "eval_wall_s": round(eval_s, 2),
-        "eval": report["metrics"], "adaptive": report["adaptive"],
-        "quadrants": {q: [{k: t[k] for k in ("text", "median", "variance", "count")} for t in rows]
-                      for q, rows in a["quadrants"].items()},
+        "name": run["name"],
+        "kind": run["kind"],
+        "method": run["method"],
+        "label": run["label"],
+        "seed": run["seed"],
+        "epochs": run["epochs"],
+        "data": run["data"],
+        "steps": curve["steps"],
+        "lr": lr,
+        "W": run["W"],
+        "num_pauses": run["W"] - 1,
+        "real_tokens": curve["real_tokens"],
+        "laid_out_tokens": curve["laid_out_tokens"],
+        "train_wall_s": curve["train_wall_s"],
+        "fit_wall_s": round(fit_s, 2),
+        "eval_wall_s": round(eval_s, 2),
+        "eval": report["metrics"],
+        "adaptive": report["adaptive"],
+        "quadrants": {
+            q: [{k: t[k] for k in ("text", "median", "variance", "count")} for t in rows]
+            for q, rows in a["quadrants"].items()
+        },
         "tokens_analysed": len(a["tokens"]),
         "curve": {"train": curve["train"], "val": curve["val"]},
         "command": "python -m cyb_lightning " + shlex.join(args),
         "report_dir": os.path.relpath(rdir / "report", out),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "spec_hash": spec_hash,
-    }  # fmt: skip
+    }
     tmp = rdir / (RESULT + ".tmp")
     tmp.write_text(json.dumps(result, indent=1, allow_nan=True))
     os.replace(tmp, result_path)
     m = result["eval"]
-    print(f"=== {run['name']}: held-out ppl {m['ppl']:.3f}, {m['extra_pauses']:.2f} pauses/token, "
-          f"fit {fit_s:.0f} s, eval {eval_s:.0f} s", flush=True)  # fmt: skip
+    print(
+        f"=== {run['name']}: held-out ppl {m['ppl']:.3f}, {m['extra_pauses']:.2f} pauses/token, "
+        f"fit {fit_s:.0f} s, eval {eval_s:.0f} s",
+        flush=True,
+    )
     return result, True
 
 
@@ -427,17 +487,25 @@ def evaluate_run(rdir: Path, ckpt: Path, run: dict, plan: dict) -> dict:
     result = R.evaluate(module, dm.val_dataloader())
     metrics = result["metrics"]
     out = {
-        "checkpoint": str(ckpt), "global_step": run["steps"], "loss": type(module.loss_fn).__name__,
-        "steps_per_token": run["W"], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": machine(), "metrics": metrics,
-        "token_analysis": R.token_analysis(result["table"], dm.tokenizer, 5, 10), "adaptive": {},
-    }  # fmt: skip
+        "checkpoint": str(ckpt),
+        "global_step": run["steps"],
+        "loss": type(module.loss_fn).__name__,
+        "steps_per_token": run["W"],
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine(),
+        "metrics": metrics,
+        "token_analysis": R.token_analysis(result["table"], dm.tokenizer, 5, 10),
+        "adaptive": {},
+    }
     if run["W"] > 1 and module.loss_fn.uses_dk:
         with torch.no_grad():
             for kind in ("threshold", "sample", "fixed", "none"):  # the trained rule, then the comparators
-                runner = runner_for(module, PausePolicy(kind), Sampling(0.0), dm.pause_ids,
-                                    generator=torch.Generator().manual_seed(0))  # fmt: skip
-                out["adaptive"][kind] = adaptive_evaluate(runner, dm.val_dataloader(), plan["sizes"]["adaptive_batches"])
+                runner = runner_for(
+                    module, PausePolicy(kind), Sampling(0.0), dm.pause_ids, generator=torch.Generator().manual_seed(0)
+                )
+                out["adaptive"][kind] = adaptive_evaluate(
+                    runner, dm.val_dataloader(), plan["sizes"]["adaptive_batches"]
+                )
     R.write_report(rdir / "report", out, result, dm.tokenizer)
     return out
 
@@ -483,14 +551,21 @@ def measure_rates(out: Path, plan: dict, runs: list[dict], rounds: int = 2, step
         for w, run in first.items():
             layer = run_layer(out, plan, run)
             layer["model"] = {"init_from": None}
-            layer["trainer"].update(logger=False, callbacks=None, max_steps=steps + 2, limit_val_batches=0,
-                                    enable_checkpointing=False)  # fmt: skip
+            layer["trainer"].update(
+                logger=False, callbacks=None, max_steps=steps + 2, limit_val_batches=0, enable_checkpointing=False
+            )
             path = out / f".budget-{w}.yaml"
             path.write_text(yaml.safe_dump(layer))
             timer = _StepTimer(2)
-            cli = CYBLightningCLI(CYBModule, CYBDataModule, args=fit_command(plan, run, path)[1:], run=False,
-                                  save_config_callback=None, parser_kwargs={"parser_mode": "omegaconf"},
-                                  trainer_defaults={"callbacks": [timer]})  # fmt: skip
+            cli = CYBLightningCLI(
+                CYBModule,
+                CYBDataModule,
+                args=fit_command(plan, run, path)[1:],
+                run=False,
+                save_config_callback=None,
+                parser_kwargs={"parser_mode": "omegaconf"},
+                trainer_defaults={"callbacks": [timer]},
+            )
             path.unlink()
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
             times[w] += timer.times
@@ -518,18 +593,25 @@ def estimate(plan: dict, runs: list[dict], rates: dict[int, float], overhead_s: 
 
 def budget_report(plan: dict, rows: list[dict], rates: dict[int, float], corpus: dict) -> str:
     s = plan["sizes"]
-    lines = [f"measured training steps/s (B = {s['batch_size']}, T = {s['seq_len']}): "
-             + ", ".join(f"W={w}: {r:.2f}" for w, r in sorted(rates.items())), ""]  # fmt: skip
+    lines = [
+        f"measured training steps/s (B = {s['batch_size']}, T = {s['seq_len']}): "
+        + ", ".join(f"W={w}: {r:.2f}" for w, r in sorted(rates.items())),
+        "",
+    ]
     lines.append(f"{'run':32s} {'W':>2s} {'steps':>6s} {'real tokens':>12s} {'laid-out':>12s} {'est. s':>7s}")
     for r in rows:
         real = r["steps"] * s["batch_size"] * s["seq_len"]
-        lines.append(f"{r['name']:32s} {r['W']:>2d} {r['steps']:>6d} {real:>12,d} {real * r['W']:>12,d} "
-                     f"{r['estimate_s']:>7.0f}")  # fmt: skip
+        lines.append(
+            f"{r['name']:32s} {r['W']:>2d} {r['steps']:>6d} {real:>12,d} {real * r['W']:>12,d} {r['estimate_s']:>7.0f}"
+        )
     total = sum(r["estimate_s"] for r in rows) + corpus.get("build_s", 0)
-    lines += ["", f"{len(rows)} runs; corpus {corpus['documents']:,} documents: "
-              + ", ".join(f"{k} {v['tokens']:,} tokens" for k, v in corpus["parts"].items()),
-              f"estimated total: {total / 60:.1f} min ({total / 3600:.2f} h) on this machine"
-              + ("" if total < 7200 else "  -- OVER the 2 h budget: lower sizes.* in the plan")]  # fmt: skip
+    lines += [
+        "",
+        f"{len(rows)} runs; corpus {corpus['documents']:,} documents: "
+        + ", ".join(f"{k} {v['tokens']:,} tokens" for k, v in corpus["parts"].items()),
+        f"estimated total: {total / 60:.1f} min ({total / 3600:.2f} h) on this machine"
+        + ("" if total < 7200 else "  -- OVER the 2 h budget: lower sizes.* in the plan"),
+    ]
     return "\n".join(lines)
 
 
@@ -538,15 +620,26 @@ def budget_report(plan: dict, rows: list[dict], rates: dict[int, float], corpus:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """``python -m cyb_lightning experiment [--reduced] [--budget-check] [--out DIR] …`` (module docstring)."""
-    p = argparse.ArgumentParser(prog="python -m cyb_lightning experiment", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m cyb_lightning experiment",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--plan", help=f"plan YAML (default {PLAN}; --reduced: {REDUCED_PLAN}; from a checkout)")
     p.add_argument("--reduced", action="store_true", help="the minutes-long version (tiny model, few steps, one seed)")
     p.add_argument("--out", help="where corpus, runs and results go (default runs/cyb_repro[_reduced])")
-    p.add_argument("--budget-check", "--dry-run", dest="budget", action="store_true",
-                   help="build the corpus, measure steps/s, print the planned runs and the estimated time; train nothing")
-    p.add_argument("--only", action="append", help="run only runs matching this pattern (repeatable; pretrain "
-                   "always runs first when a fine-tune needs it)")  # fmt: skip
+    p.add_argument(
+        "--budget-check",
+        "--dry-run",
+        dest="budget",
+        action="store_true",
+        help="build the corpus, measure steps/s, print the planned runs and the estimated time; train nothing",
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        help="run only runs matching this pattern (repeatable; pretrain always runs first when a fine-tune needs it)",
+    )
     p.add_argument("--seeds", type=int, nargs="+", help="override the plan's seeds")
     p.add_argument("--finetune-steps", type=int, help="override sizes.finetune_steps (1x1 steps; sizes the sets)")
     p.add_argument("--pretrain-steps", type=int, help="override sizes.pretrain_steps")
@@ -567,8 +660,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     plan_path = Path(args.plan or (REDUCED_PLAN if args.reduced else PLAN))
     if not plan_path.is_file():
-        raise SystemExit(f"experiment: no plan at {plan_path.resolve()}; run from a checkout of cyb_lightning (the "
-                         "plans are conf/experiments/*.yaml there) or pass --plan PATH")  # fmt: skip
+        raise SystemExit(
+            f"experiment: no plan at {plan_path.resolve()}; run from a checkout of cyb_lightning (the "
+            "plans are conf/experiments/*.yaml there) or pass --plan PATH"
+        )
     plan = load_plan(plan_path)
     if args.seeds:
         plan["seeds"] = args.seeds
@@ -581,7 +676,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.no_python_doc:
         plan["corpus"]["python_doc_dir"] = None
     plan["corpus"]["extra_dirs"] = [str(Path(d).resolve()) for d in plan["corpus"].get("extra_dirs") or []] + [
-        str(Path(d).resolve()) for d in args.extra_dir]  # fmt: skip
+        str(Path(d).resolve()) for d in args.extra_dir
+    ]
     out = Path(args.out or Path("runs") / ("cyb_repro_reduced" if args.reduced else "cyb_repro"))
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -591,14 +687,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rates = measure_rates(out, plan, runs)
         print(budget_report(plan, estimate(plan, runs, rates), rates, corpus))
         return []
-    selected = [r for r in runs if not args.only or r["kind"] == "pretrain" or
-                any(fnmatch.fnmatch(r["name"], pat) for pat in args.only)]  # fmt: skip
+    selected = [
+        r
+        for r in runs
+        if not args.only or r["kind"] == "pretrain" or any(fnmatch.fnmatch(r["name"], pat) for pat in args.only)
+    ]
     meta_path = out / "experiment.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {"invocations": []}
     command = "python -m cyb_lightning experiment " + shlex.join(list(sys.argv[1:] if argv is None else argv))
-    invocation = {"command": command, "commit": git_commit(plan["plan_dir"]), "machine": machine(),
-                  "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "ran": [], "skipped": [],
-                  "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}  # fmt: skip
+    invocation = {
+        "command": command,
+        "commit": git_commit(plan["plan_dir"]),
+        "machine": machine(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "ran": [],
+        "skipped": [],
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
     meta["invocations"].append(invocation)
     meta.update(plan={k: v for k, v in plan.items() if k != "plan_dir"}, corpus=corpus)
     results = []
@@ -612,8 +717,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     invocation["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     invocation["wall_s"] = round(time.time() - started, 1)
     meta_path.write_text(json.dumps(meta, indent=1))
-    print(f"experiment: {len(invocation['ran'])} runs done, {len(invocation['skipped'])} skipped (already finished); "
-          f"{invocation['wall_s'] / 60:.1f} min; results in {out}/runs/*/{RESULT}")  # fmt: skip
+    print(
+        f"experiment: {len(invocation['ran'])} runs done, {len(invocation['skipped'])} skipped (already finished); "
+        f"{invocation['wall_s'] / 60:.1f} min; results in {out}/runs/*/{RESULT}"
+    )
     if args.results:
         from cyb_lightning.experiments.results import write_results
 

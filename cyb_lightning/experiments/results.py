@@ -18,8 +18,18 @@ import os
 import statistics
 from pathlib import Path
 
-CURVE_COLOURS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666", "#1f78b4",
-                 "#b2182b")
+CURVE_COLOURS = (
+    "#1b9e77",
+    "#d95f02",
+    "#7570b3",
+    "#e7298a",
+    "#66a61e",
+    "#e6ab02",
+    "#a6761d",
+    "#666666",
+    "#1f78b4",
+    "#b2182b",
+)
 
 
 def load_results(out: Path) -> tuple[dict, list[dict]]:
@@ -53,24 +63,43 @@ def curve_plot(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     train, val = result["curve"]["train"], result["curve"]["val"]
     if train:
-        ax.plot([p["real_tokens"] for p in train], [p["loss"] for p in train], color="#1b9e77", lw=1,
-                label="training loss (the run's own objective)")  # fmt: skip
+        ax.plot(
+            [p["real_tokens"] for p in train],
+            [p["loss"] for p in train],
+            color="#1b9e77",
+            lw=1,
+            label="training loss (the run's own objective)",
+        )
     ax.set(xlabel="real tokens", ylabel="loss (nats)", title=f"{result['name']}: {result['label']}")
     if val:
         ax2 = ax.twinx()
-        ax2.plot([p["real_tokens"] for p in val], [p["ppl"] for p in val], "o-", color="#d95f02", ms=3,
-                 label="held-out ppl (step mixture)")  # fmt: skip
+        ax2.plot(
+            [p["real_tokens"] for p in val],
+            [p["ppl"] for p in val],
+            "o-",
+            color="#d95f02",
+            ms=3,
+            label="held-out ppl (step mixture)",
+        )
         ax2.set_ylabel("held-out perplexity", color="#d95f02")
-    ax.text(0.99, 0.97, f"W = {result['W']}: laid-out tokens = {result['W']} × real", transform=ax.transAxes,
-            ha="right", va="top", fontsize=7)  # fmt: skip
+    ax.text(
+        0.99,
+        0.97,
+        f"W = {result['W']}: laid-out tokens = {result['W']} × real",
+        transform=ax.transAxes,
+        ha="right",
+        va="top",
+        fontsize=7,
+    )
     ax.legend(loc="lower left", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def comparison_plot(results: list[dict], x_key: str, xlabel: str, path: Path, title: str,
-                    start: float | None = None) -> None:
+def comparison_plot(
+    results: list[dict], x_key: str, xlabel: str, path: Path, title: str, start: float | None = None
+) -> None:
     """Held-out ppl during training of every fine-tune run against ``x_key`` (one colour per method);
     ``start``: the pretrained model's ppl, where every fine-tune begins (a dashed line)."""
     plt = _plt()
@@ -85,8 +114,15 @@ def comparison_plot(results: list[dict], x_key: str, xlabel: str, path: Path, ti
         colour = CURVE_COLOURS[methods.index(r["method"]) % len(CURVE_COLOURS)]
         style = "-" if r["name"].startswith("ft-") else ":"
         first = r is next(x for x in results if x["method"] == r["method"] and x["curve"]["val"])
-        ax.plot([p[x_key] for p in val], [p["ppl"] for p in val], style, marker=".", color=colour, lw=1,
-                label=r["label"] if first else None)  # fmt: skip
+        ax.plot(
+            [p[x_key] for p in val],
+            [p["ppl"] for p in val],
+            style,
+            marker=".",
+            color=colour,
+            lw=1,
+            label=r["label"] if first else None,
+        )
     ax.set(xlabel=xlabel, ylabel="held-out perplexity", title=title)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -120,7 +156,7 @@ def kept_discussion(md_path: Path) -> str | None:
         return None
     text = md_path.read_text(encoding="utf-8")
     start, end = text.find(DISCUSSION_START), text.find(DISCUSSION_END)
-    return text[start:end + len(DISCUSSION_END)] if 0 <= start < end else None
+    return text[start : end + len(DISCUSSION_END)] if 0 <= start < end else None
 
 
 def de_factors(de: dict) -> list[list[int]]:
@@ -171,27 +207,38 @@ def answer_lines(plan: dict, by_name: dict) -> list[str]:
     label = lambda m: methods[m]["label"]  # noqa: E731
     cyb = [m for m in ppl if m.startswith("cyb")]
     tbys = [m for m in ppl if m.startswith("tbys")]
-    L = ["## The answer, from the result files", "",
-         f"**Equal data** (one pass over fine-tuning set A, the same real tokens and steps; mean held-out ppl over "
-         f"seeds {seeds}; 'beyond the seed spread' = |Δ| > 2 × the larger sample std):", ""]  # fmt: skip
+    L = [
+        "## The answer, from the result files",
+        "",
+        f"**Equal data** (one pass over fine-tuning set A, the same real tokens and steps; mean held-out ppl over "
+        f"seeds {seeds}; 'beyond the seed spread' = |Δ| > 2 × the larger sample std):",
+        "",
+    ]
     for m in sorted(ppl, key=lambda m: statistics.fmean(ppl[m])):
         L.append(f"- {label(m)}: {statistics.fmean(ppl[m]):.3f}")
     L.append("")
     others = ["baseline"] + tbys
-    L += ["| CYB run, Δ ppl against → | " + " | ".join(label(o) for o in others) + " |",
-          "|---|" + "---|" * len(others)]  # fmt: skip
+    L += ["| CYB run, Δ ppl against → | " + " | ".join(label(o) for o in others) + " |", "|---|" + "---|" * len(others)]
     for c in cyb:
         L.append(f"| {label(c)} | " + " | ".join(compare(ppl[c], ppl[o]) for o in others) + " |")
     base_runs = [r for r in by_name.values() if r["method"] == "baseline" and r["seed"] == seeds[0]]
     if not {b["laid_out_tokens"] for b in base_runs} & {r["laid_out_tokens"] for r in by_name.values() if r["W"] > 1}:
-        L += ["", "**Equal compute**: this plan has no baseline run given the pause runs' laid-out tokens; compare "
-              "against laid-out tokens in the plots below."]  # fmt: skip
+        L += [
+            "",
+            "**Equal compute**: this plan has no baseline run given the pause runs' laid-out tokens; compare "
+            "against laid-out tokens in the plots below.",
+        ]
         base_runs = []  # no table
     else:
-        L += ["", "**Equal compute** (the same laid-out tokens, i.e. forward positions: a run with K pauses per "
-              "token against the no-pause baseline given K + 1 times the steps, on more passes or more data):", "",
-              "| pause run (1×1, seed 0) | laid-out tokens | ppl | baseline run, same laid-out tokens | its ppl | Δ ppl "
-              "| training wall s (pause / baseline) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        L += [
+            "",
+            "**Equal compute** (the same laid-out tokens, i.e. forward positions: a run with K pauses per "
+            "token against the no-pause baseline given K + 1 times the steps, on more passes or more data):",
+            "",
+            "| pause run (1×1, seed 0) | laid-out tokens | ppl | baseline run, same laid-out tokens | its ppl | Δ ppl "
+            "| training wall s (pause / baseline) |",
+            "|---|---|---|---|---|---|---|",
+        ]
     for m in tbys + cyb if base_runs else []:
         r = by_name.get(f"ft-{m}-s{seeds[0]}")
         if not r:
@@ -201,13 +248,22 @@ def answer_lines(plan: dict, by_name: dict) -> list[str]:
             if b is None:
                 L.append(f"| {r['name']} | {r['laid_out_tokens']:,} | {_f(r['eval']['ppl'])} | – | – | – | – |")
                 continue
-            L.append(f"| {r['name']} | {r['laid_out_tokens']:,} | {_f(r['eval']['ppl'])} | {b['name']} "
-                     f"({b['epochs']} pass(es) over {b['data']}× data) | {_f(b['eval']['ppl'])} "
-                     f"| {r['eval']['ppl'] - b['eval']['ppl']:+.3f} | {r['train_wall_s']:.0f} / {b['train_wall_s']:.0f} |")  # fmt: skip
+            L.append(
+                f"| {r['name']} | {r['laid_out_tokens']:,} | {_f(r['eval']['ppl'])} | {b['name']} "
+                f"({b['epochs']} pass(es) over {b['data']}× data) | {_f(b['eval']['ppl'])} "
+                f"| {r['eval']['ppl'] - b['eval']['ppl']:+.3f} | {r['train_wall_s']:.0f} / {b['train_wall_s']:.0f} |"
+            )
     de = plan.get("data_efficiency") or {}
-    pts = lambda m: [(1, by_name[f"ft-{m}-s{seeds[0]}"]["eval"]["ppl"])] + [  # noqa: E731
-        (d, by_name[f"de-{m}-1x{d}-s{seeds[0]}"]["eval"]["ppl"]) for e, d in de_factors(de)[1:]
-        if e == 1 and f"de-{m}-1x{d}-s{seeds[0]}" in by_name]  # fmt: skip
+    pts = (
+        lambda m: (
+            [(1, by_name[f"ft-{m}-s{seeds[0]}"]["eval"]["ppl"])]
+            + [  # noqa: E731
+                (d, by_name[f"de-{m}-1x{d}-s{seeds[0]}"]["eval"]["ppl"])
+                for e, d in de_factors(de)[1:]
+                if e == 1 and f"de-{m}-1x{d}-s{seeds[0]}" in by_name
+            ]
+        )
+    )
     lines = []
     for c in [m for m in de.get("methods", []) if m.startswith("cyb") and f"ft-{m}-s{seeds[0]}" in by_name]:
         goal = by_name[f"ft-{c}-s{seeds[0]}"]["eval"]["ppl"]
@@ -215,24 +271,37 @@ def answer_lines(plan: dict, by_name: dict) -> list[str]:
             p = pts(o)
             x = data_to_match(p, goal)
             if p[0][1] <= goal:
-                lines.append(f"- {label(o)} needs no more data: at 1× it is already at {p[0][1]:.3f} ≤ {label(c)}'s "
-                             f"{goal:.3f}, so {label(c)} saves none.")  # fmt: skip
+                lines.append(
+                    f"- {label(o)} needs no more data: at 1× it is already at {p[0][1]:.3f} ≤ {label(c)}'s "
+                    f"{goal:.3f}, so {label(c)} saves none."
+                )
             elif x is None:
-                lines.append(f"- {label(o)} does not reach {label(c)}'s 1× ppl {goal:.3f} with up to "
-                             f"{max(d for d, _ in p)}× data: {label(c)} saves more than that.")  # fmt: skip
+                lines.append(
+                    f"- {label(o)} does not reach {label(c)}'s 1× ppl {goal:.3f} with up to "
+                    f"{max(d for d, _ in p)}× data: {label(c)} saves more than that."
+                )
             else:
-                lines.append(f"- {label(o)} needs {x:.2f}× the data to reach {label(c)}'s 1× ppl {goal:.3f}: "
-                             f"{label(c)} saves {100 * (1 - 1 / x):.0f} % of the data.")  # fmt: skip
+                lines.append(
+                    f"- {label(o)} needs {x:.2f}× the data to reach {label(c)}'s 1× ppl {goal:.3f}: "
+                    f"{label(c)} saves {100 * (1 - 1 / x):.0f} % of the data."
+                )
     if lines:
         L += ["", f"**Data saved** (fresh data, one pass; seed {seeds[0]}; interpolated in log data):", ""] + lines
     order = orderings(lr_table(plan, by_name))
     if len(order) > 1:
         text = lambda o: " < ".join(label(m) for m in o)  # noqa: E731
         same = len({tuple(o) for o in order.values()}) == 1
-        L += ["", f"**Learning rate** (the 1×1 fine-tune at {len(order)} rates, seed {seeds[0]}): "
-              + (f"the same ordering at every rate: {text(next(iter(order.values())))} (held-out ppl)." if same else
-                 "the ordering depends on the rate: " + "; ".join(f"lr {lr:g}: {text(o)}" for lr, o in order.items())
-                 + " (held-out ppl).")]  # fmt: skip
+        L += [
+            "",
+            f"**Learning rate** (the 1×1 fine-tune at {len(order)} rates, seed {seeds[0]}): "
+            + (
+                f"the same ordering at every rate: {text(next(iter(order.values())))} (held-out ppl)."
+                if same
+                else "the ordering depends on the rate: "
+                + "; ".join(f"lr {lr:g}: {text(o)}" for lr, o in order.items())
+                + " (held-out ppl)."
+            ),
+        ]
     return L + [""]
 
 
@@ -251,50 +320,77 @@ def write_results(out: Path, md_path: Path, img_dir: Path | None = None) -> Path
     L: list[str] = []
     inv = meta["invocations"]
     total_wall = sum(i.get("wall_s", 0) for i in inv)
-    L += ["# " + plan.get("title", "Results: the CYB comparison at small scale"), "",
-          f"Produced by `{inv[0]['command']}` (docs/experiments.md) and written from its result files by "
-          "`cyb_lightning/experiments/results.py`. Paper numbers: CYB v1 (Gemma-1 2B fine-tuned on C4, read off the "
-          "paper's figures, `docs/method.md` §7). "
-          + plan.get("description", "Ours: held-out perplexity of the step mixture (γ = 1, ω = (0,…,0,1); "
-                     "ordinary perplexity without pauses) on this corpus, so the absolute values are not comparable "
-                     "with C4's; the orderings and relative gaps are."), ""]  # fmt: skip
+    L += [
+        "# " + plan.get("title", "Results: the CYB comparison at small scale"),
+        "",
+        f"Produced by `{inv[0]['command']}` (docs/experiments.md) and written from its result files by "
+        "`cyb_lightning/experiments/results.py`. Paper numbers: CYB v1 (Gemma-1 2B fine-tuned on C4, read off the "
+        "paper's figures, `docs/method.md` §7). "
+        + plan.get(
+            "description",
+            "Ours: held-out perplexity of the step mixture (γ = 1, ω = (0,…,0,1); "
+            "ordinary perplexity without pauses) on this corpus, so the absolute values are not comparable "
+            "with C4's; the orderings and relative gaps are.",
+        ),
+        "",
+    ]
     L += answer_lines(plan, by_name)
     kept = kept_discussion(md_path)
     if kept:
         L += [kept, ""]
     L += ["## How it was run", "", "| | |", "|---|---|"]
     for i, v in enumerate(inv):
-        L.append(f"| invocation {i + 1} | `{v['command']}` — {v['started']} → {v.get('finished', 'interrupted')}, "
-                 f"{v.get('wall_s', 0) / 60:.1f} min, {len(v['ran'])} runs ran, {len(v['skipped'])} skipped, load average "
-                 f"{v.get('load_average_at_start', ['?'])[0]} at start, {v.get('load_average_now', ['?'])[0]} at the end |")  # fmt: skip
-    L += [f"| commit | {inv[-1]['commit']} |", f"| machine | {inv[-1]['machine']} |",
-          f"| total wall time | {total_wall / 60:.1f} min (all invocations) |",
-          f"| sizes | T = {s['seq_len']} real tokens, batch {s['batch_size']}, "
-          + (f"pretraining {s['pretrain_steps']} steps, " if plan.get("pretrain") else "no pretraining stage, ")
-          + f"fine-tuning {s['finetune_steps']} steps (1×1), seeds {seeds} |", ""]  # fmt: skip
+        L.append(
+            f"| invocation {i + 1} | `{v['command']}` — {v['started']} → {v.get('finished', 'interrupted')}, "
+            f"{v.get('wall_s', 0) / 60:.1f} min, {len(v['ran'])} runs ran, {len(v['skipped'])} skipped, load average "
+            f"{v.get('load_average_at_start', ['?'])[0]} at start, {v.get('load_average_now', ['?'])[0]} at the end |"
+        )
+    L += [
+        f"| commit | {inv[-1]['commit']} |",
+        f"| machine | {inv[-1]['machine']} |",
+        f"| total wall time | {total_wall / 60:.1f} min (all invocations) |",
+        f"| sizes | T = {s['seq_len']} real tokens, batch {s['batch_size']}, "
+        + (f"pretraining {s['pretrain_steps']} steps, " if plan.get("pretrain") else "no pretraining stage, ")
+        + f"fine-tuning {s['finetune_steps']} steps (1×1), seeds {seeds} |",
+        "",
+    ]
     c = meta["corpus"]
     tok = c["params"].get("tokenizer")
-    L += ["Corpus (`OUT/corpus/manifest.json`): " + ", ".join(f"{k}: {v:,} documents" for k, v in c["sources"].items())
-          + (f"; tokens of the pretrained model's own tokenizer ({tok['init_args']['name_or_path']}, "
-             f"{c['vocab_size']:,} ids with DK and the pauses)." if tok else
-             f"; BPE of {c['vocab_size']:,} ids trained on the pretraining part."), "",
-          "| part | documents | tokens |", "|---|---|---|"]  # fmt: skip
+    L += [
+        "Corpus (`OUT/corpus/manifest.json`): "
+        + ", ".join(f"{k}: {v:,} documents" for k, v in c["sources"].items())
+        + (
+            f"; tokens of the pretrained model's own tokenizer ({tok['init_args']['name_or_path']}, "
+            f"{c['vocab_size']:,} ids with DK and the pauses)."
+            if tok
+            else f"; BPE of {c['vocab_size']:,} ids trained on the pretraining part."
+        ),
+        "",
+        "| part | documents | tokens |",
+        "|---|---|---|",
+    ]
     L += [f"| {k} | {v['documents']:,} | {v['tokens']:,} |" for k, v in c["parts"].items()] + [""]
 
     # -- main comparison -----------------------------------------------------------------------------------
-    L += ["## Main comparison (CYB §6 table)", "",
-          "Every fine-tune starts from the same pretrained decoder and reads the same real tokens in the same "
-          f"number of steps ({s['finetune_steps']}); ppl per seed, then mean and spread (sample std over seeds).",
-          "The trained-rule reader is teacher-forced adaptive inference that stops at the first step with "
-          "d < 0.5 (its forward steps per token are its inference compute against the baseline's 1); laid-out "
-          "tokens are training compute (forward positions: FLOPs of the same decoder, attention aside).",
-          "", "| model | paper C4 ppl | ours: held-out ppl (mean) | spread over seeds | per seed | extra pauses / token "
-          "| trained-rule reader: ppl / steps per token (mean) | real tokens | laid-out tokens | training wall s |",
-          "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    L += [
+        "## Main comparison (CYB §6 table)",
+        "",
+        "Every fine-tune starts from the same pretrained decoder and reads the same real tokens in the same "
+        f"number of steps ({s['finetune_steps']}); ppl per seed, then mean and spread (sample std over seeds).",
+        "The trained-rule reader is teacher-forced adaptive inference that stops at the first step with "
+        "d < 0.5 (its forward steps per token are its inference compute against the baseline's 1); laid-out "
+        "tokens are training compute (forward positions: FLOPs of the same decoder, attention aside).",
+        "",
+        "| model | paper C4 ppl | ours: held-out ppl (mean) | spread over seeds | per seed | extra pauses / token "
+        "| trained-rule reader: ppl / steps per token (mean) | real tokens | laid-out tokens | training wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     pre = by_name.get("pretrain")
     if pre:
-        L.append(f"| pretrained, no finetuning | {_f(paper.get('pretrained'), 2)} | {_f(pre['eval']['ppl'])} | – | – "
-                 f"| 0 | – | {pre['real_tokens']:,} | {pre['laid_out_tokens']:,} | {pre['train_wall_s']:.1f} |")  # fmt: skip
+        L.append(
+            f"| pretrained, no finetuning | {_f(paper.get('pretrained'), 2)} | {_f(pre['eval']['ppl'])} | – | – "
+            f"| 0 | – | {pre['real_tokens']:,} | {pre['laid_out_tokens']:,} | {pre['train_wall_s']:.1f} |"
+        )
     means: dict[str, float] = {}
     for method, m in plan["methods"].items():
         runs = [by_name[f"ft-{method}-s{sd}"] for sd in seeds if f"ft-{method}-s{sd}" in by_name]
@@ -303,31 +399,48 @@ def write_results(out: Path, md_path: Path, img_dir: Path | None = None) -> Path
         ppl = [r["eval"]["ppl"] for r in runs]
         means[method] = statistics.fmean(ppl)
         reader = [r["adaptive"]["threshold"] for r in runs if "threshold" in (r.get("adaptive") or {})]
-        read = (f"{statistics.fmean(a['ppl'] for a in reader):.3f} / {statistics.fmean(a['steps_per_token'] for a in reader):.2f}"
-                if reader else "–")  # fmt: skip
-        L.append(f"| {m['label']} | {_f(m.get('paper'), 2)} | {_f(means[method])} | {_spread(ppl)} | "
-                 + " / ".join(_f(x) for x in ppl) + f" | {statistics.fmean(r['eval']['extra_pauses'] for r in runs):.3f} "
-                 f"| {read} | {runs[0]['real_tokens']:,} | {runs[0]['laid_out_tokens']:,} "
-                 f"| {statistics.fmean(r['train_wall_s'] for r in runs):.1f} |")  # fmt: skip
+        read = (
+            f"{statistics.fmean(a['ppl'] for a in reader):.3f} / {statistics.fmean(a['steps_per_token'] for a in reader):.2f}"
+            if reader
+            else "–"
+        )
+        L.append(
+            f"| {m['label']} | {_f(m.get('paper'), 2)} | {_f(means[method])} | {_spread(ppl)} | "
+            + " / ".join(_f(x) for x in ppl)
+            + f" | {statistics.fmean(r['eval']['extra_pauses'] for r in runs):.3f} "
+            f"| {read} | {runs[0]['real_tokens']:,} | {runs[0]['laid_out_tokens']:,} "
+            f"| {statistics.fmean(r['train_wall_s'] for r in runs):.1f} |"
+        )
     L.append("")
     if "baseline" in means:
         b = means["baseline"]
-        L += ["Relative to the no-pause baseline (mean ppl; paper: relative to 12.17):", "",
-              "| model | ours Δppl | ours Δ% | paper Δ% |", "|---|---|---|---|"]  # fmt: skip
+        L += [
+            "Relative to the no-pause baseline (mean ppl; paper: relative to 12.17):",
+            "",
+            "| model | ours Δppl | ours Δ% | paper Δ% |",
+            "|---|---|---|---|",
+        ]
         for method, v in means.items():
             pp = plan["methods"][method].get("paper")
             paper_rel = f"{100 * (pp / plan['methods']['baseline']['paper'] - 1):+.1f} %" if pp else "–"
-            L.append(f"| {plan['methods'][method]['label']} | {v - b:+.3f} | {100 * (v / b - 1):+.1f} % | {paper_rel} |")
+            L.append(
+                f"| {plan['methods'][method]['label']} | {v - b:+.3f} | {100 * (v / b - 1):+.1f} % | {paper_rel} |"
+            )
         L.append("")
 
     # -- data efficiency --------------------------------------------------------------------------------
     de = plan.get("data_efficiency") or {}
     if de.get("methods"):
         factors = de_factors(de)
-        L += ["## Data efficiency (CYB Fig. 6)", "",
-              "E×D: D times the data of 1×1 (disjoint sets A, B, C), E passes over it; the steps grow with both. "
-              "Seed " + str(seeds[0]) + "; – where the plan has no such run.", "",
-              "| method | " + " | ".join(f"{e}×{d}" for e, d in factors) + " |", "|---|" + "---|" * len(factors)]  # fmt: skip
+        L += [
+            "## Data efficiency (CYB Fig. 6)",
+            "",
+            "E×D: D times the data of 1×1 (disjoint sets A, B, C), E passes over it; the steps grow with both. "
+            "Seed " + str(seeds[0]) + "; – where the plan has no such run.",
+            "",
+            "| method | " + " | ".join(f"{e}×{d}" for e, d in factors) + " |",
+            "|---|" + "---|" * len(factors),
+        ]
         de_ppl: dict[str, dict[str, float]] = {}
         for method in de["methods"]:
             cells = []
@@ -340,8 +453,13 @@ def write_results(out: Path, md_path: Path, img_dir: Path | None = None) -> Path
                     de_ppl.setdefault(method, {})[key] = r["eval"]["ppl"]
                 cells.append((_f(r["eval"]["ppl"]) if r else "–") + (f" (paper {pp:.2f})" if pp else ""))
             L.append(f"| {plan['methods'][method]['label']} | " + " | ".join(cells) + " |")
-        L += ["", "Laid-out tokens (forward positions) and training wall time of the same runs:", "",
-              "| method | " + " | ".join(f"{e}×{d}" for e, d in factors) + " |", "|---|" + "---|" * len(factors)]  # fmt: skip
+        L += [
+            "",
+            "Laid-out tokens (forward positions) and training wall time of the same runs:",
+            "",
+            "| method | " + " | ".join(f"{e}×{d}" for e, d in factors) + " |",
+            "|---|" + "---|" * len(factors),
+        ]
         for method in de["methods"]:
             cells = []
             for e, d in factors:
@@ -349,10 +467,14 @@ def write_results(out: Path, md_path: Path, img_dir: Path | None = None) -> Path
                 r = by_name.get(name)
                 cells.append(f"{r['laid_out_tokens']:,} / {r['train_wall_s']:.0f} s" if r else "–")
             L.append(f"| {plan['methods'][method]['label']} | " + " | ".join(cells) + " |")
-        L += ["", "How much fresh data (1×D, one pass) each method needs to reach another's 1×1 perplexity "
-              "(interpolated in log data; '> 3×' when not reached):", "",
-              "| method | " + " | ".join(f"to reach {plan['methods'][t]['label']} 1×1" for t in de["methods"]) + " |",
-              "|---|" + "---|" * len(de["methods"])]  # fmt: skip
+        L += [
+            "",
+            "How much fresh data (1×D, one pass) each method needs to reach another's 1×1 perplexity "
+            "(interpolated in log data; '> 3×' when not reached):",
+            "",
+            "| method | " + " | ".join(f"to reach {plan['methods'][t]['label']} 1×1" for t in de["methods"]) + " |",
+            "|---|" + "---|" * len(de["methods"]),
+        ]
         for method in de["methods"]:
             pts = [(d, v) for key, v in de_ppl.get(method, {}).items() for e, d in [map(int, key.split("x"))] if e == 1]
             cells = []
@@ -368,72 +490,107 @@ def write_results(out: Path, md_path: Path, img_dir: Path | None = None) -> Path
     table = lr_table(plan, by_name)
     if table:
         rates = sorted({lr for v in table.values() for lr in v})
-        main_lr = next((by_name[f"ft-{m}-s{seeds[0]}"].get("lr") for m in table if f"ft-{m}-s{seeds[0]}" in by_name), None)
-        L += ["## Fine-tuning learning rate", "",
-              "The main comparison fine-tunes at " + (f"lr {main_lr:g}" if main_lr else "the rate of")
-              + " (`conf/experiments/layers/finetune.yaml`; "
-              "pretraining: `layers/pretrain.yaml`"
-              + (f", lr {pre['lr']:g}" if pre and pre.get("lr") else "") + "; both warm up, then decay "
-              "along a cosine to 1 %). The same 1×1 fine-tune at other rates "
-              f"(seed {seeds[0]}; held-out ppl; the pretrained model before fine-tuning: "
-              f"{_f(pre['eval']['ppl']) if pre else '–'}):", "",
-              "| method | " + " | ".join(f"lr {lr:g}" + (" (main)" if lr == main_lr else "") for lr in rates) + " |",
-              "|---|" + "---|" * len(rates)]  # fmt: skip
+        main_lr = next(
+            (by_name[f"ft-{m}-s{seeds[0]}"].get("lr") for m in table if f"ft-{m}-s{seeds[0]}" in by_name), None
+        )
+        L += [
+            "## Fine-tuning learning rate",
+            "",
+            "The main comparison fine-tunes at "
+            + (f"lr {main_lr:g}" if main_lr else "the rate of")
+            + " (`conf/experiments/layers/finetune.yaml`; "
+            "pretraining: `layers/pretrain.yaml`"
+            + (f", lr {pre['lr']:g}" if pre and pre.get("lr") else "")
+            + "; both warm up, then decay "
+            "along a cosine to 1 %). The same 1×1 fine-tune at other rates "
+            f"(seed {seeds[0]}; held-out ppl; the pretrained model before fine-tuning: "
+            f"{_f(pre['eval']['ppl']) if pre else '–'}):",
+            "",
+            "| method | " + " | ".join(f"lr {lr:g}" + (" (main)" if lr == main_lr else "") for lr in rates) + " |",
+            "|---|" + "---|" * len(rates),
+        ]
         for method, row in table.items():
             L.append(f"| {plan['methods'][method]['label']} | " + " | ".join(_f(row.get(lr)) for lr in rates) + " |")
         L.append("")
 
     # -- compute --------------------------------------------------------------------------------------------
     ft = [r for r in results if r["kind"] == "finetune" and not r["name"].startswith("lr-")]
-    for key, label, fname in (("real_tokens", "real tokens", "ppl_vs_real_tokens.png"),
-                              ("laid_out_tokens", "laid-out tokens (forward positions)", "ppl_vs_laid_out_tokens.png"),
-                              ("train_wall_s", "training wall time (s)", "ppl_vs_wall_time.png")):  # fmt: skip
-        comparison_plot(ft, key, label, img_dir / fname, f"held-out perplexity vs {label}",
-                        pre["eval"]["ppl"] if pre else None)  # fmt: skip
-    L += ["## Equal data and equal compute", "",
-          "Held-out perplexity during fine-tuning (every run; solid: main comparison, dotted: data efficiency) "
-          "against real tokens, laid-out tokens (what the decoder computes: K pauses cost K more positions per "
-          "token) and training wall time on this machine:", "",
-          f"![ppl vs real tokens]({rel(img_dir / 'ppl_vs_real_tokens.png')}) "
-          f"![ppl vs laid-out tokens]({rel(img_dir / 'ppl_vs_laid_out_tokens.png')}) "
-          f"![ppl vs wall time]({rel(img_dir / 'ppl_vs_wall_time.png')})", "",
-          "| run | held-out ppl | real tokens | laid-out tokens | training wall s | fit wall s | eval wall s |",
-          "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for key, label, fname in (
+        ("real_tokens", "real tokens", "ppl_vs_real_tokens.png"),
+        ("laid_out_tokens", "laid-out tokens (forward positions)", "ppl_vs_laid_out_tokens.png"),
+        ("train_wall_s", "training wall time (s)", "ppl_vs_wall_time.png"),
+    ):
+        comparison_plot(
+            ft, key, label, img_dir / fname, f"held-out perplexity vs {label}", pre["eval"]["ppl"] if pre else None
+        )
+    L += [
+        "## Equal data and equal compute",
+        "",
+        "Held-out perplexity during fine-tuning (every run; solid: main comparison, dotted: data efficiency) "
+        "against real tokens, laid-out tokens (what the decoder computes: K pauses cost K more positions per "
+        "token) and training wall time on this machine:",
+        "",
+        f"![ppl vs real tokens]({rel(img_dir / 'ppl_vs_real_tokens.png')}) "
+        f"![ppl vs laid-out tokens]({rel(img_dir / 'ppl_vs_laid_out_tokens.png')}) "
+        f"![ppl vs wall time]({rel(img_dir / 'ppl_vs_wall_time.png')})",
+        "",
+        "| run | held-out ppl | real tokens | laid-out tokens | training wall s | fit wall s | eval wall s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        L.append(f"| {r['name']} | {_f(r['eval']['ppl'])} | {r['real_tokens']:,} | {r['laid_out_tokens']:,} | "
-                 f"{r['train_wall_s']:.1f} | {r['fit_wall_s']:.1f} | {r['eval_wall_s']:.1f} |")  # fmt: skip
+        L.append(
+            f"| {r['name']} | {_f(r['eval']['ppl'])} | {r['real_tokens']:,} | {r['laid_out_tokens']:,} | "
+            f"{r['train_wall_s']:.1f} | {r['fit_wall_s']:.1f} | {r['eval_wall_s']:.1f} |"
+        )
     L.append("")
 
     # -- latency, calibration, adaptive ------------------------------------------------------------------
     pause_runs = [r for r in results if r["W"] > 1 and r["eval"].get("dk_rate")]
     if pause_runs:
         K = max(r["W"] for r in pause_runs) - 1
-        L += ["## Latency distributions and calibration", "",
-              "P(0 … K extra pauses) = mean stopping distribution s over held-out tokens; calibration = Spearman "
-              "ρ(d_i, t_(i+1) − t_i) per step. Paper (chosen CYB-AP model): P = "
-              + " / ".join(f"{p:.2f}" for p in paper.get("cyb_ap_latency", [])) + ", ρ = "
-              + " / ".join(f"{p:.2f}" for p in paper.get("cyb_ap_calibration", [])) + ".", "",
-              f"| run | P(0…{K} extra pauses) | mean pauses / token | DK rate per step | calibration ρ per step "
-              "| accuracy at readout | readout steps / token |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        L += [
+            "## Latency distributions and calibration",
+            "",
+            "P(0 … K extra pauses) = mean stopping distribution s over held-out tokens; calibration = Spearman "
+            "ρ(d_i, t_(i+1) − t_i) per step. Paper (chosen CYB-AP model): P = "
+            + " / ".join(f"{p:.2f}" for p in paper.get("cyb_ap_latency", []))
+            + ", ρ = "
+            + " / ".join(f"{p:.2f}" for p in paper.get("cyb_ap_calibration", []))
+            + ".",
+            "",
+            f"| run | P(0…{K} extra pauses) | mean pauses / token | DK rate per step | calibration ρ per step "
+            "| accuracy at readout | readout steps / token |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in pause_runs:
             e = r["eval"]
-            L.append(f"| {r['name']} | {' / '.join(_f(p) for p in e['p_stop'])} | {_f(e['extra_pauses'])} | "
-                     f"{' / '.join(_f(p) for p in e['dk_rate'])} | "
-                     f"{' / '.join(_f(p) for p in (e['calibration_spearman'] or []))} | {_f(e['accuracy'])} | "
-                     f"{_f(e['readout_steps'])} |")  # fmt: skip
+            L.append(
+                f"| {r['name']} | {' / '.join(_f(p) for p in e['p_stop'])} | {_f(e['extra_pauses'])} | "
+                f"{' / '.join(_f(p) for p in e['dk_rate'])} | "
+                f"{' / '.join(_f(p) for p in (e['calibration_spearman'] or []))} | {_f(e['accuracy'])} | "
+                f"{_f(e['readout_steps'])} |"
+            )
         L.append("")
         ad = [r for r in pause_runs if r.get("adaptive")]
         if ad:
-            L += ["Teacher-forced adaptive inference (compute actually spent; `cyb_lightning.generation`, "
-                  f"{s['adaptive_batches']} held-out batches):", "",
-                  "| run | trained rule (d < 0.5): ppl / steps per token | sampled stop (probability 1 − d) "
-                  "| greedy on DK (not the trained rule) | fixed K: ppl / steps | no pauses: ppl / steps |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+            L += [
+                "Teacher-forced adaptive inference (compute actually spent; `cyb_lightning.generation`, "
+                f"{s['adaptive_batches']} held-out batches):",
+                "",
+                "| run | trained rule (d < 0.5): ppl / steps per token | sampled stop (probability 1 − d) "
+                "| greedy on DK (not the trained rule) | fixed K: ppl / steps | no pauses: ppl / steps |",
+                "|---|---|---|---|---|---|",
+            ]
             for r in ad:
                 a = r["adaptive"]
-                L.append(f"| {r['name']} | " + " | ".join(
-                    f"{_f(a[k]['ppl'])} / {a[k]['steps_per_token']:.2f}" if k in a else "not measured"
-                    for k in ("threshold", "sample", "greedy", "fixed", "none")) + " |")  # fmt: skip
+                L.append(
+                    f"| {r['name']} | "
+                    + " | ".join(
+                        f"{_f(a[k]['ppl'])} / {a[k]['steps_per_token']:.2f}" if k in a else "not measured"
+                        for k in ("threshold", "sample", "greedy", "fixed", "none")
+                    )
+                    + " |"
+                )
             L.append("")
         L += ["Latency pictures (from each run's report folder):", ""]
         for r in pause_runs:
@@ -445,19 +602,31 @@ def write_results(out: Path, md_path: Path, img_dir: Path | None = None) -> Path
         L.append("")
 
     # -- tokens ------------------------------------------------------------------------------------------
-    dk_runs = [r for r in pause_runs if r["method"].startswith("cyb") and r["name"].startswith("ft-")
-               and r["seed"] == seeds[0]]  # fmt: skip
+    dk_runs = [
+        r for r in pause_runs if r["method"].startswith("cyb") and r["name"].startswith("ft-") and r["seed"] == seeds[0]
+    ]
     if dk_runs:
-        L += ["## Token quadrants (CYB Table 3)", "",
-              "Per vocabulary item (seen ≥ 5 times in the held-out part): median and variance of the expected "
-              "extra pauses after it, split at the medians over tokens; the top tokens of each quadrant. Paper: "
-              "plural nouns pause most, first pieces of contractions almost never, ambiguous tokens vary.", ""]  # fmt: skip
+        L += [
+            "## Token quadrants (CYB Table 3)",
+            "",
+            "Per vocabulary item (seen ≥ 5 times in the held-out part): median and variance of the expected "
+            "extra pauses after it, split at the medians over tokens; the top tokens of each quadrant. Paper: "
+            "plural nouns pause most, first pieces of contractions almost never, ambiguous tokens vary.",
+            "",
+        ]
         for r in dk_runs:
-            L += [f"**{r['name']}** ({r['tokens_analysed']} tokens analysed)", "", "| quadrant | tokens (median, variance) |",
-                  "|---|---|"]  # fmt: skip
+            L += [
+                f"**{r['name']}** ({r['tokens_analysed']} tokens analysed)",
+                "",
+                "| quadrant | tokens (median, variance) |",
+                "|---|---|",
+            ]
             for q, rows in r["quadrants"].items():
-                toks = ", ".join(f"`{repr(t['text'])[1:-1].replace('`', chr(39)).replace('|', '/')}` "
-                                 f"({t['median']:.2f}, {t['variance']:.2f})" for t in rows[:8])  # fmt: skip
+                toks = ", ".join(
+                    f"`{repr(t['text'])[1:-1].replace('`', chr(39)).replace('|', '/')}` "
+                    f"({t['median']:.2f}, {t['variance']:.2f})"
+                    for t in rows[:8]
+                )
                 L.append(f"| {q.replace('_', ' ')} | {toks or '–'} |")
             src = out / r["report_dir"] / "token_quadrants.png"
             if src.is_file():
@@ -472,9 +641,16 @@ def write_results(out: Path, md_path: Path, img_dir: Path | None = None) -> Path
         path = img_dir / f"curve_{r['name']}.png"
         curve_plot(r, path)
         L.append(f"![{r['name']}]({rel(path)})")
-    L += ["", "## Exact commands", "", "Each run is this command (run in-process by the experiment script; "
-          "`run.yaml` is the per-run layer it wrote: data folder, tokenizer, steps, seed, `init_from`):", "",
-          "| run | command | finished |", "|---|---|---|"]  # fmt: skip
+    L += [
+        "",
+        "## Exact commands",
+        "",
+        "Each run is this command (run in-process by the experiment script; "
+        "`run.yaml` is the per-run layer it wrote: data folder, tokenizer, steps, seed, `init_from`):",
+        "",
+        "| run | command | finished |",
+        "|---|---|---|",
+    ]
     for r in results:
         L.append(f"| {r['name']} | `{r['command']}` | {r['date']} |")
     L.append("")

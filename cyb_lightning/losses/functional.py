@@ -142,9 +142,7 @@ def log_probs_from_stats(
     return z_dk - lse_all, lse_rest - lse_all, z_y - lse_rest
 
 
-def step_log_probs(
-    logits: Tensor, targets: Tensor, dk_id: int, dk_bias: float = 0.0
-) -> tuple[Tensor, Tensor, Tensor]:
+def step_log_probs(logits: Tensor, targets: Tensor, dk_id: int, dk_bias: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """(log d, log(1 − d), log t), each ``[N, W]`` in fp32/fp64, with the DK prior applied.
 
     ``log d`` holds the model's raw DK probability at every step (the last included); the d_W := 0 rule

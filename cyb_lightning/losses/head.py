@@ -158,8 +158,9 @@ def head_loss(
         raise ValueError(f"chunk_size must be a number of logit rows >= 0 (0: one chunk; None: automatic), got {rows}")
     chunk_tokens = max(1, rows // steps)
     run = _Run(targets, dk_id, per_token, chunk_tokens, with_argmax, head.softcap, head.scale)
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or
-                                    (bias is not None and bias.requires_grad)):  # fmt: skip
+    if torch.is_grad_enabled() and (
+        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
         out = _HeadLossFunction.apply(hidden, weight, bias, run)
     else:
         out = run(hidden, weight, bias, (False, False, False))[0]
@@ -170,8 +171,16 @@ def head_loss(
 class _Run:
     """The chunk loop: statistics, per-token losses and (when asked) gradients, for one call."""
 
-    def __init__(self, targets: Tensor, dk_id: int, per_token: PerToken, chunk_tokens: int, with_argmax: bool,
-                 softcap: float | None = None, scale: float = 1.0):  # fmt: skip
+    def __init__(
+        self,
+        targets: Tensor,
+        dk_id: int,
+        per_token: PerToken,
+        chunk_tokens: int,
+        with_argmax: bool,
+        softcap: float | None = None,
+        scale: float = 1.0,
+    ):
         self.targets, self.dk_id, self.per_token = targets, dk_id, per_token
         self.chunk_tokens, self.with_argmax = chunk_tokens, with_argmax
         self.softcap, self.scale = softcap or None, scale
@@ -182,8 +191,9 @@ class _Run:
             return self._run(hidden, weight, bias, needs)
         compute = torch.get_autocast_dtype(device)  # what autocast would give the matmuls, now for all of them
         with torch.autocast(device, enabled=False):
-            out, grads = self._run(hidden.to(compute), weight.to(compute), None if bias is None else bias.to(compute),
-                                   needs)  # fmt: skip
+            out, grads = self._run(
+                hidden.to(compute), weight.to(compute), None if bias is None else bias.to(compute), needs
+            )
         return out, grads
 
     def _run(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, needs: tuple[bool, bool, bool]):

@@ -44,8 +44,15 @@ class AdaptiveReadout(_Sampled):
         self.add_state("sample_level", [], dist_reduce_fx="cat")
         self.add_state("sample_pauses", [], dist_reduce_fx="cat")
 
-    def update(self, steps: Tensor, correct: Tensor, nll: Tensor, mask: Tensor, difficulty: Tensor | None = None,
-               calls: int = 0) -> None:  # fmt: skip
+    def update(
+        self,
+        steps: Tensor,
+        correct: Tensor,
+        nll: Tensor,
+        mask: Tensor,
+        difficulty: Tensor | None = None,
+        calls: int = 0,
+    ) -> None:
         mask = mask.bool()
         spent = steps[mask].long()
         self.count += mask.sum().double()
@@ -106,9 +113,12 @@ def readout_summary(result: dict[str, Tensor]) -> dict:
     levels = torch.nonzero(result["level_tokens"] > 0).flatten().tolist()
     if levels:
         out["by_difficulty"] = {
-            level: {"tokens": int(result["level_tokens"][level]), "accuracy": float(result["level_accuracy"][level]),
-                    "steps_per_token": float(result["level_steps"][level]),
-                    "p_pauses": result["level_p_pauses"][level].tolist()}  # fmt: skip
+            level: {
+                "tokens": int(result["level_tokens"][level]),
+                "accuracy": float(result["level_accuracy"][level]),
+                "steps_per_token": float(result["level_steps"][level]),
+                "p_pauses": result["level_p_pauses"][level].tolist(),
+            }
             for level in levels
         }
         rho = float(result["spearman"])

@@ -110,8 +110,12 @@ class ReadoutAccuracy(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         n = self.count.clamp_min(1)
-        return {"accuracy": self.correct / n, "sampled_accuracy": self.sampled_correct / n,
-                "per_step": self.step_correct / n, "readout_steps": self.readout_sum / n}  # fmt: skip
+        return {
+            "accuracy": self.correct / n,
+            "sampled_accuracy": self.sampled_correct / n,
+            "per_step": self.step_correct / n,
+            "readout_steps": self.readout_sum / n,
+        }
 
 
 class TokenPauseStats(_Sampled):
@@ -215,9 +219,17 @@ class DifficultyStats(_Sampled):
 
     def compute(self) -> dict[str, Tensor]:
         n = self.count
-        per = {name: getattr(self, state) / n for name, state in (
-            ("accuracy", "correct"), ("sampled_accuracy", "sampled_correct"), ("first_step_accuracy", "first_correct"),
-            ("last_step_accuracy", "last_correct"), ("extra_pauses", "pauses"), ("readout_steps", "readout"))}  # fmt: skip
+        per = {
+            name: getattr(self, state) / n
+            for name, state in (
+                ("accuracy", "correct"),
+                ("sampled_accuracy", "sampled_correct"),
+                ("first_step_accuracy", "first_correct"),
+                ("last_step_accuracy", "last_correct"),
+                ("extra_pauses", "pauses"),
+                ("readout_steps", "readout"),
+            )
+        }
         level, pauses = _cat(self.sample_level).double(), _cat(self.sample_pauses).double()
         rho = torch.tensor(float("nan"), dtype=torch.float64)
         if level.numel() > 1 and level.unique().numel() > 1 and pauses.unique().numel() > 1:

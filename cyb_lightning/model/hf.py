@@ -180,9 +180,10 @@ class HFDecoder(DecoderSpec):
         kv = getattr(cfg, "num_key_value_heads", None) or heads
         head_dim = getattr(cfg, "head_dim", None) or d // heads
         ffn = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * d
-        gated = getattr(cfg, "hidden_act", getattr(cfg, "hidden_activation", "")) in (
-            "silu", "gelu_pytorch_tanh", "swish"
-        ) and cfg.model_type not in _LEARNED_FAMILIES
+        gated = (
+            getattr(cfg, "hidden_act", getattr(cfg, "hidden_activation", "")) in ("silu", "gelu_pytorch_tanh", "swish")
+            and cfg.model_type not in _LEARNED_FAMILIES
+        )
         attn = d * head_dim * (heads + 2 * kv) + heads * head_dim * d
         mlp = (3 if gated else 2) * d * ffn
         return 6 * (n_layer * (attn + mlp) + vocab_size * d) + 12 * n_layer * heads * head_dim * context
@@ -302,8 +303,10 @@ class HFCausalLM(nn.Module):
         """The last hidden states ``[B, L, d]`` (after the final norm): the output layer's input."""
         base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
         if base is None:
-            raise ValueError(f"{type(self.model).__name__} exposes no base decoder (get_decoder()); this family "
-                             "cannot be trained here")  # fmt: skip
+            raise ValueError(
+                f"{type(self.model).__name__} exposes no base decoder (get_decoder()); this family "
+                "cannot be trained here"
+            )
         return base(**self._inputs(input_ids, position_ids)).last_hidden_state
 
     def _inputs(
@@ -358,7 +361,9 @@ class HFCausalLM(nn.Module):
                 )
         head = self.model.get_output_embeddings()
         if not isinstance(head, nn.Linear):
-            raise ValueError(f"the output layer is a {type(head).__name__}, not nn.Linear; this family is not supported")
+            raise ValueError(
+                f"the output layer is a {type(head).__name__}, not nn.Linear; this family is not supported"
+            )
         return OutputHead(head.weight, head.bias, softcap=softcap, scale=scale)
 
 
@@ -450,4 +455,3 @@ def _torch_dtype(name: str):
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
     except KeyError:
         raise ValueError(f"dtype must be float32, bfloat16, float16 or auto; got {name!r}") from None
-

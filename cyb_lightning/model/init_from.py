@@ -89,7 +89,7 @@ def trained_rows_of(checkpoint: dict) -> set[int]:
 def decoder_state_dict(checkpoint: dict, path: str | os.PathLike = "the checkpoint") -> dict[str, torch.Tensor]:
     """The full decoder state dict (``decoder.`` prefix removed) of a checkpoint from :func:`read_checkpoint`."""
     state = checkpoint.get("state_dict", checkpoint.get("model", checkpoint))
-    decoder = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
+    decoder = {k[len(PREFIX) :]: v for k, v in state.items() if k.startswith(PREFIX)}
     if not decoder:
         raise ValueError(f"init_from: {path} holds no decoder weights (no '{PREFIX}*' keys); is it one of our runs?")
     return decoder

@@ -72,7 +72,9 @@ def missing_methods(decoder: nn.Module) -> list[str]:
     keywords (empty: it fulfils the contract)."""
     import inspect
 
-    missing = [name for name in ("new_cache", "output_head", "input_embeddings") if not callable(getattr(decoder, name, None))]
+    missing = [
+        name for name in ("new_cache", "output_head", "input_embeddings") if not callable(getattr(decoder, name, None))
+    ]
     params = inspect.signature(decoder.forward).parameters
     missing += [f"forward(..., {k}=)" for k in ("position_ids", "cache", "key_mask", "head_fn") if k not in params]
     return missing
