@@ -1,11 +1,11 @@
-# Two commands for a fresh machine: `make demo` (set up + the positive-control task) and `make test`.
+# Two commands for a fresh machine: `make demo` (set up + the positive-control task, ~4 min) and `make test`.
 # `make quickstart`: the language-model quickstart (offline Python-docs corpus, CYB-AP).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CONSTRAINTS := .ci/constraints.txt
 
-.PHONY: demo quickstart test test-fast setup smollm2 clean
+.PHONY: demo demo-baseline quickstart test test-fast setup smollm2 clean
 
 setup: $(VENV)/.installed
 
@@ -16,8 +16,28 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) scripts/install_torch.sh
 	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[test]'
 	touch $@
 
+# The demo: the positive control's CYB recipe (conf/positive_control.yaml: CYB-AP with the answer's own pauses) at the
+# learning rate the comparison chose for it (docs/positive_control.md), a DataLoader worker making the rows on the
+# second core; then the report: the adaptive reader per difficulty beside the committed no-pause model.
+DEMO_RUN := runs/positive_control/demo
+DEMO_LR := 0.01
 demo: setup
-	HF_HUB_OFFLINE=1 $(PY) -m cyb_lightning fit --config conf/positive_control.yaml
+	rm -rf $(DEMO_RUN)
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m cyb_lightning fit --config conf/positive_control.yaml \
+		--model.lr $(DEMO_LR) --data.num_workers 1 --trainer.logger.init_args.version demo
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m cyb_lightning report --ckpt_path $(DEMO_RUN)/checkpoints/last.ckpt \
+		--baseline_ckpt data/positive_control/baseline/checkpoints/last.ckpt --adaptive threshold,fixed \
+		--adaptive_batches 8
+
+# The committed no-pause model the demo compares with: the comparison's baseline, seed 0, at its chosen rate (0.001).
+demo-baseline: setup
+	rm -rf runs/positive_control/baseline-s0 data/positive_control/baseline
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m cyb_lightning fit --config conf/positive_control.yaml \
+		--config conf/positive_control/baseline.yaml --model.lr 0.001 --data.num_workers 1 \
+		--trainer.logger.init_args.version baseline-s0
+	mkdir -p data/positive_control/baseline/checkpoints
+	cp runs/positive_control/baseline-s0/config.yaml data/positive_control/baseline/
+	cp runs/positive_control/baseline-s0/checkpoints/last.ckpt data/positive_control/baseline/checkpoints/
 
 quickstart: setup
 	HF_HUB_OFFLINE=1 $(PY) -m cyb_lightning fit --config conf/quickstart.yaml
