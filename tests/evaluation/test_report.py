@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -160,3 +161,21 @@ def test_a_checkpoint_that_does_not_exist_says_so(tmp_path):
     (tmp_path / "last.ckpt").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=r"no checkpoint at .*lsat\.ckpt; the folder has .*last\.ckpt"):
         main(["generate", "--ckpt_path", str(tmp_path / "lsat.ckpt")])
+
+
+def test_the_committed_no_pause_model_of_the_demo_loads_as_one(tmp_path):
+    """data/positive_control/baseline (read by `make demo`): a no-pause model of the positive control's task and
+    decoder, whose answers it reads well above chance."""
+    import yaml
+
+    from cyb_lightning.commands.loading import load_run
+    from cyb_lightning.generation import PausePolicy, Sampling, adaptive_evaluate, runner_for
+
+    repo = Path(__file__).resolve().parents[2]
+    ckpt = str(repo / "data" / "positive_control" / "baseline" / "checkpoints" / "last.ckpt")
+    module, dm = load_run(ckpt, overrides=["--data.source.init_args.root", str(tmp_path), "--data.val_documents", "256"])
+    demo = yaml.safe_load((repo / "conf" / "positive_control.yaml").read_text())
+    assert module.hparams.steps_per_token == 1 and dm.layout == "none"
+    assert {k: getattr(module.decoder_spec, k) for k in demo["model"]["decoder"]["init_args"]} == demo["model"]["decoder"]["init_args"]
+    out = adaptive_evaluate(runner_for(module, PausePolicy("none"), Sampling(0.0)), dm.val_dataloader())
+    assert out["by_difficulty"][1]["accuracy"] == 1.0 and out["accuracy"] > 0.8  # 10 answer classes: chance is 0.1
