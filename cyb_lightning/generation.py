@@ -311,8 +311,9 @@ def adaptive_evaluate(
     return {"policy": runner.policy.kind, **readout_summary(metric.compute())}
 
 
-def read_batch(runner: AdaptiveRunner, batch: LaidOutBatch, metric) -> None:
-    """The adaptive reader, teacher-forced on one laid-out batch, into an ``AdaptiveReadout``."""
+def read_batch(runner: AdaptiveRunner, batch: LaidOutBatch, metric) -> Trace:
+    """The adaptive reader, teacher-forced on one laid-out batch, into an ``AdaptiveReadout``; returns the trace
+    (validation does exactly this on each of its batches, ``CYBModule._evaluation_step``)."""
     device = next(runner.decoder.parameters()).device
     real, mask = batch.real_tokens().to(device), batch.target_mask.to(device)
     trace = runner.run(
@@ -320,6 +321,7 @@ def read_batch(runner: AdaptiveRunner, batch: LaidOutBatch, metric) -> None:
     )
     difficulty = None if batch.difficulty_grid is None else batch.difficulty_grid.to(device)
     metric.to(device).update(trace.steps, trace.correct, trace.nll, mask, difficulty, trace.forward_calls)
+    return trace
 
 
 def runner_for(module, policy: PausePolicy, sampling: Sampling | None = None, pause_ids=None, **kw) -> AdaptiveRunner:

@@ -323,19 +323,11 @@ class CYBModule(L.LightningModule):
             out["difficulty"] = batch.difficulty
         limit = self.hparams.get("adaptive_eval_batches")
         if limit is None or batch_idx < limit:  # the same batches on every rank (they run as many)
-            trace = self.adaptive_reader().run(
-                *self._real(batch), may_pause=batch.pause_slots, positions=batch.first_positions
-            )
-            getattr(self, f"{stage}_adaptive").update(
-                trace.steps, trace.correct, trace.nll, batch.target_mask, batch.difficulty_grid, trace.forward_calls
-            )
+            from cyb_lightning.generation import read_batch
+
+            trace = read_batch(self.adaptive_reader(), batch, getattr(self, f"{stage}_adaptive"))
             out["adaptive_steps"] = trace.steps[batch.target_mask]
         return out
-
-    @staticmethod
-    def _real(batch: LaidOutBatch) -> tuple[Tensor, int]:
-        real = batch.real_tokens()
-        return real, real.shape[1] - 1
 
     def adaptive_reader(self, policy: str = "threshold"):
         """The reader that really skips compute (``generation.AdaptiveRunner``) over this model: the trained
