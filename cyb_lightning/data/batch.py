@@ -83,21 +83,22 @@ class LaidOutBatch:
         """``[N]`` difficulty of every counted target (synthetic tasks), else None."""
         return None if self.difficulty_grid is None else self.difficulty_grid[self.target_mask]
 
+    def first_steps(self, x: Tensor) -> Tensor:
+        """Per-position values ``[B, L]`` → ``[B, T]``: those of every group's first step (its real input)."""
+        B, T = self.shape
+        if self.step_index is not None:
+            return x.gather(1, self.step_index[:, :, 0])
+        return x.view(B, T, -1)[:, :, 0]
+
     @cached_property
     def first_inputs(self) -> Tensor:
         """``[B, T]``: the real input token x_t of every group (the group's first step)."""
-        B, T = self.shape
-        if self.step_index is not None:
-            return self.input_ids.gather(1, self.step_index[:, :, 0])
-        return self.input_ids.view(B, T, -1)[:, :, 0]
+        return self.first_steps(self.input_ids)
 
     @cached_property
     def first_positions(self) -> Tensor:
         """``[B, T]``: the position index of every group's real input (its pauses share it)."""
-        B, T = self.shape
-        if self.step_index is not None:
-            return self.position_ids.gather(1, self.step_index[:, :, 0])
-        return self.position_ids.view(B, T, -1)[:, :, 0]
+        return self.first_steps(self.position_ids)
 
     @property
     def group_inputs(self) -> Tensor:
