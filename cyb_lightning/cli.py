@@ -8,6 +8,8 @@ CLI links those into the model, so a config never states them twice. A pretraine
 from __future__ import annotations
 
 import os
+import re
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from cyb_lightning.module import CYBModule
 from cyb_lightning.resume import load_metadata, pick_checkpoint, resolved_differences
 
 LIGHTNING_CKPT_KEYWORDS = ("best", "last", "hpc", "registry")
+CONF = Path(__file__).resolve().parent.parent / "conf"  # the shipped configs (a source checkout)
 
 
 class ConfigError(SystemExit):
@@ -173,10 +176,36 @@ def main(args: list[str] | None = None) -> CYBLightningCLI:
         return _cli(args)
     except ArgumentError as e:  # a value the parser refuses: its message, not a 75-line usage dump first
         first, _, rest = str(e).partition("\n")
+        hint = missing_fragment_hint(str(e), sys.argv[1:] if args is None else args)
         raise ConfigError(
-            first + ("\n" + rest if rest else "") + "\n(`python -m cyb_lightning fit --help` lists "
-            "every setting; `--print_config` shows the resolved config)"
+            first + ("\n" + rest if rest else "") + (f"\n{hint}" if hint else "") + "\n(`python -m cyb_lightning "
+            "fit --help` lists every setting; `--print_config` shows the resolved config)"
         ) from None
+
+
+def missing_fragment_hint(message: str, args: list[str]) -> str | None:
+    """Where a config fragment (``trainer: trainer/gpu.yaml``) was looked for and how to mend it: jsonargparse
+    reads a fragment relative to the folder of the config that names it, so a config copied out of ``conf/``
+    loses its fragments."""
+    found = re.search(r"Unable to load config ['\"]([^'\"]+)['\"]", message)
+    if not found:
+        return None
+    fragment = found.group(1)
+    configs = [Path(args[i + 1]) for i, a in enumerate(args[:-1]) if a == "--config"]
+    configs += [Path(a.split("=", 1)[1]) for a in args if a.startswith("--config=")]
+    naming = [c for c in configs if c.is_file() and fragment in c.read_text()]
+    where = (
+        f"looked for it beside {naming[0]}, in {naming[0].resolve().parent / fragment}"
+        if naming
+        else "a fragment is read relative to the folder of the config that names it"
+    )
+    shipped = CONF / fragment
+    mend = (
+        f"copy {shipped} there too, or write its full path"
+        if shipped.is_file()
+        else "write its path relative to that config's folder"
+    )
+    return f"the config fragment '{fragment}' was not found: {where}; {mend}."
 
 
 def _cli(args: list[str] | None) -> CYBLightningCLI:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import yaml
@@ -14,16 +15,36 @@ from tests.conftest import TINY_QUICKSTART, TINY_VOCAB
 
 
 def tiny_args(root, source_root, *extra: str) -> list[str]:
-    source = {"class_path": "cyb_lightning.data.sources.QuickstartCorpus",
-              "init_args": {"root": str(source_root), **TINY_QUICKSTART}}
+    source = {
+        "class_path": "cyb_lightning.data.sources.QuickstartCorpus",
+        "init_args": {"root": str(source_root), **TINY_QUICKSTART},
+    }
     return [
-        "fit", "--config", "conf/quickstart.yaml",
-        "--data.source", json.dumps(source), "--data.bpe_vocab_size", str(TINY_VOCAB),
-        "--data.seq_len", "32", "--data.batch_size", "8", "--data.val_documents", "4",
-        "--model.decoder.init_args.d_model", "32", "--model.decoder.init_args.n_head", "2",
-        "--trainer.default_root_dir", str(root),
-        "--trainer.logger.init_args.save_dir", str(root),
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "fit",
+        "--config",
+        "conf/quickstart.yaml",
+        "--data.source",
+        json.dumps(source),
+        "--data.bpe_vocab_size",
+        str(TINY_VOCAB),
+        "--data.seq_len",
+        "32",
+        "--data.batch_size",
+        "8",
+        "--data.val_documents",
+        "4",
+        "--model.decoder.init_args.d_model",
+        "32",
+        "--model.decoder.init_args.n_head",
+        "2",
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.logger.init_args.save_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
         *extra,
     ]
 
@@ -38,9 +59,22 @@ def scalars(acc: EventAccumulator, tag: str) -> list[float]:
 
 
 def test_fit_learns_checkpoints_and_writes_stopping_histograms(tmp_path, source_root):
-    cli = main(tiny_args(tmp_path, source_root, "--trainer.max_steps", "40", "--trainer.val_check_interval", "20",
-                         "--trainer.log_every_n_steps", "5", "--trainer.limit_val_batches", "2",
-                         "--trainer.callbacks.every_n_steps", "10"))
+    cli = main(
+        tiny_args(
+            tmp_path,
+            source_root,
+            "--trainer.max_steps",
+            "40",
+            "--trainer.val_check_interval",
+            "20",
+            "--trainer.log_every_n_steps",
+            "5",
+            "--trainer.limit_val_batches",
+            "2",
+            "--trainer.callbacks.every_n_steps",
+            "10",
+        )
+    )
     log_dir = cli.trainer.log_dir
     acc = EventAccumulator(log_dir, size_guidance={"histograms": 0, "scalars": 0}).Reload()
     loss = scalars(acc, "train/loss")
@@ -95,16 +129,38 @@ def test_empty_corpus_folder_is_named(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     source = json.dumps({"class_path": "cyb_lightning.data.sources.LocalShards", "init_args": {"path": str(empty)}})
-    args = ["fit", "--config", "conf/quickstart.yaml", "--data.source", source,
-            "--trainer.default_root_dir", str(tmp_path)]
+    args = [
+        "fit",
+        "--config",
+        "conf/quickstart.yaml",
+        "--data.source",
+        source,
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
     msg = run_cli_error(args, capsys)
     assert str(empty) in msg
 
 
 def test_variable_pause_layout_trains_from_the_cli_and_validates_with_all_pauses(tmp_path, source_root):
-    cli = main(tiny_args(tmp_path, source_root, "--data.layout", "variable", "--data.omega", "[1, 1, 1, 1]",
-                         "--trainer.max_steps", "6", "--trainer.val_check_interval", "6",
-                         "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1"))
+    cli = main(
+        tiny_args(
+            tmp_path,
+            source_root,
+            "--data.layout",
+            "variable",
+            "--data.omega",
+            "[1, 1, 1, 1]",
+            "--trainer.max_steps",
+            "6",
+            "--trainer.val_check_interval",
+            "6",
+            "--trainer.limit_val_batches",
+            "1",
+            "--trainer.log_every_n_steps",
+            "1",
+        )
+    )
     dm = cli.datamodule
     train = next(iter(dm.train_dataloader()))
     assert "step_mask" in train  # granted steps differ per token …
@@ -183,7 +239,9 @@ def test_the_fit_summary_states_its_pace_and_a_loaded_machine():
     idle = pace(100.0, 98.0, 5000, load=1.1)  # this process kept one core busy: the load is its own
     assert idle == "fit: 5000 steps in 100 s (50.0 steps/s)"
     loaded = pace(100.0, 98.0, 5000, load=3.0)  # two more cores' worth of other work
-    assert loaded.startswith("fit: 5000 steps in 100 s (50.0 steps/s); the machine was loaded") and "2.0 of it" in loaded
+    assert (
+        loaded.startswith("fit: 5000 steps in 100 s (50.0 steps/s); the machine was loaded") and "2.0 of it" in loaded
+    )
 
 
 @pytest.mark.parametrize("args, first_line", [
@@ -198,6 +256,23 @@ def test_a_bad_setting_is_one_message_without_a_traceback_or_usage_dump(args, fi
     assert message.splitlines()[0] == first_line or message.startswith(first_line), message
     assert len(message.splitlines()) <= 4 and "Traceback" not in message
     assert "usage:" not in capsys.readouterr().err
+
+
+def test_a_config_copied_out_of_conf_names_the_missing_fragment_and_where_it_looked(tmp_path):
+    copy = tmp_path / "my_cyb_dp.yaml"
+    copy.write_text(Path("conf/cyb_dp.yaml").read_text())
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(copy), "--print_config"])
+    message = str(info.value.code)
+    assert message.startswith('error: Parser key "trainer":') and "Traceback" not in message
+    hint = [line for line in message.splitlines() if line.startswith("the config fragment")]
+    assert hint == [
+        (
+            f"the config fragment 'trainer/gpu.yaml' was not found: looked for it beside {copy}, in "
+            f"{tmp_path / 'trainer' / 'gpu.yaml'}; copy {Path('conf/trainer/gpu.yaml').resolve()} there too, or write "
+            "its full path."
+        )
+    ]
 
 
 def test_naming_the_hf_decoder_names_its_tokenizer_too(tmp_path, source_root):
