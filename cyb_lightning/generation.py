@@ -1,31 +1,6 @@
 """Adaptive inference: the model pauses only where it asks to (CYB "recipe 2", spec ``docs/method.md`` §5).
 
-After each real token x_t the decoder is run one step at a time with a KV cache. At step i the model's
-own output decides, through a :class:`PausePolicy`, whether the next input is the pause ``P_i`` (at x_t's
-position, as in training) or the next real token; at most K pauses (d_W := 0). Policies:
-
-- ``threshold`` (the default): pause while d_i ≥ τ, τ = 0.5 by default: answer where answering is more
-  likely than not (τ = 1: never; τ = 0: always, i.e. fixed-K). The trained rule read deterministically,
-  the same predicate as validation's readout (``losses.functional.keeps_pausing``);
-- ``sample``: pause with probability d_i, i.e. stop at step i with probability s_i = (1 − d_i) Π_{j<i} d_j:
-  exactly the stopping distribution the CYB losses train;
-- ``greedy``: pause while DK is the argmax of the step's output over the whole vocabulary (DK prior
-  included). *Not* the trained rule: on high-entropy tokens it pauses at d ≈ 0.05, reading steps the
-  loss never weighted. Kept for comparison;
-- ``fixed``: always K pauses (CYB v1 / TBYS inference), ``none``: never pause (plain decoding).
-
-The answer at the answering step is drawn from the output without DK (temperature / top-k / top-p;
-temperature 0 is greedy). The same loop, with the next real token forced from text instead of drawn,
-is the teacher-forced adaptive evaluation (:func:`adaptive_evaluate`): perplexity at the answering step
-and the forward steps actually spent per token, against W = K + 1 for fixed-K pausing.
-
-Rows of a batch run in lockstep: a row that has already answered while another still pauses feeds an
-invisible input (``key_mask`` False), which no later query attends to, so each row sees exactly the
-context it would see alone.
-
-A model pauses only where its layout let it pause in training (``may_pause``): after every real token for
-``cyb`` and ``variable``, only before the scored targets (the answer) for ``answer_pauses``; teacher-forced
-evaluation reads that from the evaluation batch (:attr:`LaidOutBatch.pause_slots`).
+Design notes: docs/internals.md, section `cyb_lightning/generation.py`.
 """
 
 from __future__ import annotations

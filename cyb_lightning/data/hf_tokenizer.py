@@ -1,38 +1,6 @@
 """A pretrained model's own tokenizer (``transformers``), with the DK and pause ids CYB needs.
 
-Same interface as :class:`~cyb_lightning.data.tokenizer.CYBTokenizer` (``vocab``, ``num_reserved``,
-``encode``/``encode_batch``/``encode_batch_np``, ``decode``), so the stream, the layouts and the model
-use it unchanged. Two ways to get the reserved ids, chosen per role in the config:
-
-- **repurpose** named tokens of the pretrained vocabulary (``dk_token``, ``pause_tokens``), as CYB did
-  with Gemma's ``<unused…>`` tokens; the vocabulary size does not change;
-- **add** new ids past the end of the model's vocabulary (for any role left unnamed, or for both roles with
-  ``add_ids=True``, which overrides the names so one flag switches a config that repurposes): one DK id
-  and ``num_pauses`` pause ids. The CLI links ``num_pauses`` to ``data.num_pauses``, so exactly the ids a
-  run uses are added (DK + K; no pad id: padding uses the tokenizer's pad or EOS). ``vocab.size`` grows by
-  exactly that many and :class:`~cyb_lightning.model.HFDecoder` grows the embedding and the output layer
-  to match. New ids start at ``max(len(tokenizer), model vocab_size)``, so they never collide with the
-  padding rows some models carry (Qwen2: 151 936 rows for 151 665 tokens).
-
-Documents: each one is followed by the end-of-text separator (``eot_token``, default the tokenizer's EOS)
-and, with ``add_bos``, preceded by the BOS id. A chat model's BOS can be its chat-turn marker (SmolLM2:
-``<|im_start|>``, EOS ``<|im_end|>``); plain text wrapped in turn markers is not what the model read in
-pretraining, so by default the BOS is prepended only when it is distinct from the EOS **and** its text
-does not appear in the tokenizer's chat template. For such models name the pretraining separator as
-``eot_token`` (SmolLM2, Qwen2: ``<|endoftext|>``); building the tokenizer warns when the EOS is a turn
-marker and ``eot_token`` is unset.
-
-**Text never yields a reserved id.** New ids are unknown to the underlying tokenizer. Repurposed ones are
-marked special and the tokenizer runs with ``encode_special_tokens=True`` (the ``split_special_tokens``
-behaviour), so the literal text ``<unused0>`` is split into ordinary pieces; at construction each
-repurposed token's own text is encoded as a probe and a token that text can still produce is refused. As
-a last guard ``encode_batch_np`` drops any reserved id that would slip through (counted in
-``dropped_reserved``). The same holds for the other special tokens (``<eos>``, ``<bos>``…): the stream
-appends the separator after each document itself, and ``add_bos`` prepends the BOS id.
-
-GGUF checkpoints: ``name_or_path`` may be a ``.gguf`` file (or a folder plus ``gguf_file``, or
-``pkg://PACKAGE/file.gguf``); the tokenizer is read from the same cached conversion as the decoder
-(:mod:`cyb_lightning.model.gguf`).
+Design notes: docs/internals.md, section `cyb_lightning/data/hf_tokenizer.py`.
 """
 
 from __future__ import annotations

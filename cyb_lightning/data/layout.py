@@ -1,46 +1,11 @@
-"""Sequence layouts: pure functions from a chunk of real tokens to one training example.
+"""Sequence layouts: pure functions from a chunk of real tokens to one training example, and the
+:class:`Layout` classes that build themselves from the config (one registered class per name).
 
-The batch contract (the LightningModule relies on it exactly; spec ``docs/method.md`` §2, §4):
-
-    input_ids    long [L]   (batched [B, L])   L = T · W
-    position_ids long [L]
-    targets      long [T]
-    target_mask  bool [T]
-
-W is the number of steps per target: input positions t·W … t·W+W−1 form group t, and the model's
-outputs there are the W steps whose target is ``targets[t]``. Masked targets hold ``pad_id`` or a pause
-id (always a valid index) and must not count in any loss or metric.
-
-- ``none``: x_0 … x_{T−1} → x_1 … x_T, W = 1.
-- ``cyb``: ``x_0 P1..PK x_1 P1..PK …`` (distinct pause ids), every pause at its real token's position,
-  W = K + 1; K = 0 is exactly ``none``.
-- ``tbys_random`` (TBYS pause pretraining): M = round(fraction · T) single ``<pause1>`` tokens at
-  uniformly random slots of the T + 1 laid-out tokens, consecutive positions, W = 1; a target that is a
-  pause is masked. The slots are a function of (seed, index) alone (counter-based RNG), and the stream
-  passes as ``index`` the example's key: a 63-bit hash of (epoch, shard, document, token offset) of its
-  first token (``stream.example_key``); so resuming needs no RNG state, and the slots do not depend on
-  ranks, lanes or workers. TBYS inserts then trims back to length; here the stream hands this
-  layout exactly T + 1 − M real tokens so the trim drops nothing (given more, it trims the tail).
-- ``pause_groups`` (pause pretraining for CYB fine-tuning): after a random fraction of the real tokens
-  (10 % by default) a group of the K distinct pauses ``P1..PK``, every pause at its real token's position
-  (as in ``cyb``), W = 1; real tokens take consecutive positions; a target that is a pause is masked, so
-  the token after a group is predicted from ``PK``. The grouped tokens are a function of (seed, index) as
-  in ``tbys_random``; the stream hands exactly the real tokens a full example holds.
-- ``tbys_finetune`` (TBYS pause fine-tuning): one prompt/completion pair per example,
-  ``prompt P1…P1 completion`` with M = ``num_pauses`` copies of ``<pause1>`` appended after the prompt,
-  consecutive positions, W = 1; outputs before the last pause are ignored, the loss is on the completion
-  only. Its ``tokens`` are a pair (prompt ids, completion ids), from a prompt/completion source.
-- ``variable`` (CYB "recipe 2"): token x_t gets k_t pauses, k_t + 1 ~ ω, groups packed back to back;
-  two extra keys ``step_index``/``step_mask`` ``[T, W]`` map the packed inputs onto the group grid
-  (see :func:`layout_granted`, at the end of this file).
-- ``answer_pauses``: the K distinct pauses only after the inputs whose target is scored (the answer's own
-  pauses; the prompt gets none), packed as ``variable``. The stream hands the layout the scored targets of
-  a source that labels them (the synthetic tasks). Adaptive inference lets a model pause only where its
-  layout did (:attr:`Layout.answers_only`).
-
-A chunk shorter than the layout needs (the end of the finite validation set) is padded: ``pad_id``
-inputs, ``target_mask`` False. A new layout is one more function plus one more small :class:`Layout`
-subclass in ``LAYOUT_CLASSES``.
+The batch contract (the LightningModule relies on it exactly): ``input_ids``, ``position_ids`` long [L] with
+L = T · W, ``targets`` long [T], ``target_mask`` bool [T]; inputs t·W … t·W+W−1 form group t, whose W outputs
+are the steps for ``targets[t]``; a masked target holds a valid index and never counts. The layouts (``none``,
+``cyb``, ``tbys_random``, ``pause_groups``, ``tbys_finetune``, ``variable``, ``answer_pauses``), drawn out with
+examples, are docs/method.md §2. A new layout is one function plus one :class:`Layout` subclass.
 """
 
 from __future__ import annotations

@@ -1,25 +1,6 @@
 """An offline corpus built from text that ships with every Python, plus the tokenizer trained on it.
 
-Why: the pipeline must run end to end with no network (tests, laptops, air-gapped nodes). The corpus is
-written in C4's own format (``{"text": ...}`` JSON lines, gzipped, ``c4-train.00000-of-0000N.json.gz``),
-so everything downstream reads it exactly like a local copy of C4.
-
-Documents, in this fixed order (same Python version → byte-identical corpus):
-1. ``pydoc_data.topics.topics``: the language-reference help pages (one document per topic);
-2. standard-library docstrings, one document per module (module, class and function docstrings in
-   source order). They are read with ``ast`` from the ``.py`` sources, never imported: importing runs
-   module code (``antigravity`` opens a browser, ``this`` prints), is slow, and depends on which C
-   extensions load, while parsing is side-effect free and deterministic. GUI and test packages are
-   skipped (``_SKIP_DIRS``);
-3. ``*.txt``, ``*.md``, ``*.rst`` files of any extra folders named in the config.
-
-Exact duplicates are dropped (first kept). The validation split is a fixed, content-addressed ~5 %: a
-document is validation iff a hash of its text falls below ``val_fraction``, so adding documents never
-moves an old one across the split. The tokenizer is trained on the training split only.
-
-Both builds are cached (:func:`cached_build`): a ``manifest.json`` holding the build parameters decides
-whether a cache is valid; builds go to a temporary folder renamed into place under a file lock, so two DDP
-processes on one node never race and a killed build never leaves a half-written cache.
+Design notes: docs/internals.md, section `cyb_lightning/data/quickstart.py`.
 """
 
 from __future__ import annotations

@@ -1,53 +1,10 @@
 """One stateful IterableDataset: documents → tokens → packed chunks → laid-out examples.
 
-Packing ("concatenate then split"): each document's tokens are followed by ``<eot>`` and everything is
-concatenated into one token stream. Example g takes the C real tokens starting at g·(C − 1) (C = T + 1
-for ``none``/``cyb``): consecutive chunks share one token, so every token but the very first is a
-target exactly once. Training repeats forever, epoch after epoch (shard order shuffled by (seed,
-epoch), the same on every rank), and packs straight across epoch boundaries; validation is the first
-``max_documents`` documents of the validation split, finite and identical on every pass, its last chunk
-padded.
-
-Sharding, rank first, then worker (the example order contract; OLMo / ``split_dataset_by_node`` style):
-
-1. **Rank.** When the shard count is a multiple of the world size R, rank r reads only the shards at
-   positions r, r + R, … of the epoch's shard order (mode ``"shards"``: no rank tokenizes another's
-   text). Otherwise every rank reads every shard and keeps the examples g ≡ r (mod R) (mode
-   ``"examples"``, with a warning: R× redundant reading and tokenizing). Finite (validation) streams
-   always use ``"examples"``, so the validation set is "the first N documents" whatever R is.
-2. **Lanes.** The rank's shards are dealt to L = ``lanes`` independent packing streams (lane l reads
-   the rank's shards l, l + L, … of each epoch). The rank's batch b comes from lane b mod L, so its
-   example order depends on L (a config value) and never on the number of DataLoader workers.
-3. **Worker.** DataLoader worker w of n produces the rank's batches b ≡ b0 + w (mod n), b0 being the
-   batch the pass starts at (a fresh DataLoader takes batches round robin from its workers, worker 0
-   first, so the rank sees batches b0, b0 + 1, … in order). Worker w reads only the lanes
-   l ≡ b0 + w (mod gcd(n, L)): when n divides L no lane is read twice; otherwise a lane is read by
-   n / gcd(n, L) workers (a warning says so) and each keeps its own batches.
-
-State (per rank, worker independent): ``{"index": i, "lanes": [cursor per lane]}``: i is the rank-local
-index of the next example, and lane l's cursor (epoch, shard position, document, token offset, example)
-marks the start of an example at or before lane l's first one not yet consumed. The packing buffer is
-represented by that cursor: resuming re-reads (without tokenizing) the shard up to the cursor's
-document, re-tokenizes that one document and drops its first ``offset`` tokens: the same tokens, exactly.
-With DataLoader workers each worker's copy reports its own state; :meth:`PackedStream.merge_states`
-folds them into one state that any number of workers can resume from.
-
-The random pause slots (``tbys_random``, ``pause_groups``, ``variable``) of an example are a function of
-(seed, document key, token offset) of its first token (a 63-bit hash handed to the layout as the example
-``index``), so no RNG state is saved and they do not depend on ranks, lanes or workers.
-
-Two kinds of document are not packed: each is one example, with the same sharding, lanes, workers and
-state (the cursor names the example's document, offset 0). Prompt/completion pairs (the ``tbys_finetune``
-layout, a :class:`~.sources.PromptCompletionSource`): the prompt is ``<eot>`` + its tokens (as ``generate``
-feeds a prompt), the completion its tokens + ``<eot>``. One-problem rows of a synthetic task
-(``one_example_per_document``): the row's tokens + ``<eot>``, padded by the layout. A
-:class:`~.curriculum.Curriculum` skips training rows above its level cap at the step that will train on
-them (:meth:`PackedStream.step_of`, a function of the row's index alone), so it is part of the data order
-and resumes exactly.
-
-Long documents are tokenized in pieces of at most ``max_document_chars`` characters cut before a space
-(memory stays bounded for a 100 MB document; the tokens equal the whole document's up to the cut points,
-where the byte-level pre-tokenizer splits anyway).
+Documents are packed ("concatenate then split", consecutive chunks share one token so every token but the
+first is a target once), sharded by rank, then lane, then DataLoader worker, and resumed exactly from a
+per-rank state that does not depend on the worker count. Prompt/completion pairs and one-problem rows of a
+synthetic task are one example each; a curriculum skips rows above its level cap at the step that trains on
+them. The contracts (example order, state, resume, bad input) are in docs/data.md.
 """
 
 from __future__ import annotations

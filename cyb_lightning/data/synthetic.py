@@ -1,28 +1,6 @@
 """Synthetic tasks whose targets carry a difficulty: the positive controls of the pause methods.
 
-Pauses give a token more *parallel width* (more positions that read the context after it), not more
-serial depth (docs/method.md §5c). A positive control needs targets that a small decoder answers from one
-position and targets whose computation does not fit there; the difficulty of every target travels with
-the batch so that evaluation can check where a model pauses. docs/positive_control.md has the measurements.
-
-**Digit sum** (:class:`DigitSum`, the positive control). One problem per row, ``^ d_1 … d_n = A``: n digits
-0 … ``max_digit``, and A = table(d_1 + … + d_n), a fixed random map from the digit sum to ``classes``
-answer symbols (drawn once from ``table_seed``: the same for training and evaluation). The answer has
-difficulty n; nothing else is scored (the digits are random). A random function of a sum is what a
-narrow feed-forward block cannot compute at one position, and what more positions — the answer's own
-pauses — can (the no-pause decoder uses earlier positions as a lookup table; a problem has at most
-n + 2 of them and the sums take n·max_digit + 1 values).
-
-**Window lookup** (:class:`WindowLookup`, the first design: pauses did *not* help there). A document is a
-run of problems ``b_1 … b_R Q_k A ;``: R random bits, a query symbol naming the level k, the answer A =
-table_k(last k bits), a separator (difficulty 0). Packed like text.
-
-Every symbol is one character, read with the character-level tokenizer (``bpe_vocab_size: 256``: the
-byte-level BPE with no merges), so the difficulty of a target is a pure function of the token ids
-(:meth:`target_difficulty`). Documents are a pure function of (seed, split, shard, index), so the tasks are
-deterministic, resumable and shardable like every :class:`~cyb_lightning.data.sources.TextSource` (a shard's
-documents come from one generator seeded by (seed, split, shard): a resumed read draws the shard again up to
-its position); the splits (train, validation, test) are disjoint streams.
+Design notes: docs/internals.md, section `cyb_lightning/data/synthetic.py`.
 """
 
 from __future__ import annotations

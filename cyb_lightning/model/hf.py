@@ -1,43 +1,6 @@
 """A second decoder backend: any causal LM that ``transformers`` loads with ``AutoModelForCausalLM``.
 
-Select it in YAML instead of :class:`~cyb_lightning.model.GPTConfig`::
-
-    model:
-      decoder:
-        class_path: cyb_lightning.model.HFDecoder
-        init_args: {name_or_path: google/gemma-2b, dtype: float32, attn_implementation: sdpa}
-
-and give the data module the matching tokenizer (:class:`cyb_lightning.data.hf_tokenizer.HFTokenizer`),
-which decides where the DK and pause ids live: repurposed unused ids of the pretrained vocabulary, or new
-ids past its end. ``build(vocab_size)`` then grows the input embedding and the output layer to
-``vocab_size`` rows when needed, every new row drawn from N(μ, Σ), the mean and covariance of the
-pretrained rows (tied and untied output layers alike): rows all equal to the mean would start the K pauses
-identical and DK's output row equal to them (docs/finetune.md measures it).
-
-Positions: the CYB layout gives every pause the position index of its real token, so the decoder must
-honour ``position_ids``. ``build`` refuses families whose forward has no ``position_ids`` or whose
-positions come from token distances (ALiBi: BLOOM, MPT, Falcon-ALiBi), and probes every other family
-once: the same tokens at shared and at consecutive positions must give different outputs.
-
-Attention: without an attention mask, ``transformers`` reads position ids that do not count up by one
-(the CYB layout's shared positions) as *packed sequences* and masks attention block-diagonally, which
-would hide every earlier token from a CYB group. So we always pass an all-ones ``attention_mask`` (sdpa
-still takes its ``is_causal`` fast path), and under FlashAttention, which drops an all-ones mask and
-guesses the boundaries from the positions at batch size 1, also the boundaries themselves: one sequence
-per row (:class:`HFCausalLM`).
-
-Adaptive generation (:mod:`cyb_lightning.generation`): :meth:`HFCausalLM.new_cache` gives transformers'
-own ``DynamicCache`` plus the 2-D mask that hides the inputs a waiting batch row fed; explicit
-``position_ids`` put every pause at its token's position, as in training.
-
-GGUF checkpoints (llama.cpp's format): a path to a ``.gguf`` file as ``name_or_path`` (or a folder / Hub
-repository plus ``gguf_file``), loaded by ``transformers``' own GGUF loader and converted once to a cached HF
-folder (:mod:`cyb_lightning.model.gguf`); ``pkg://PACKAGE/file.gguf`` names a file an installed package
-ships.
-
-Sharded training: ``block_types()`` returns the family's decoder-layer classes (its
-``_no_split_modules``) for FSDP2 and activation checkpointing. Pretrained weights are always loaded into
-real (CPU or device) memory, even inside a meta-device init context, so that nothing re-initialises them.
+Design notes: docs/internals.md, section `cyb_lightning/model/hf.py`.
 """
 
 from __future__ import annotations
