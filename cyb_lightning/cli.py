@@ -106,25 +106,55 @@ class CYBLightningCLI(LightningCLI):
         return trainer
 
     def before_fit(self) -> None:
-        self._fit_started = (time.time(), time.process_time(), self.trainer.global_step)
+        self._fit_started = (time.time(), cpu_time(), machine_busy())
 
     def after_fit(self) -> None:
         text = summary(self.trainer)  # trainer.log_dir is a broadcast: every rank must take part
         if self.trainer.is_global_zero:
-            wall, cpu, step = getattr(self, "_fit_started", (time.time(), time.process_time(), 0))
-            print(text + "\n" + pace(time.time() - wall, time.process_time() - cpu, self.trainer.global_step - step))
+            wall, cpu, busy = getattr(self, "_fit_started", (time.time(), cpu_time(), machine_busy()))
+            # A resumed fit starts at its checkpoint's step (restored inside fit, after before_fit).
+            first = load_metadata(self.trainer.ckpt_path).get("global_step", 0) if self.trainer.ckpt_path else 0
+            now = machine_busy()
+            others = None if now is None or busy is None else now - busy
+            print(text + "\n" + pace(time.time() - wall, cpu_time() - cpu, self.trainer.global_step - first, others))
 
 
-def pace(seconds: float, cpu_seconds: float, steps: int, load: float | None = None) -> str:
-    """How long the fit took, its steps per second, and whether other work shared the CPU meanwhile: the
-    1-minute load average beyond the cores this process kept busy itself (its CPU time over the wall time)."""
-    load = os.getloadavg()[0] if load is None else load
-    others = load - cpu_seconds / max(seconds, 1e-9)
+def cpu_time() -> float:
+    """CPU seconds used by this process and its child processes (the DataLoader workers that make the batches
+    on other cores): finished children from ``os.times``, running ones from ``/proc`` where there is one."""
+    t = os.times()
+    total = t.user + t.system + t.children_user + t.children_system
+    for children in Path("/proc/self/task").glob("*/children"):
+        for pid in children.read_text().split():
+            try:  # utime and stime: fields 14 and 15, after the parenthesised command name
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            except (OSError, IndexError, ValueError):  # the child ended meanwhile
+                pass
+    return total
+
+
+def machine_busy() -> float | None:
+    """CPU seconds the whole machine has been busy since boot (every core; time the hypervisor took counts as
+    busy): ``/proc/stat``, or None where there is none."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def pace(seconds: float, cpu_seconds: float, steps: int, busy_seconds: float | None) -> str:
+    """How long the fit took, its steps per second, and whether other work shared the CPU meanwhile: the CPU
+    time the machine was busy (``busy_seconds``, :func:`machine_busy`) beyond what this process and its
+    DataLoader workers used (``cpu_seconds``, :func:`cpu_time`), in cores over the fit's wall time."""
     line = f"fit: {steps} steps in {seconds:.0f} s ({steps / max(seconds, 1e-9):.1f} steps/s)"
-    if others > 0.5:
+    others = None if busy_seconds is None else (busy_seconds - cpu_seconds) / max(seconds, 1e-9)
+    if others is not None and others > 0.3:
         line += (
-            f"; the machine was loaded (1-minute load average {load:.1f} on {os.cpu_count()} cores, about "
-            f"{others:.1f} of it other work), so this is slower than on an idle machine"
+            f"; the machine was loaded (other processes kept about {others:.1f} of its {os.cpu_count()} cores busy "
+            "meanwhile), so this is slower than on an idle machine"
         )
     return line
 

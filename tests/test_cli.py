@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -234,14 +235,47 @@ def test_positive_control_fit_logs_every_difficulty_level(tmp_path, capsys):
 
 
 def test_the_fit_summary_states_its_pace_and_a_loaded_machine():
-    from cyb_lightning.cli import pace
+    from cyb_lightning.cli import machine_busy, pace
 
-    idle = pace(100.0, 98.0, 5000, load=1.1)  # this process kept one core busy: the load is its own
+    idle = pace(100.0, 98.0, 5000, busy_seconds=110.0)  # the machine's busy time is this fit's, give or take
     assert idle == "fit: 5000 steps in 100 s (50.0 steps/s)"
-    loaded = pace(100.0, 98.0, 5000, load=3.0)  # two more cores' worth of other work
+    loaded = pace(100.0, 98.0, 5000, busy_seconds=198.0)  # another core's worth of other work
     assert (
-        loaded.startswith("fit: 5000 steps in 100 s (50.0 steps/s); the machine was loaded") and "2.0 of it" in loaded
+        loaded.startswith("fit: 5000 steps in 100 s (50.0 steps/s); the machine was loaded")
+        and "about 1.0 of" in loaded
     )
+    assert pace(100.0, 98.0, 5000, busy_seconds=None) == idle  # no /proc/stat: nothing said
+    before = machine_busy()
+    t = time.process_time()
+    while time.process_time() - t < 0.5:  # this process keeps a core busy for 0.5 s: the machine was busy as long
+        pass
+    assert machine_busy() - before >= 0.45
+
+
+def test_the_pace_counts_the_cpu_of_its_own_workers_as_its_own():
+    """The demo's DataLoader worker makes the rows on the second core: its CPU time is the fit's, not "other
+    work" (the summary called an idle machine loaded)."""
+    import subprocess
+    import sys
+
+    from cyb_lightning.cli import cpu_time
+
+    before = cpu_time()
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.0: pass\ntime.sleep(30)",
+        ]
+    )
+    try:
+        time.sleep(2.5)  # the child spins for 1 s of CPU, then sleeps: still running when we look
+        assert worker.poll() is None
+        used = cpu_time() - before
+    finally:
+        worker.kill()
+        worker.wait()
+    assert 0.9 <= used <= 2.0, used
 
 
 @pytest.mark.parametrize("args, first_line", [

@@ -56,12 +56,14 @@ data:
 
 
 @pytest.mark.slow
-def test_fit_2n_equals_fit_n_then_resume(tiny_source, tmp_path):
+def test_fit_2n_equals_fit_n_then_resume(tiny_source, tmp_path, capsys):
     init_args = {"root": tiny_source.root, **tiny_source.build_kwargs}
     source = {"class_path": "cyb_lightning.data.QuickstartCorpus", "init_args": init_args}
     straight = _fit(tmp_path, "straight", 2 * N, source)
+    assert f"fit: {2 * N} steps in " in capsys.readouterr().out
     resumed = _fit(tmp_path, "resumed", 2 * N, source, tmp_path / "straight" / "ckpt" / f"step={N}.ckpt")
     later = {s: v for s, v in straight.items() if s >= N}
     assert len(straight) == 2 * N and len(later) == N, straight
     assert resumed == later  # steps n+1 … 2n (0-based steps n … 2n-1), exactly
+    assert f"fit: {N} steps in " in capsys.readouterr().out  # the steps this fit trained, not the checkpoint's too
     assert straight[0] != straight[N]

@@ -413,12 +413,13 @@ class PackedStream(torch.utils.data.IterableDataset):
         def flush() -> list:
             nonlocal g
             out = []
-            encoded = self._encode_pairs if self.layout.pairs else self._encode_rows
-            for ((epoch, shard, doc, n, sid), _), example in zip(pending, encoded([d for _, d in pending])):
-                if self.curriculum is not None:
-                    level = int(self.source.target_difficulty(example, self.tokenizer).max(initial=-1))
-                    if level > self.curriculum.level_cap(self.step_of(g, lane), top):
-                        continue
+            encoded = (self._encode_pairs if self.layout.pairs else self._encode_rows)([d for _, d in pending])
+            # Levels only while the curriculum still holds some back (the cap only rises with the step).
+            capped = self.curriculum is not None and self.curriculum.level_cap(self.step_of(g, lane), top) < top
+            levels = self.source.row_levels(encoded, self.tokenizer) if capped else None
+            for k, (((epoch, shard, doc, n, sid), _), example) in enumerate(zip(pending, encoded)):
+                if capped and levels[k] > self.curriculum.level_cap(self.step_of(g, lane), top):
+                    continue
                 cur = {"epoch": epoch, "shard": shard, "doc": doc, "n": n, "offset": 0, "example": g, "sid": sid}
                 out.append((g, example, cur))
                 g += 1

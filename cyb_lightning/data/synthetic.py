@@ -63,6 +63,10 @@ class SyntheticSource(TextSource):
         """Long ``[n − 1]`` for ``n`` real tokens: the level of target j (``tokens[j + 1]``), −1 = not scored."""
         raise NotImplementedError
 
+    def row_levels(self, rows: list[np.ndarray], tokenizer) -> np.ndarray:
+        """The hardest level scored in each row (−1: none), for the curriculum; a task may do it faster at once."""
+        return np.array([self.target_difficulty(r, tokenizer).max(initial=-1) for r in rows], dtype=np.int64)
+
     # -- TextSource ---------------------------------------------------------------------------------
 
     def _check(self, split: str) -> None:
@@ -196,6 +200,17 @@ class DigitSum(SyntheticSource):
         where = np.arange(inputs.size)
         last_bos = np.maximum.accumulate(np.where(inputs == ids[BOS], where, -1))  # the problem's start
         return np.where((inputs == ids[EQUALS]) & (last_bos >= 0), where - last_bos - 1, -1)
+
+    def row_levels(self, rows: list[np.ndarray], tokenizer) -> np.ndarray:
+        """n of each row (``^ d_1 … d_n = A``): the place of ``=`` after ``^``, for a whole batch at once (the
+        curriculum reads every row drawn, up to 8 for each it keeps early on)."""
+        ids = self.symbol_ids(tokenizer)
+        grid = np.full((len(rows), max((r.size for r in rows), default=0)), -1, dtype=np.int64)
+        for k, r in enumerate(rows):
+            grid[k, : r.size] = r
+        equals, bos = grid == ids[EQUALS], grid == ids[BOS]
+        found = equals.any(1) & bos.any(1)
+        return np.where(found, equals.argmax(1) - bos.argmax(1) - 1, -1)
 
     def describe(self) -> str:
         return f"{super().describe()}, digits 0 … {self.max_digit}, {self.classes} answer classes"

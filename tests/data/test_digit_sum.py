@@ -91,6 +91,17 @@ def test_answer_pauses_give_only_the_answer_its_pauses(task_and_tokenizer):
         assert e["step_index"][t].tolist() == [t, t + 1, t + 2, t + 3]
 
 
+def test_row_levels_of_a_batch_equal_each_rows_hardest_target(task_and_tokenizer):
+    """The curriculum reads a whole batch of rows at once (DigitSum.row_levels): the same level as the per-target
+    labels, also for a row without a problem."""
+    task, tok = task_and_tokenizer
+    rows = [np.concatenate([tok.encode(r), [tok.vocab.eot_id]]) for r in list(task.iter_shard("train", "train-0001"))[:50]]
+    rows.append(np.asarray(tok.encode("0123"), dtype=np.int64))  # no ^ and no =: nothing scored
+    expected = [int(task.target_difficulty(r, tok).max(initial=-1)) for r in rows]
+    assert task.row_levels(rows, tok).tolist() == expected
+    assert expected[-1] == -1 and set(expected[:-1]) == {1, 2, 3, 4}
+
+
 def test_curriculum_opens_levels_with_the_step(task_and_tokenizer):
     task, tok = task_and_tokenizer
     cur = Curriculum(start=1, ramp_steps=8)
