@@ -179,3 +179,20 @@ def test_the_committed_no_pause_model_of_the_demo_loads_as_one(tmp_path):
     assert {k: getattr(module.decoder_spec, k) for k in demo["model"]["decoder"]["init_args"]} == demo["model"]["decoder"]["init_args"]
     out = adaptive_evaluate(runner_for(module, PausePolicy("none"), Sampling(0.0)), dm.val_dataloader())
     assert out["by_difficulty"][1]["accuracy"] == 1.0 and out["accuracy"] > 0.8  # 10 answer classes: chance is 0.1
+
+
+def test_the_committed_halfway_checkpoint_of_the_demo_is_the_recipe_at_step_4500():
+    """data/positive_control/cyb_ap_answer/step4500.ckpt (resumed by `make demo`): the CYB recipe of
+    conf/positive_control.yaml at the demo's rate, halfway through its 9,000 steps, with the stream's state to
+    resume from."""
+    import yaml
+
+    from cyb_lightning.resume import load_metadata
+
+    repo = Path(__file__).resolve().parents[2]
+    meta = load_metadata(repo / "data" / "positive_control" / "cyb_ap_answer" / "step4500.ckpt")
+    recipe = yaml.safe_load((repo / "conf" / "positive_control.yaml").read_text())
+    assert meta["global_step"] == 4500 and meta["hyper_parameters"]["lr"] == 0.01
+    assert meta["hyper_parameters"]["loss"] == recipe["model"]["loss"]
+    assert meta["datamodule_hyper_parameters"]["layout"] == "answer_pauses"
+    assert meta["CYBDataModule"]  # the stream's position (the curriculum's with it) to resume from
