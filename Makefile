@@ -1,4 +1,4 @@
-# Two commands for a fresh machine: `make demo` (set up + the positive-control task, ~4 min) and `make test`.
+# Two commands for a fresh machine: `make demo` (set up + the positive-control task, ~3 min) and `make test`.
 # `make quickstart`: the language-model quickstart (offline Python-docs corpus, CYB-AP).
 PYTHON ?= python3
 VENV ?= .venv
