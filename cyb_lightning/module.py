@@ -23,6 +23,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from cyb_lightning.data.batch import LaidOutBatch
+from cyb_lightning.generation import PausePolicy, Sampling, read_batch, runner_for
 from cyb_lightning.losses import PauseLoss
 from cyb_lightning.losses.head import HeadLoss, OutputHead, head_loss
 from cyb_lightning.metrics import (
@@ -35,7 +36,6 @@ from cyb_lightning.metrics import (
 from cyb_lightning.metrics.adaptive import AdaptiveReadout
 from cyb_lightning.metrics.stopping import TokenStats
 from cyb_lightning.model import DecoderSpec
-from cyb_lightning.model.spec import missing_methods
 from cyb_lightning.model.init_from import (
     TRAINED_ROWS,
     decoder_state_dict,
@@ -45,6 +45,7 @@ from cyb_lightning.model.init_from import (
     set_decoder_state_dict,
     trained_rows_of,
 )
+from cyb_lightning.model.spec import missing_methods
 
 
 def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
@@ -323,8 +324,6 @@ class CYBModule(L.LightningModule):
             out["difficulty"] = batch.difficulty
         limit = self.hparams.get("adaptive_eval_batches")
         if limit is None or batch_idx < limit:  # the same batches on every rank (they run as many)
-            from cyb_lightning.generation import read_batch
-
             trace = read_batch(self.adaptive_reader(), batch, getattr(self, f"{stage}_adaptive"))
             out["adaptive_steps"] = trace.steps[batch.target_mask]
         return out
@@ -332,11 +331,9 @@ class CYBModule(L.LightningModule):
     def adaptive_reader(self, policy: str = "threshold"):
         """The reader that really skips compute (``generation.AdaptiveRunner``) over this model: the trained
         rule by default; under several processes the ranks agree on when every row has answered."""
-        from cyb_lightning.generation import PausePolicy, Sampling, runner_for
-
         any_rank = None
         if self._trainer is not None and self.trainer.world_size > 1:
-            any_rank = lambda pausing: self.trainer.strategy.reduce_boolean_decision(pausing, all=False)  # noqa: E731
+            any_rank = lambda pausing: self.trainer.strategy.reduce_boolean_decision(pausing, all=False)
         return runner_for(self, PausePolicy(policy), Sampling(0.0), any_rank=any_rank)
 
     def _evaluation_epoch_end(self, stage: str) -> None:
